@@ -1,0 +1,60 @@
+"""Input checks shared by every similarity measure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = Any  # torch.Tensor | np.ndarray | nested sequences
+
+
+def as_matrix(x: ArrayLike, name: str, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Return ``x`` as an (n, d) float64 tensor, flattening per example.
+
+    Raises ``ValueError`` naming ``name`` for NaN/Inf or a rank-0/1 input.
+    """
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        t = torch.as_tensor(np.asarray(x))
+    if t.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (n, d) or (n, ...), one row per example; got shape "
+            f"{tuple(t.shape)}. Reshape a single feature to (n, 1)."
+        )
+    if device is not None:
+        t = t.to(device)
+    t = t.reshape(t.shape[0], -1).to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        raise ValueError(
+            f"{name} contains NaN or Inf in {bad} of {t.shape[0]} examples; CKA is undefined. "
+            "Check the model's activations (e.g. an exploding layer) before comparing."
+        )
+    return t
+
+
+def check_pair(x: torch.Tensor, y: torch.Tensor, *, min_n: int, what: str) -> None:
+    """Check that X and Y have the same number of examples and at least ``min_n``."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"X has {x.shape[0]} examples but Y has {y.shape[0]}; CKA compares two "
+            "representations of the same examples, so the row counts must match."
+        )
+    if x.shape[0] < min_n:
+        raise ValueError(
+            f"{what} needs at least {min_n} examples; got n={x.shape[0]}. Use more examples."
+        )
+
+
+def check_not_constant(x: torch.Tensor, name: str) -> None:
+    """Raise if every example of ``x`` is identical (zero variance)."""
+    if bool((x == x[:1]).all()):
+        raise ValueError(
+            f"{name} is constant across all {x.shape[0]} examples (zero variance); CKA is "
+            "undefined for it. A dead layer or a constant input is the usual cause."
+        )

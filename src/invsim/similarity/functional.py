@@ -1,0 +1,216 @@
+"""The CKA family as plain functions (the functional twins of the accumulators).
+
+Everything is computed in float64, whatever the input dtype.
+
+Definitions (Kornblith et al. 2019): with column-centred X (n, d1) and Y (n, d2),
+
+    linear CKA = ||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+               = <Kc, Lc> / (||Kc|| ||Lc||)   with K = X X^T, L = Y Y^T centred.
+
+``debiased=True`` replaces the biased HSIC by the unbiased estimator of Song et al.
+(2012), which equals HSIC computed on U-centred Gram matrices. Debiased CKA can be
+negative; it is returned as it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+
+__all__ = [
+    "center_gram",
+    "gram_linear",
+    "gram_rbf",
+    "hsic",
+    "kernel_cka",
+    "linear_cka",
+]
+
+
+def _min_n(debiased: bool) -> int:
+    return 4 if debiased else 2
+
+
+def gram_linear(x: torch.Tensor) -> torch.Tensor:
+    """Linear-kernel Gram matrix ``X X^T`` (n, n)."""
+    return x @ x.T
+
+
+def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """RBF Gram matrix with Kornblith et al.'s bandwidth convention.
+
+    ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))`` with
+    ``sigma^2 = threshold^2 * median(||x_i - x_j||^2)``, the median taken over the full
+    n x n matrix of squared distances (diagonal zeros included), as in Kornblith et al.'s
+    reference code. Other tools use the median distance (not squared) or exclude the
+    diagonal; their values differ.
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0; got {threshold}.")
+    x = x - x.mean(dim=0, keepdim=True)  # distances are translation-free; avoids cancellation
+    sq_norms = (x * x).sum(dim=1)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
+    sq_dist.fill_diagonal_(0.0)
+    # numpy's median (mean of the two middle values), as in the reference code.
+    median = float(np.median(sq_dist.cpu().numpy()))
+    if median <= 0:
+        raise ValueError(
+            "the median squared distance between examples is 0 (more than half the pairs are "
+            "identical), so the RBF bandwidth is undefined; use kernel='linear' or more "
+            "diverse examples."
+        )
+    return torch.exp(-sq_dist / (2.0 * threshold**2 * median))
+
+
+def center_gram(gram: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+    """Double-centre a Gram matrix, or U-centre it when ``unbiased``.
+
+    U-centring (Szekely & Rizzo 2014) zeroes the diagonal and, off the diagonal, sets
+    ``K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2))`` with row sums ``r`` and total ``s``
+    of the zero-diagonal matrix. ``<U(K), U(L)> / (n(n-3))`` is the unbiased HSIC.
+    """
+    n = gram.shape[0]
+    g = gram.to(torch.float64).clone()
+    if not unbiased:
+        row = g.mean(dim=1, keepdim=True)
+        col = g.mean(dim=0, keepdim=True)
+        return g - row - col + g.mean()
+    g.fill_diagonal_(0.0)
+    row = g.sum(dim=1) / (n - 2)
+    col = g.sum(dim=0) / (n - 2)
+    total = g.sum() / ((n - 1) * (n - 2))
+    g = g - row[:, None] - col[None, :] + total
+    g.fill_diagonal_(0.0)
+    return g
+
+
+def hsic(k_centered: torch.Tensor, l_centered: torch.Tensor, *, debiased: bool = False) -> float:
+    """HSIC from two already centred (or U-centred, when ``debiased``) Gram matrices."""
+    n = k_centered.shape[0]
+    dot = float((k_centered * l_centered).sum())
+    return dot / (n * (n - 3)) if debiased else dot / ((n - 1) ** 2)
+
+
+def _ratio(hxy: float, hxx: float, hyy: float) -> float:
+    if hxx <= 0 or hyy <= 0:
+        side = "X" if hxx <= 0 else "Y"
+        raise ValueError(
+            f"the (debiased) HSIC of {side} with itself is {min(hxx, hyy):.3g} <= 0, so CKA is "
+            "undefined; this happens with very few examples. Use more examples or debiased=False."
+        )
+    return hxy / math.sqrt(hxx * hyy)
+
+
+def hsic_from_moments(
+    cross_sq: float, r_ab: float, r_a: float, r_b: float, n: int, *, debiased: bool
+) -> float:
+    """Linear HSIC from the feature-space moments of *column-centred* data.
+
+    ``cross_sq = ||X_a^T X_b||_F^2``, ``r_ab = sum_i ||x_ai||^2 ||x_bi||^2``,
+    ``r_a = sum_i ||x_ai||^2``. The debiased form is Song et al.'s estimator written
+    in feature space (it needs no n x n matrix); the ``n(n-3)`` factor is applied with
+    explicit parentheses.
+    """
+    if not debiased:
+        return cross_sq / ((n - 1) ** 2)
+    value = cross_sq - r_ab * n / (n - 2) + r_a * r_b / ((n - 1) * (n - 2))
+    return value / (n * (n - 3))
+
+
+def linear_cka(
+    X: ArrayLike, Y: ArrayLike, *, debiased: bool = False, method: str = "auto"
+) -> float:
+    """Linear CKA between two representations of the same ``n`` examples.
+
+    X is (n, d1), Y is (n, d2) (higher ranks are flattened per example), as torch
+    tensors or numpy arrays of any float dtype; the computation is float64.
+    ``method="auto"`` picks the feature-space form (d x d products, cost ~ n d^2) or the
+    Gram form (n x n, cost ~ n^2 d) by whichever is cheaper; both give the same value.
+
+    Example:
+        >>> import torch
+        >>> from invsim import linear_cka
+        >>> X = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+        >>> round(linear_cka(X, X), 6)
+        1.0
+        >>> Q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+        >>> abs(linear_cka(X, X.double() @ Q) - 1.0) < 1e-12
+        True
+    """
+    x = as_matrix(X, "X")
+    y = as_matrix(Y, "Y")
+    check_pair(x, y, min_n=_min_n(debiased), what="debiased CKA" if debiased else "CKA")
+    check_not_constant(x, "X")
+    check_not_constant(y, "Y")
+    n, d1 = x.shape
+    d2 = y.shape[1]
+    if method == "auto":
+        feature_cost = n * (d1 * d1 + d2 * d2 + d1 * d2)
+        gram_cost = n * n * (d1 + d2)
+        method = "feature" if feature_cost <= gram_cost else "gram"
+    if method == "gram":
+        return _cka_from_grams(gram_linear(x), gram_linear(y), debiased=debiased)
+    if method != "feature":
+        raise ValueError(f"method must be 'auto', 'feature' or 'gram'; got {method!r}.")
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    rx = (x * x).sum(dim=1)
+    ry = (y * y).sum(dim=1)
+
+    def h(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor) -> float:
+        cross = float(torch.linalg.matrix_norm(a.T @ b) ** 2)
+        return hsic_from_moments(
+            cross, float(ra @ rb), float(ra.sum()), float(rb.sum()), n, debiased=debiased
+        )
+
+    return _ratio(h(x, y, rx, ry), h(x, x, rx, rx), h(y, y, ry, ry))
+
+
+def _cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool) -> float:  # noqa: E741
+    kc = center_gram(k, unbiased=debiased)
+    lc = center_gram(l, unbiased=debiased)
+    return _ratio(
+        hsic(kc, lc, debiased=debiased),
+        hsic(kc, kc, debiased=debiased),
+        hsic(lc, lc, debiased=debiased),
+    )
+
+
+def kernel_cka(
+    X: ArrayLike,
+    Y: ArrayLike,
+    *,
+    kernel: str = "rbf",
+    threshold: float = 1.0,
+    debiased: bool = False,
+) -> float:
+    """Kernel CKA with an RBF (or linear) kernel, via n x n Gram matrices.
+
+    RBF bandwidth (Kornblith et al. 2019): ``sigma^2 = threshold^2 * median`` of the
+    squared pairwise distances, over the full n x n matrix. Note that other tools
+    use other conventions (median distance, or a fixed sigma).
+
+    Example:
+        >>> import numpy as np
+        >>> from invsim import kernel_cka
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(100, 10))
+        >>> round(kernel_cka(X, X, threshold=0.5), 6)
+        1.0
+    """
+    x = as_matrix(X, "X")
+    y = as_matrix(Y, "Y")
+    check_pair(x, y, min_n=_min_n(debiased), what="debiased CKA" if debiased else "CKA")
+    check_not_constant(x, "X")
+    check_not_constant(y, "Y")
+    if kernel == "rbf":
+        k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)  # noqa: E741
+    elif kernel == "linear":
+        k, l = gram_linear(x), gram_linear(y)  # noqa: E741
+    else:
+        raise ValueError(f"kernel must be 'rbf' or 'linear'; got {kernel!r}.")
+    return _cka_from_grams(k, l, debiased=debiased)

@@ -1,0 +1,139 @@
+"""Similarity matrices between many models: labelled values and ``cka_matrix``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant
+from invsim.similarity.functional import (
+    _ratio,
+    center_gram,
+    gram_linear,
+    gram_rbf,
+    hsic_from_moments,
+)
+
+__all__ = ["SimilarityMatrix", "cka_matrix"]
+
+
+@dataclass
+class SimilarityMatrix:
+    """A labelled matrix: ``values[i, j]`` is the similarity of ``rows[i]`` and ``cols[j]``.
+
+    Index by names: ``m["resnet", "vgg"]``.
+    """
+
+    rows: list[str]
+    cols: list[str]
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.rows, self.cols = list(self.rows), list(self.cols)
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.values.shape != (len(self.rows), len(self.cols)):
+            raise ValueError(
+                f"values have shape {self.values.shape} but there are {len(self.rows)} row and "
+                f"{len(self.cols)} column labels."
+            )
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        r, c = key
+        return float(self.values[self.rows.index(r), self.cols.index(c)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SimilarityMatrix:
+        return cls(d["rows"], d["cols"], np.asarray(d["values"], dtype=np.float64))
+
+    def long(self) -> list[tuple[str, str, float]]:
+        """Long format: (row, column, value) for every entry."""
+        return [
+            (r, c, float(self.values[i, j]))
+            for i, r in enumerate(self.rows)
+            for j, c in enumerate(self.cols)
+        ]
+
+    def __repr__(self) -> str:
+        width = max(len(c) for c in self.cols + self.rows) + 1
+        head = " " * width + "".join(f"{c:>{width}}" for c in self.cols)
+        lines = [head] + [
+            f"{r:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row)
+            for r, row in zip(self.rows, self.values, strict=True)
+        ]
+        return "\n".join(lines)
+
+
+def cka_matrix(
+    representations: Mapping[str, ArrayLike],
+    *,
+    measure: str = "linear",
+    debiased: bool = False,
+    threshold: float = 1.0,
+) -> SimilarityMatrix:
+    """CKA between every pair of representations of the same n examples.
+
+    ``measure`` is ``"linear"`` or ``"rbf"`` (bandwidth as in :func:`kernel_cka`). Each
+    model's centred representation, Gram matrix and self-HSIC are computed once, not
+    once per pair. Returns a symmetric :class:`SimilarityMatrix`.
+
+    Example:
+        >>> import torch
+        >>> from invsim import cka_matrix
+        >>> X = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+        >>> m = cka_matrix({"a": X, "b": 3 * X, "c": X ** 2})
+        >>> round(m["a", "b"], 6), m.values.shape
+        (1.0, (3, 3))
+    """
+    names = list(representations)
+    if not names:
+        raise ValueError("representations is empty; pass a mapping name -> (n, d) tensor.")
+    xs = [as_matrix(representations[k], k) for k in names]
+    sizes = {k: x.shape[0] for k, x in zip(names, xs, strict=True)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"representations have different numbers of examples: {sizes}.")
+    n = xs[0].shape[0]
+    need = 4 if debiased else 2
+    if n < need:
+        raise ValueError(f"{'debiased ' if debiased else ''}CKA needs n >= {need}; got n={n}.")
+    for k, x in zip(names, xs, strict=True):
+        check_not_constant(x, k)
+    m = len(names)
+    h = np.zeros((m, m))
+    mean_d = sum(x.shape[1] for x in xs) / m
+    if measure == "rbf" or (measure == "linear" and n <= mean_d):
+        if measure == "rbf":
+            grams = [center_gram(gram_rbf(x, threshold), unbiased=debiased) for x in xs]
+        else:
+            grams = [center_gram(gram_linear(x), unbiased=debiased) for x in xs]
+        scale = n * (n - 3) if debiased else (n - 1) ** 2
+        for i in range(m):
+            for j in range(i, m):
+                h[i, j] = h[j, i] = float((grams[i] * grams[j]).sum()) / scale
+    elif measure == "linear":
+        xs = [x - x.mean(dim=0, keepdim=True) for x in xs]
+        rs = [(x * x).sum(dim=1) for x in xs]
+        for i in range(m):
+            for j in range(i, m):
+                cross = float(torch.linalg.matrix_norm(xs[i].T @ xs[j]) ** 2)
+                h[i, j] = h[j, i] = hsic_from_moments(
+                    cross,
+                    float(rs[i] @ rs[j]),
+                    float(rs[i].sum()),
+                    float(rs[j].sum()),
+                    n,
+                    debiased=debiased,
+                )
+    else:
+        raise ValueError(f"measure must be 'linear' or 'rbf'; got {measure!r}.")
+    values = np.empty((m, m))
+    for i in range(m):
+        for j in range(m):
+            values[i, j] = _ratio(h[i, j], h[i, i], h[j, j])
+    return SimilarityMatrix(names, names, values)

@@ -1,0 +1,383 @@
+"""Streaming CKA accumulators: ``update`` / ``compute`` / ``merge``.
+
+``LinearCKA`` and ``LinearCKAMatrix`` give *exact* full-data linear CKA (biased or
+debiased) from batches, in memory O((sum of d)^2) independent of n. Their state is a
+flat list of float64 tensors (``state_tensors()``), so a sum across processes is a
+plain all-reduce once every process uses the same shift (``reshift``).
+
+``MinibatchCKA`` is Nguyen et al. (2021)'s minibatch estimator: a *different*
+quantity, the ratio of HSIC averaged over batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from invsim.similarity._inputs import ArrayLike, as_matrix
+from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
+from invsim.similarity.matrix import SimilarityMatrix
+
+__all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA"]
+
+
+class CrossMoments:
+    """Raw moments of k views of the same examples, about a per-view shift.
+
+    For views ``a, b`` (coordinates ``x - shift``) it keeps ``n``, ``S_a = sum x_a``,
+    ``G_ab = sum x_a x_b^T`` (a <= b), and for the debiased estimator ``R1_a = sum r_a``,
+    ``R2_ab = sum r_a r_b`` and ``RX_ab = sum r_a x_b`` with ``r_a = ||x_a||^2``.
+    The shift is the first batch's mean, which removes the catastrophic cancellation that
+    raw sums suffer when activations have large means.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.n = torch.zeros((), dtype=torch.float64)
+        self.shift: list[torch.Tensor] | None = None
+        self.S: list[torch.Tensor] = []
+        self.G: dict[tuple[int, int], torch.Tensor] = {}
+        self.R1 = torch.zeros(k, dtype=torch.float64)
+        self.R2 = torch.zeros(k, k, dtype=torch.float64)
+        self.RX: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def dims(self) -> list[int] | None:
+        return None if self.shift is None else [int(s.numel()) for s in self.shift]
+
+    def _init(self, shift: list[torch.Tensor]) -> None:
+        dev = shift[0].device
+        self.shift = [s.clone() for s in shift]
+        self.n = self.n.to(dev)
+        self.S = [torch.zeros_like(s) for s in shift]
+        self.G = {
+            (a, b): torch.zeros(shift[a].numel(), shift[b].numel(), dtype=torch.float64, device=dev)
+            for a in range(self.k)
+            for b in range(a, self.k)
+        }
+        self.R1 = self.R1.to(dev)
+        self.R2 = self.R2.to(dev)
+        self.RX = {(a, b): torch.zeros_like(shift[b]) for a in range(self.k) for b in range(self.k)}
+
+    def update(self, views: Sequence[torch.Tensor]) -> None:
+        """Add a batch: ``views[a]`` is an (m, d_a) float64 tensor."""
+        if self.shift is None:
+            self._init([v.mean(dim=0) for v in views])
+        assert self.shift is not None
+        xs = [v - s for v, s in zip(views, self.shift, strict=True)]
+        r = torch.stack([(x * x).sum(dim=1) for x in xs])  # (k, m)
+        self.n += xs[0].shape[0]
+        for a in range(self.k):
+            self.S[a] += xs[a].sum(dim=0)
+            for b in range(a, self.k):
+                self.G[a, b] += xs[a].T @ xs[b]
+            for b in range(self.k):
+                self.RX[a, b] += r[a] @ xs[b]
+        self.R1 += r.sum(dim=1)
+        self.R2 += r @ r.T
+
+    def _g(self, a: int, b: int) -> torch.Tensor:
+        return self.G[a, b] if a <= b else self.G[b, a].T
+
+    def reshift(self, new_shift: Sequence[torch.Tensor]) -> None:
+        """Re-express all moments about ``new_shift`` (exact algebra, no data needed)."""
+        assert self.shift is not None
+        n = self.n
+        d = [old - new for old, new in zip(self.shift, new_shift, strict=True)]
+        c = torch.stack([dd @ dd for dd in d])
+        t = torch.stack([dd @ s for dd, s in zip(d, self.S, strict=True)])
+        k = self.k
+        R2 = self.R2.clone()
+        for a in range(k):
+            for b in range(k):
+                R2[a, b] = (
+                    self.R2[a, b]
+                    + 2 * d[b] @ self.RX[a, b]
+                    + 2 * d[a] @ self.RX[b, a]
+                    + 4 * d[a] @ self._g(a, b) @ d[b]
+                    + c[b] * (self.R1[a] + 2 * t[a])
+                    + c[a] * (self.R1[b] + 2 * t[b])
+                    + n * c[a] * c[b]
+                )
+        RX = {}
+        for a in range(k):
+            for b in range(k):
+                RX[a, b] = (
+                    self.RX[a, b]
+                    + d[b] * (self.R1[a] + 2 * t[a] + n * c[a])
+                    + 2 * self._g(b, a) @ d[a]
+                    + c[a] * self.S[b]
+                )
+        G = {}
+        for (a, b), g in self.G.items():
+            G[a, b] = (
+                g
+                + torch.outer(self.S[a], d[b])
+                + torch.outer(d[a], self.S[b])
+                + n * torch.outer(d[a], d[b])
+            )
+        self.R1 = self.R1 + 2 * t + n * c
+        self.S = [s + n * dd for s, dd in zip(self.S, d, strict=True)]
+        self.R2, self.RX, self.G = R2, RX, G
+        self.shift = [s.clone() for s in new_shift]
+
+    def copy(self) -> CrossMoments:
+        out = CrossMoments(self.k)
+        out.n = self.n.clone()
+        out.shift = None if self.shift is None else [s.clone() for s in self.shift]
+        out.S = [s.clone() for s in self.S]
+        out.G = {key: v.clone() for key, v in self.G.items()}
+        out.R1, out.R2 = self.R1.clone(), self.R2.clone()
+        out.RX = {key: v.clone() for key, v in self.RX.items()}
+        return out
+
+    def merge(self, other: CrossMoments) -> None:
+        """Add ``other``'s moments (re-shifted to ours when shifts differ)."""
+        if other.shift is None:
+            return
+        if self.shift is None:
+            src = other.copy()
+            self.__dict__.update(src.__dict__)
+            return
+        if self.dims != other.dims:
+            raise ValueError(f"cannot merge accumulators of dims {self.dims} and {other.dims}.")
+        o = other.copy()
+        o.reshift(self.shift)
+        self.n += o.n
+        self.S = [a + b for a, b in zip(self.S, o.S, strict=True)]
+        for key in self.G:
+            self.G[key] += o.G[key]
+        for key in self.RX:
+            self.RX[key] += o.RX[key]
+        self.R1 += o.R1
+        self.R2 += o.R2
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """All state tensors in a fixed order (for all-reduce after a common ``reshift``)."""
+        out = [self.n, *self.S, self.R1, self.R2]
+        out += [self.G[key] for key in sorted(self.G)]
+        out += [self.RX[key] for key in sorted(self.RX)]
+        return out
+
+    def hsic_matrix(self, *, debiased: bool) -> torch.Tensor:
+        """(k, k) matrix of linear HSIC between views, on mean-centred data."""
+        if self.shift is None:
+            raise ValueError("no data: call update() before compute().")
+        n = int(self.n)
+        need = 4 if debiased else 2
+        if n < need:
+            raise ValueError(
+                f"{'debiased ' if debiased else ''}CKA needs at least {need} examples; "
+                f"got n={n}. Feed more batches."
+            )
+        centred = self.copy()
+        mean = [sh + s / n for sh, s in zip(self.shift, self.S, strict=True)]
+        centred.reshift(mean)
+        for a in range(self.k):
+            spread = float(centred.R1[a])
+            scale = spread + n * float(mean[a] @ mean[a])
+            if spread <= 1e-13 * scale:
+                raise ValueError(
+                    f"view {a} is constant across all {n} examples (zero variance); CKA is "
+                    "undefined for it. A dead layer or a constant input is the usual cause."
+                )
+        h = torch.zeros(self.k, self.k, dtype=torch.float64)
+        for a in range(self.k):
+            for b in range(a, self.k):
+                cross = float(torch.linalg.matrix_norm(centred.G[a, b]) ** 2)
+                h[a, b] = h[b, a] = hsic_from_moments(
+                    cross,
+                    float(centred.R2[a, b]),
+                    float(centred.R1[a]),
+                    float(centred.R1[b]),
+                    n,
+                    debiased=debiased,
+                )
+        return h
+
+
+def _hsic_to_cka(h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    diag = torch.diagonal(h)
+    for name, v in zip(names, diag.tolist(), strict=True):
+        if v <= 0:
+            raise ValueError(
+                f"the HSIC of {name} with itself is {v:.3g} <= 0, so CKA is undefined (a constant "
+                "representation, or too few examples for the debiased estimator)."
+            )
+    return h / torch.sqrt(torch.outer(diag, diag))
+
+
+class LinearCKA:
+    """Exact linear CKA accumulated over batches.
+
+    Equal to :func:`invsim.linear_cka` on the concatenated batches (to ~1e-10 in
+    float64) for any split. ``compute(debiased=...)`` can give both forms from one pass.
+
+    Example:
+        >>> import torch
+        >>> from invsim import LinearCKA, linear_cka
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X, Y = torch.randn(300, 8, generator=g), torch.randn(300, 5, generator=g)
+        >>> acc = LinearCKA()
+        >>> for xb, yb in zip(X.split(64), Y.split(64)):
+        ...     acc.update(xb, yb)
+        >>> abs(acc.compute() - linear_cka(X, Y)) < 1e-10
+        True
+    """
+
+    def __init__(self, *, debiased: bool = False) -> None:
+        self.debiased = debiased
+        self.moments = CrossMoments(2)
+
+    def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
+        x = as_matrix(x_batch, "X")
+        y = as_matrix(y_batch, "Y", device=x.device)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
+            )
+        dims = self.moments.dims
+        if dims is not None and dims != [x.shape[1], y.shape[1]]:
+            raise ValueError(
+                f"batch feature sizes {[x.shape[1], y.shape[1]]} differ from earlier ones {dims}."
+            )
+        self.moments.update([x, y])
+
+    def merge(self, other: LinearCKA) -> LinearCKA:
+        """Add another accumulator's data (e.g. from another process). Returns self."""
+        self.moments.merge(other.moments)
+        return self
+
+    @property
+    def n(self) -> int:
+        return int(self.moments.n)
+
+    def compute(self, *, debiased: bool | None = None) -> float:
+        h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
+        return float(_hsic_to_cka(h, ["X", "Y"])[0, 1])
+
+
+class LinearCKAMatrix:
+    """Exact linear CKA between every pair of k named representations, streamed.
+
+    ``update({"resnet": rep_a, "vgg": rep_b, ...})`` with batches of the same examples;
+    ``compute()`` returns a symmetric :class:`SimilarityMatrix`.
+
+    Example:
+        >>> import torch
+        >>> from invsim import LinearCKAMatrix
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 6, generator=g)
+        >>> acc = LinearCKAMatrix(["a", "b"])
+        >>> acc.update({"a": X, "b": 2 * X + 1})
+        >>> round(acc.compute()["a", "b"], 8)
+        1.0
+    """
+
+    def __init__(self, names: Sequence[str], *, debiased: bool = False) -> None:
+        self.names = list(names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"names must be unique; got {self.names}.")
+        self.debiased = debiased
+        self.moments = CrossMoments(len(self.names))
+
+    def update(self, batches: Mapping[str, ArrayLike]) -> None:
+        missing = [k for k in self.names if k not in batches]
+        if missing:
+            raise ValueError(f"batch lacks representations for {missing}.")
+        views = [as_matrix(batches[k], k) for k in self.names]
+        sizes = {k: v.shape[0] for k, v in zip(self.names, views, strict=True)}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"batch sizes differ between representations: {sizes}.")
+        self.moments.update(views)
+
+    def merge(self, other: LinearCKAMatrix) -> LinearCKAMatrix:
+        if other.names != self.names:
+            raise ValueError(f"cannot merge matrices over {other.names} into {self.names}.")
+        self.moments.merge(other.moments)
+        return self
+
+    def compute(self, *, debiased: bool | None = None) -> SimilarityMatrix:
+        h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
+        values = _hsic_to_cka(h, self.names)
+        return SimilarityMatrix(self.names, self.names, values.numpy())
+
+
+class MinibatchCKA:
+    """Minibatch CKA of Nguyen et al. (2021): a different estimator from full-data CKA.
+
+    Each batch contributes the *unbiased* HSIC (Song et al. 2012) of its linear Gram
+    matrices; the sums over batches are never overwritten, and
+
+        CKA_mb = sum_b w_b HSIC_1(X_b, Y_b) / sqrt(sum_b w_b HSIC_1(X_b, X_b) * sum_b w_b ...)
+
+    With ``weighting="batch"`` (the default, as in Nguyen et al.) every batch has w_b = 1
+    whatever its size; ``weighting="size"`` uses w_b = n_b. The value depends on the
+    batch size and converges to population CKA as batches grow; it does not equal
+    :func:`linear_cka` on the concatenated data. Batches of n <= 3 are rejected.
+
+    Example:
+        >>> import torch
+        >>> from invsim import MinibatchCKA
+        >>> X = torch.randn(256, 10, generator=torch.Generator().manual_seed(0))
+        >>> acc = MinibatchCKA()
+        >>> for xb in X.split(64):
+        ...     acc.update(xb, xb)
+        >>> round(acc.compute(), 8)
+        1.0
+    """
+
+    def __init__(self, *, weighting: str = "batch") -> None:
+        if weighting not in ("batch", "size"):
+            raise ValueError(f"weighting must be 'batch' or 'size'; got {weighting!r}.")
+        self.weighting = weighting
+        self.hsic_xy = torch.zeros((), dtype=torch.float64)
+        self.hsic_xx = torch.zeros((), dtype=torch.float64)
+        self.hsic_yy = torch.zeros((), dtype=torch.float64)
+        self.batches = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
+        x = as_matrix(x_batch, "X")
+        y = as_matrix(y_batch, "Y", device=x.device)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
+            )
+        m = x.shape[0]
+        if m <= 3:
+            raise ValueError(
+                f"minibatch CKA uses the unbiased HSIC, which needs batches of n >= 4; got a "
+                f"batch of n={m}. Use larger batches or drop the last one (drop_last=True)."
+            )
+        w = 1.0 if self.weighting == "batch" else float(m)
+        kc = center_gram(gram_linear(x), unbiased=True)
+        lc = center_gram(gram_linear(y), unbiased=True)
+        self.hsic_xy += w * hsic(kc, lc, debiased=True)
+        self.hsic_xx += w * hsic(kc, kc, debiased=True)
+        self.hsic_yy += w * hsic(lc, lc, debiased=True)
+        self.batches += 1
+
+    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
+        if other.weighting != self.weighting:
+            raise ValueError("cannot merge MinibatchCKA accumulators with different weighting.")
+        self.hsic_xy += other.hsic_xy
+        self.hsic_xx += other.hsic_xx
+        self.hsic_yy += other.hsic_yy
+        self.batches += other.batches
+        return self
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.hsic_xy, self.hsic_xx, self.hsic_yy, self.batches]
+
+    def compute(self) -> float:
+        if int(self.batches) == 0:
+            raise ValueError("no data: call update() before compute().")
+        xx, yy = float(self.hsic_xx), float(self.hsic_yy)
+        if xx <= 0 or yy <= 0:
+            raise ValueError(
+                f"summed HSIC(X, X)={xx:.3g}, HSIC(Y, Y)={yy:.3g}; CKA is undefined for a "
+                "non-positive value (a constant representation)."
+            )
+        return float(self.hsic_xy) / math.sqrt(xx * yy)
