@@ -36,7 +36,7 @@ __all__ = [
 PENULTIMATE = "penultimate"
 
 
-class _Stop(Exception):
+class _LayerReachedError(Exception):
     """Raised by a capture hook to end the forward once the layer is reached."""
 
 
@@ -187,7 +187,7 @@ def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Ite
 
     def grab(value: torch.Tensor) -> None:
         box["value"] = value
-        raise _Stop
+        raise _LayerReachedError
 
     if ref.capture == "input":
         handles.append(ref.module.register_forward_pre_hook(lambda m, args: grab(args[0])))
@@ -222,11 +222,8 @@ def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Ite
 
 
 def _forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef, fake_relu: bool) -> torch.Tensor:
-    with _capture(model, ref, fake_relu=fake_relu) as box:
-        try:
-            model(x)
-        except _Stop:
-            pass
+    with _capture(model, ref, fake_relu=fake_relu) as box, contextlib.suppress(_LayerReachedError):
+        model(x)
     if "value" not in box:
         raise RuntimeError(f"the forward finished without reaching layer {ref.name!r}.")
     value = box["value"]

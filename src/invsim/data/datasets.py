@@ -49,8 +49,8 @@ class TensorImageDataset(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"TensorImageDataset(id={self.id!r}, n={len(self)}, shape={tuple(self.images.shape[1:])}, "
-            f"classes={len(self.classes)})"
+            f"TensorImageDataset(id={self.id!r}, n={len(self)}, "
+            f"shape={tuple(self.images.shape[1:])}, classes={len(self.classes)})"
         )
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: built-in data and small models trained in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def mnist_train():
+    from invsim.data import load_dataset
+
+    return load_dataset("mnist5k", split="train")
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    from invsim.data import load_dataset
+
+    return load_dataset("mnist5k", split="test")
+
+
+@pytest.fixture(scope="session")
+def trained_lenet(mnist_train, mnist_test):
+    """A LeNet trained on MNIST-5k for a few epochs (~2 s on 2 cores)."""
+    from invsim.train import train_model
+
+    model, metrics = train_model(
+        "lenet", mnist_train, epochs=6, test_dataset=mnist_test, progress=False, seed=0
+    )
+    assert metrics["clean_acc"] > 0.93, metrics
+    return model

@@ -1,0 +1,134 @@
+"""invert_dataset / InvertedDataset: provenance, resume, refusal, corruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import invsim.store as store
+from invsim.data import TensorImageDataset
+from invsim.models import load_model
+from invsim.store import InvertedDataset, StoreError, export_image_folder, invert_dataset
+
+
+@pytest.fixture(scope="module")
+def small_data(mnist_test):
+    return TensorImageDataset(mnist_test.images[:200], mnist_test.labels[:200], id="mnist-200")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_model("lenet")
+
+
+KW = {"iterations": 8, "shard_size": 4, "progress": False, "seed": 1}
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
+    ds = invert_dataset(model, small_data, 10, tmp_path, **KW)
+    assert isinstance(ds, InvertedDataset) and len(ds) == 10
+    assert ds.images.dtype == torch.float32 and ds.images.shape == (10, 1, 28, 28)
+    assert torch.all(ds.seed_labels != ds.target_labels)
+    assert torch.equal(ds.target_labels, small_data.labels[ds.target_index])
+    assert ds.images.min() >= 0 and ds.images.max() <= 1
+    assert torch.all(ds.loss <= ds.initial_loss)
+    cfg = json.loads((tmp_path / "dataset.json").read_text())
+    assert cfg["dataset"] == {"id": "mnist-200", "size": 200}
+    assert cfg["pairs"] == {"n_pairs": 10, "seed": 1}
+    assert cfg["inversion"]["step_size"] == 1 / 8 and cfg["inversion"]["iterations"] == 8
+    assert cfg["inversion"]["momentum"] == 0.9 and cfg["inversion"]["eps"] == 1000.0
+    assert cfg["versions"]["torch"] == torch.__version__
+    assert cfg["model"]["fingerprint"] and len(cfg["config_hash"]) == 16
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [r["n"] for r in manifest["shards"]] == [4, 4, 2]
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and y == int(ds.target_labels[3])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkeypatch):
+    whole = tmp_path / "whole"
+    invert_dataset(model, small_data, 10, whole, **KW)
+
+    killed = tmp_path / "killed"
+    real = store._write_shard
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("killed after the first shard")
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        invert_dataset(model, small_data, 10, killed, **KW)
+    monkeypatch.setattr(store, "_write_shard", real)
+    with pytest.raises(StoreError, match="incomplete: 1 of 3 shards"):
+        InvertedDataset(killed)
+
+    inverted = []
+    real_invert = store.invert_images
+
+    def counting(*args, **kwargs):
+        inverted.append(1)
+        return real_invert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "invert_images", counting)
+    invert_dataset(model, small_data, 10, killed, **KW)
+    assert len(inverted) == 2  # the finished shard was skipped
+    assert _files(killed) == _files(whole)
+
+
+def test_different_arguments_are_refused(tmp_path, model, small_data):
+    invert_dataset(model, small_data, 6, tmp_path, **KW)
+    with pytest.raises(StoreError, match=r"different arguments .*iterations: 8 -> 9"):
+        invert_dataset(model, small_data, 6, tmp_path, **{**KW, "iterations": 9})
+    other = load_model("lenet")  # different weights
+    with pytest.raises(StoreError, match="model.fingerprint"):
+        invert_dataset(other, small_data, 6, tmp_path, **KW)
+
+
+def test_corrupt_shard_is_named(tmp_path, model, small_data):
+    invert_dataset(model, small_data, 6, tmp_path, **KW)
+    shard = tmp_path / "shards" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard shards/shard-00001.safetensors is corrupt"):
+        InvertedDataset(tmp_path)
+
+
+def test_same_label_and_single_class_data_raise(tmp_path, model):
+    one = TensorImageDataset(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="single class"):
+        invert_dataset(model, one, 4, tmp_path, **KW)
+
+
+def test_parts_partition_the_work(tmp_path, model, small_data):
+    single = tmp_path / "single"
+    invert_dataset(model, small_data, 10, single, **KW)
+    split = tmp_path / "split"
+    assert invert_dataset(model, small_data, 10, split, part=(1, 2), **KW) is None
+    done = invert_dataset(model, small_data, 10, split, part=(0, 2), **KW)
+    assert done is not None and len(done) == 10
+    assert _files(split) == _files(single)
+
+
+def test_noise_seeds_and_export(tmp_path, model, small_data):
+    ds = invert_dataset(model, small_data, 5, tmp_path / "d", seed_images="noise", **KW)
+    assert (
+        json.loads((tmp_path / "d" / "dataset.json").read_text())["inversion"]["seed_images"]
+        == "noise"
+    )
+    out = export_image_folder(ds, tmp_path / "png")
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 5
+    assert {p.parent.name for p in pngs} == {str(int(v)) for v in ds.target_labels}
