@@ -117,8 +117,13 @@ def main() -> None:
     rate32 = matmul_rate(torch.float32, d, b)
     bound = {"float64": flops / rate64, "float32": flops / rate32}
     rows = []
-    names = ["invsim.LinearCKA", "invsim.LinearCKA:fp32-products", "invsim.MinibatchCKA",
-             "ckatorch.cka_batch", "torch_cka.CKA"]  # fmt: skip
+    names = [
+        "invsim.LinearCKA",
+        "invsim.LinearCKA:fp32-products",
+        "invsim.MinibatchCKA",
+        "ckatorch.cka_batch",
+        "torch_cka.CKA",
+    ]
     for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--n", str(n), "--d", str(d)]
         cmd += ["--batch", str(b)]
@@ -152,8 +157,10 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
-    print(f"compute bound: float64 {bound['float64']:.1f} s ({rate64 / 1e9:.0f} GFLOP/s), "
-          f"float32 {bound['float32']:.1f} s ({rate32 / 1e9:.0f} GFLOP/s)")  # fmt: skip
+    print(
+        f"compute bound: float64 {bound['float64']:.1f} s ({rate64 / 1e9:.0f} GFLOP/s), "
+        f"float32 {bound['float32']:.1f} s ({rate32 / 1e9:.0f} GFLOP/s)"
+    )
     print(f"{'contender':34} {'wall s':>8} {'peak MiB':>9} {'x bound':>8} {'CKA':>8}")
     for r in rows:
         if "error" in r:

@@ -67,9 +67,14 @@ def test_parity_with_straightforward_implementation(mnist_pairs):
     seeds, targets, _ = (t.double() for t in mnist_pairs)
     seen = []
     result = invert_images(
-        model, seeds, targets, iterations=50, batch_size=4, progress=False,
+        model,
+        seeds,
+        targets,
+        iterations=50,
+        batch_size=4,
+        progress=False,
         callback=lambda it, x: seen.append((it, x.clone())),
-    )  # fmt: skip
+    )
     ref_iterates, ref_best, ref_loss = _reference_inversion(model, seeds, targets, 50)
     # callback sees batches of 4 then 2; reassemble iterate 49 (the 50th) per example
     ours = {}
@@ -108,9 +113,13 @@ def test_results_do_not_depend_on_batch_size(mnist_pairs, dtype):
 def test_inversion_works_on_a_trained_model(trained_lenet, mnist_test):
     s, t = sample_pairs(mnist_test.labels, 32, seed=0)
     res = invert_images(
-        trained_lenet, mnist_test.images[s], mnist_test.images[t], iterations=500,
-        batch_size=32, progress=False,
-    )  # fmt: skip
+        trained_lenet,
+        mnist_test.images[s],
+        mnist_test.images[t],
+        iterations=500,
+        batch_size=32,
+        progress=False,
+    )
     assert res.images.dtype == torch.float32
     assert res.images.min() >= 0 and res.images.max() <= 1
     assert float(res.loss.median()) < 0.1

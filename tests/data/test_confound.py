@@ -33,8 +33,16 @@ def test_seedable_and_splits_differ():
 
 
 def test_parameters_and_errors():
-    ds = load_dataset("confound", split="test", variant="only_b", n=30, image_size=32,
-                      channels=3, num_classes=4, agree=0.5)  # fmt: skip
+    ds = load_dataset(
+        "confound",
+        split="test",
+        variant="only_b",
+        n=30,
+        image_size=32,
+        channels=3,
+        num_classes=4,
+        agree=0.5,
+    )
     assert ds.images.shape == (30, 3, 32, 32) and len(ds.classes) == 4
     with pytest.raises(ValueError, match="unknown confound variant"):
         make_confound("neither")

@@ -122,8 +122,10 @@ def make_confound(
     images = rng.normal(0.0, noise, size=(n, image_size, image_size)).astype(np.float32) + 0.1
     far = image_size - glyph_size - margin
     for i in range(n):
-        for cls, bank, (r0, c0) in ((cls_a[i], glyph_a, (margin, margin)),
-                                    (cls_b[i], glyph_b, (far, far))):  # fmt: skip
+        for cls, bank, (r0, c0) in (
+            (cls_a[i], glyph_a, (margin, margin)),
+            (cls_b[i], glyph_b, (far, far)),
+        ):
             dr, dc = rng.integers(-jitter, jitter + 1, size=2)
             r, c = r0 + dr, c0 + dc
             level = rng.uniform(*contrast)
@@ -131,11 +133,19 @@ def make_confound(
             images[i, r : r + glyph_size, c : c + glyph_size] = np.maximum(patch, level * bank[cls])
     x = torch.from_numpy(np.clip(images, 0.0, 1.0))[:, None].repeat(1, channels, 1, 1)
     params = {
-        "variant": variant, "n": n, "split": split, "image_size": image_size,
-        "channels": channels, "num_classes": num_classes, "glyph_size": glyph_size,
-        "jitter": jitter, "noise": noise, "contrast": list(contrast), "agree": agree,
+        "variant": variant,
+        "n": n,
+        "split": split,
+        "image_size": image_size,
+        "channels": channels,
+        "num_classes": num_classes,
+        "glyph_size": glyph_size,
+        "jitter": jitter,
+        "noise": noise,
+        "contrast": list(contrast),
+        "agree": agree,
         "seed": seed,
-    }  # fmt: skip
+    }
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     ds = TensorImageDataset(
         x,

@@ -1,0 +1,221 @@
+"""The report: figures and one self-contained HTML file (images embedded).
+
+``write_report(out_dir)`` rebuilds everything from ``results.json`` and the stored
+inverted data sets, so ``invsim report DIR`` works on any finished run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from invsim.report.figures import confound_examples, heatmaps, image_grid, robustness_plot
+from invsim.similarity import SimilarityMatrix
+
+__all__ = ["write_report"]
+
+EXPLAIN = {
+    "heatmaps": (
+        "Linear CKA between every pair of models, on one colour scale. Left: natural held-out "
+        "images, the same for every pair, so the matrix is symmetric. Right: row r, column c is "
+        "CKA between model r and model c on <em>model r's inverted data set</em> (images that "
+        "keep only the features model r uses); it is asymmetric. Natural CKA over-states "
+        "similarity when features co-occur in images; lower values on the right mean the "
+        "models rely on different features."
+    ),
+    "robustness": (
+        "Each model's mean CKA to all other models, against the adversarial training eps, one "
+        "line per architecture. Jones et al. find that similarity across architectures rises "
+        "with robustness on inverted data; the Spearman correlation is in each title."
+    ),
+    "grids": (
+        "For each model: seeds (top), targets (middle) and the inverted images (bottom): the "
+        "seed moved by gradient descent until the model's representation matches the "
+        "target's. What changes shows the features the model uses."
+    ),
+    "confound": (
+        "The synthetic confound set: feature A top-left, feature B bottom-right. An only-A "
+        "model and an only-B model agree on every natural test image (both features present) "
+        "and natural CKA calls them similar; on either model's inverted data their CKA "
+        "collapses, while two only-A models stay similar."
+    ),
+}
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{body}</table>"
+
+
+def _grids(out: Path, results: dict, inverted: Mapping[str, Any] | None, eval_ds: Any) -> list:
+    from invsim.data import load_dataset
+    from invsim.store import InvertedDataset, dataset_images
+
+    cfg = results["provenance"]["config"]
+    if eval_ds is None:
+        data = cfg["data"]
+        size = {k: data[k] for k in ("size", "crop") if data.get(k)}
+        eval_ds = load_dataset(
+            data["dataset"], split=data["eval_split"], **size, **data.get("options", {})
+        )
+    paths = []
+    for name in results["matrices"].get("inverted", {}).get("rows", []):
+        inv = (inverted or {}).get(name) or InvertedDataset(out / "inverted" / name)
+        k = min(8, len(inv))
+        seeds = dataset_images(eval_ds, inv.seed_index[:k].tolist())
+        targets = dataset_images(eval_ds, inv.target_index[:k].tolist())
+        caps = [
+            f"{int(s)}→{int(t)} L={float(loss):.2f}"
+            for s, t, loss in zip(
+                inv.seed_labels[:k], inv.target_labels[:k], inv.loss[:k], strict=True
+            )
+        ]
+        path = out / "figures" / f"grid-{name}.png"
+        image_grid(
+            [("seed", seeds), ("target", targets), ("inverted", inv.images[:k])],
+            path,
+            title=f"{name}: seed / target / inverted",
+            captions=caps,
+        )
+        paths.append(path)
+    return paths
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    results: dict | None = None,
+    inverted: Mapping[str, Any] | None = None,
+    models: Mapping[str, Any] | None = None,
+    eval_ds: Any = None,
+) -> Path:
+    """Write figures under ``out_dir/figures`` and ``out_dir/report.html``."""
+    out = Path(out_dir)
+    if results is None:
+        path = out / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
+        results = json.loads(path.read_text())
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    mats = {k: SimilarityMatrix.from_dict(v) for k, v in results["matrices"].items()}
+    prov = results["provenance"]
+    cfg = prov["config"]
+    parts = [f"<h1>invsim report: {html.escape(cfg.get('name', 'experiment'))}</h1>"]
+    parts.append(
+        f"<p>Data set <code>{html.escape(cfg['data']['dataset'])}</code>, "
+        f"{prov['pairs']} seed/target pairs per model, layer "
+        f"<code>{html.escape(cfg['inversion'].get('layer', 'penultimate'))}</code>, "
+        f"invsim {prov['invsim']}, torch {prov['torch']}, config hash "
+        f"<code>{prov['config_hash']}</code>.</p>"
+    )
+    dev = prov.get("deviations_from_paper") or {}
+    if dev:
+        items = ", ".join(f"{k} {v['used']} (paper: {v['paper']})" for k, v in dev.items())
+        parts.append(
+            f'<p class="warn">Reduced from the paper\'s settings for time: {items}. '
+            "The loss each model's inversion reached is in the table below.</p>"
+        )
+    # summary table
+    rows = []
+    for key, s in results["summary"].items():
+        rows.append([key, s["offdiag_mean"], s["offdiag_median"], s.get("asymmetry", "")])
+    parts.append(
+        "<h2>Summary</h2>"
+        + _table(rows, ["measure", "off-diagonal mean", "off-diagonal median", "asymmetry"])
+    )
+    pair = {k: mats[k] for k in ("natural", "inverted") if k in mats}
+    if pair:
+        p = heatmaps(pair, out / "figures" / "heatmaps.png")
+        parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{_img(p)}")
+    if "stir" in mats:
+        p = heatmaps({"stir": mats["stir"]}, out / "figures" / "stir.png")
+        parts.append(
+            f"<h2>STIR</h2><p>STIR(column | row): CKA of the column model on natural "
+            f"images and on their inversions through the row model.</p>{_img(p)}"
+        )
+    if results.get("robustness"):
+        p = robustness_plot(results["robustness"], out / "figures" / "robustness.png")
+        parts.append(f"<h2>Similarity and robustness</h2><p>{EXPLAIN['robustness']}</p>{_img(p)}")
+    if results.get("inversion"):
+        rows = [
+            [n, q["median_initial_loss"], q["median_loss"], q["target_accuracy"], q["n"]]
+            for n, q in results["inversion"].items()
+        ]
+        parts.append(
+            "<h2>Inversion quality</h2>"
+            + _table(
+                rows,
+                ["model", "median seed loss", "median final loss", "classified as target", "pairs"],
+            )
+        )
+        grids = _grids(out, results, inverted, eval_ds)
+        parts.append(
+            f"<h2>Seeds, targets, inverted images</h2><p>{EXPLAIN['grids']}</p>"
+            + "".join(_img(g) for g in grids)
+        )
+    if results.get("confound"):
+        c = results["confound"]
+        ex = confound_examples(out / "figures" / "confound-examples.png")
+        hm = heatmaps(
+            {k: SimilarityMatrix.from_dict(c[k]) for k in ("natural", "inverted")},
+            out / "figures" / "confound-heatmaps.png",
+        )
+        rows = [[k.replace("_", " "), v] for k, v in c["headline"].items()]
+        parts.append(
+            f"<h2>The confound experiment</h2><p>{EXPLAIN['confound']}</p>{_img(ex)}"
+            + _table(rows, ["quantity", "linear CKA"])
+            + _img(hm)
+        )
+    if results.get("models"):
+        rows = []
+        for n, m in results["models"].items():
+            tr = m.get("training") or {}
+            rows.append([n, m["arch"], m["eps"], tr.get("clean_acc", ""), tr.get("robust_acc", "")])
+        parts.append(
+            "<h2>Models</h2>"
+            + _table(rows, ["model", "architecture", "eps", "clean acc", "robust acc"])
+        )
+    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2)) + "</pre>")
+    page = TEMPLATE.replace("{{BODY}}", "\n".join(parts))
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>invsim report</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+img{max-width:100%;display:block;margin:1em 0;border:1px solid #ddd}
+img.broken{border:3px solid red}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}
+.warn{background:#fff4d6;padding:.5em;border-left:4px solid #e0a800}
+pre{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em;font-size:12px}
+</style></head><body>
+{{BODY}}
+<script>
+// marks images that failed to load (red border) and records the counts on <body>
+window.addEventListener("load", function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; }
+    else { imgs[i].className = "broken"; }
+  }
+  document.body.setAttribute("data-images-total", imgs.length);
+  document.body.setAttribute("data-images-loaded", ok);
+});
+</script>
+</body></html>
+"""

@@ -1,0 +1,136 @@
+"""Figures: paired heatmaps, similarity against robustness, seed/target/inverted grids."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from invsim.similarity import SimilarityMatrix  # noqa: E402
+
+__all__ = ["confound_examples", "heatmaps", "image_grid", "robustness_plot"]
+
+TITLES = {
+    "natural": "natural images (symmetric)",
+    "inverted": "inverted images (row model's data)",
+    "stir": "STIR(column | row)",
+}
+
+
+def heatmaps(matrices: Mapping[str, SimilarityMatrix], path: Path, *, title: str = "") -> Path:
+    """Side-by-side heatmaps with one shared colour scale, annotated values, model names."""
+    keys = list(matrices)
+    lo = min(0.0, *(float(m.values.min()) for m in matrices.values()))
+    size = max(len(m.cols) for m in matrices.values())
+    fig, axes = plt.subplots(
+        1,
+        len(keys),
+        figsize=(1.0 + 0.7 * size * len(keys) + 1.2, 0.7 * size + 2.0),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    im = None
+    for ax, key in zip(axes[0], keys, strict=True):
+        m = matrices[key]
+        im = ax.imshow(m.values, vmin=lo, vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(m.cols)), m.cols, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(m.rows)), m.rows, fontsize=8)
+        ax.set_title(TITLES.get(key, key), fontsize=10)
+        ax.set_xlabel("column model", fontsize=8)
+        ax.set_ylabel("row model", fontsize=8)
+        for i in range(len(m.rows)):
+            for j in range(len(m.cols)):
+                v = m.values[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v < lo + 0.6 * (1 - lo) else "black",
+                )
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="linear CKA")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def robustness_plot(robustness: Mapping[str, Any], path: Path) -> Path:
+    """Mean similarity to all other models against training eps, one line per
+    architecture, one panel per measure."""
+    keys = list(robustness)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False, constrained_layout=True
+    )
+    for ax, key in zip(axes[0], keys, strict=True):
+        per = robustness[key]["per_model"]
+        for arch in sorted({v["arch"] for v in per.values()}):
+            pts = sorted(
+                (v["eps"], v["mean_similarity"]) for v in per.values() if v["arch"] == arch
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+        rho = robustness[key]["spearman"]
+        ax.set_title(f"{key}: Spearman {rho:.2f}" if rho is not None else key, fontsize=10)
+        ax.set_xlabel("training eps (L2)")
+        ax.set_ylabel("mean CKA to other models")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def image_grid(
+    rows: Sequence[tuple[str, torch.Tensor]],
+    path: Path,
+    *,
+    title: str = "",
+    captions: Sequence[str] | None = None,
+) -> Path:
+    """A grid: one row per (label, images (k, C, H, W)) pair, k columns."""
+    k = len(rows[0][1])
+    fig, axes = plt.subplots(
+        len(rows), k, figsize=(1.1 * k + 0.8, 1.2 * len(rows) + 0.5), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r][c]
+            img = images[c].detach().float().cpu().numpy()
+            ax.imshow(
+                img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0)),
+                cmap="gray" if img.shape[0] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0 and captions is not None:
+                ax.set_title(captions[c], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def confound_examples(path: Path, *, per_variant: int = 6, seed: int = 0) -> Path:
+    """A few examples of each confound variant (for the README and the report)."""
+    from invsim.data.confound import make_confound
+
+    rows = []
+    for variant in ("both", "only_a", "only_b"):
+        ds = make_confound(variant, n=per_variant, split="test", seed=seed)
+        rows.append((variant, ds.images))
+    return image_grid(rows, path, title="confound set: A top-left, B bottom-right")
