@@ -37,6 +37,7 @@ TRAIN = {
     "batch_size": (int,),
     "width": (int,),
     "dataset": (str,),
+    "data_options": (dict,),
 }
 MODEL = {
     "name": (str,),

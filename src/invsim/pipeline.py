@@ -75,8 +75,12 @@ def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
             else:
                 recipe = dict(m["train"])
                 ds = train_ds
-                if "dataset" in recipe:
-                    ds = load_dataset(recipe.pop("dataset"), split=cfg["data"]["train_split"])
+                if "dataset" in recipe or "data_options" in recipe:
+                    ds = load_dataset(
+                        recipe.pop("dataset", cfg["data"]["dataset"]),
+                        split=cfg["data"]["train_split"],
+                        **recipe.pop("data_options", {}),
+                    )
                 log(f"model {name}: training {m['spec']} {recipe}", quiet=quiet)
                 model, metrics = train_model(
                     m["spec"],

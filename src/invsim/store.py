@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 FORMAT = "invsim-inverted/1"
-_NOT_HASHED = ("versions", "device", "progress", "created_by")
+# provenance that does not change the data: recorded, but not part of the config hash
+_NOT_HASHED = ("versions", "checkpoint")
 
 
 class StoreError(ValueError):
@@ -62,15 +63,19 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """The checkpoint's sha256 when known, else a sha256 of the model's state dict."""
-    meta = getattr(model, "invsim_meta", {}) or {}
-    if meta.get("sha256"):
-        return str(meta["sha256"])
+    """sha256 of the model's weights and buffers (normalisation included).
+
+    It identifies what the model computes, whatever file it came from: two runs that
+    train the same weights share inverted data and cached representations even though
+    their checkpoint files (which carry timings) differ. The checkpoint file's own
+    sha256 is recorded separately as provenance.
+    """
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return "state:" + h.hexdigest()
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return "weights:" + h.hexdigest()
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -95,9 +100,9 @@ def _config(model, dataset, n_pairs, seed, shard_size, inversion: dict[str, Any]
         "format": FORMAT,
         "model": {
             "spec": meta.get("spec", f"custom:{type(model).__name__}"),
-            "checkpoint": meta.get("checkpoint"),
             "fingerprint": model_fingerprint(model),
         },
+        "checkpoint": {"path": meta.get("checkpoint"), "sha256": meta.get("sha256")},
         "dataset": {"id": getattr(dataset, "id", type(dataset).__name__), "size": len(dataset)},
         "pairs": {"n_pairs": n_pairs, "seed": seed},
         "shard_size": shard_size,

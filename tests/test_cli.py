@@ -1,0 +1,180 @@
+"""The CLI end to end: `invsim demo --quick`, every output, the report in a real browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def invsim(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "invsim", *args], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"invsim {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = invsim("demo", "--quick", "--out", str(out))
+    return out, proc
+
+
+def test_demo_quick_exit_code_and_headline(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0
+    assert "mean off-diagonal CKA: natural" in proc.stdout
+    assert f"report: {out / 'report.html'}" in proc.stdout
+
+
+def test_every_output_present_and_parseable(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in results["provenance"]["config"]["models"]]
+    assert len(names) == 4
+    for key in ("natural", "inverted"):
+        with open(out / f"{key}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(names) ** 2
+        assert {r["row"] for r in rows} == set(names)
+        m = results["matrices"][key]
+        assert m["rows"] == names and m["cols"] == names
+        lookup = {(r["row"], r["column"]): float(r["value"]) for r in rows}
+        v = np.array(m["values"])
+        assert lookup[names[0], names[1]] == pytest.approx(v[0, 1], abs=1e-9)
+    for fig in ("heatmaps.png", "robustness.png", "confound-heatmaps.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+    assert len(list((out / "figures").glob("grid-*.png"))) == len(names)
+    assert results["provenance"]["deviations_from_paper"]["iterations"] == {
+        "used": 100,
+        "paper": 2000,
+    }
+    assert "Reduced from the paper" in (out / "report.html").read_text()
+
+
+def test_matrix_properties(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    nat = np.array(results["matrices"]["natural"]["values"])
+    inv = np.array(results["matrices"]["inverted"]["values"])
+    assert nat.shape == inv.shape == (4, 4)
+    assert np.allclose(nat, nat.T, atol=1e-12) and np.allclose(np.diag(nat), 1.0)
+    assert not np.allclose(inv, inv.T, atol=1e-3)
+    assert np.allclose(np.diag(inv), 1.0)
+    assert results["summary"]["inverted"]["asymmetry"] > 0
+
+
+def test_confound_experiment_quick(quick_run):
+    out, _ = quick_run
+    c = json.loads((out / "results.json").read_text())["confound"]["headline"]
+    assert c["natural_a_b"] >= 0.6
+    assert c["inverted_a_b_on_a"] <= 0.2 and c["inverted_a_b_on_b"] <= 0.2
+    assert c["inverted_a_a2_on_a"] >= 0.7
+
+
+def test_second_run_uses_the_cache(quick_run, monkeypatch):
+    import invsim.experiment as experiment
+    import invsim.store as store
+    from invsim.demo import run_demo
+
+    out, _ = quick_run
+    calls = {"invert": 0, "extract": 0}
+    real_invert, real_extract = store.invert_images, experiment.extract
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(store, "invert_images", count("invert", real_invert))
+    monkeypatch.setattr(experiment, "extract", count("extract", real_extract))
+    before = json.loads((out / "results.json").read_text())
+    again = run_demo(out, quick=True, quiet=True)
+    assert calls == {"invert": 0, "extract": 0}
+    assert again["provenance"]["cache"]["computed"] == 0
+    assert again["matrices"] == before["matrices"]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)  # type: ignore[return-value]
+    raise AssertionError(
+        "no chromium on this machine: `make test` installs Debian's chromium package "
+        "(scripts/ensure-chromium.sh); run it or install chromium."
+    )
+
+
+def test_report_renders_in_headless_chromium(quick_run, tmp_path):
+    out, _ = quick_run
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    url = (out / "report.html").resolve().as_uri()
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    total = re.search(r'data-images-total="(\d+)"', dom.stdout)
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom.stdout)
+    assert total and loaded, dom.stderr[-2000:]
+    assert int(total.group(1)) >= 7
+    assert loaded.group(1) == total.group(1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    subprocess.run([_chromium(), *flags, "--window-size=1300,4000", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120)  # fmt: skip
+    assert shot.stat().st_size > 10_000
+
+
+def test_help_is_complete():
+    top = invsim("--help").stdout
+    for cmd in ("demo", "run", "train", "invert", "similarity", "report", "models"):
+        assert cmd in top
+        text = invsim(cmd, "--help").stdout
+        assert "Usage:" in text
+    assert "--device" in invsim("invert", "--help").stdout
+    assert "--seed" in invsim("train", "--help").stdout
+    assert "--out" in invsim("demo", "--help").stdout
+
+
+def test_failures_exit_non_zero(tmp_path):
+    proc = invsim("run", str(tmp_path / "missing.yaml"), check=False)
+    assert proc.returncode == 2 and "no such config file" in proc.stderr
+    (tmp_path / "bad.yaml").write_text("out: x\ndata: {dataset: mnist5k}\nmodels: []\nbogus: 1\n")
+    proc = invsim("run", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode == 2 and "unknown key 'bogus'" in proc.stderr
+    proc = invsim("invert", "nonexistent-arch", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "unknown model spec" in proc.stderr
+
+
+def test_train_invert_similarity_commands(tmp_path):
+    model = tmp_path / "m.safetensors"
+    invsim("train", "mlp", "--data", "digits", "--epochs", "1", "--out", str(model))
+    assert model.exists()
+    base = ["invert", str(model), "--data", "digits", "--pairs", "12", "--iterations", "5",
+            "--shard-size", "4", "--out"]  # fmt: skip
+    invsim(*base, str(tmp_path / "inv"))
+    for i in (0, 1, 2):
+        invsim(*base, str(tmp_path / "sliced"), "--num-shards", "3", "--shard-index", str(i))
+    invsim("invert", "--merge", "--out", str(tmp_path / "sliced"))
+    for p in (tmp_path / "inv" / "shards").glob("*.safetensors"):
+        assert p.read_bytes() == (tmp_path / "sliced" / "shards" / p.name).read_bytes()
+    proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={model}", "--data",
+                  "digits", "--inverted", f"a={tmp_path / 'inv'}", "--out", str(tmp_path / "s"))  # fmt: skip
+    sim = json.loads((tmp_path / "s" / "similarity.json").read_text())
+    assert sim["natural"]["matrix"]["values"][0][1] == pytest.approx(1.0)
+    assert "natural:" in proc.stdout
+    assert "built-in" in invsim("models").stdout

@@ -1,0 +1,169 @@
+"""Matrices, caching, summaries, STIR, config validation, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import invsim.store as store
+from invsim import linear_cka
+from invsim.config import ConfigError, load_config, validate
+from invsim.data import TensorImageDataset
+from invsim.experiment import (
+    RepresentationCache,
+    inverted_similarity,
+    natural_similarity,
+    robustness_summary,
+    stir,
+    summarize,
+)
+from invsim.models import load_model
+from invsim.representation import extract
+from invsim.similarity import SimilarityMatrix
+from invsim.store import invert_dataset
+
+
+@pytest.fixture(scope="module")
+def zoo(trained_lenet):
+    torch.manual_seed(1)
+    return {"lenet": trained_lenet, "mlp": load_model("mlp"), "vgg": load_model("vgg")}
+
+
+@pytest.fixture(scope="module")
+def data(mnist_test):
+    return TensorImageDataset(mnist_test.images[:120], mnist_test.labels[:120], id="m120")
+
+
+def test_natural_matrix_matches_pairwise_cka_and_computes_each_rep_once(zoo, data):
+    cache = RepresentationCache()
+    m = natural_similarity(zoo, data, n=100, cache=cache)
+    assert cache.stats == {"hits": 0, "computed": 3}
+    assert np.allclose(m.values, m.values.T) and np.allclose(np.diag(m.values), 1)
+    reps = {k: extract(v, data.images[:100]) for k, v in zoo.items()}
+    assert m["lenet", "vgg"] == pytest.approx(linear_cka(reps["lenet"], reps["vgg"]), abs=1e-6)
+
+
+def test_inverted_matrix_definition_and_cache_on_disk(tmp_path, zoo, data):
+    kw = {"iterations": 10, "shard_size": 8, "progress": False}
+    inverted = {k: invert_dataset(zoo[k], data, 16, tmp_path / k, **kw) for k in ("lenet", "mlp")}
+    cache = RepresentationCache(tmp_path / "cache")
+    m = inverted_similarity(zoo, inverted, cache=cache)
+    assert m.rows == ["lenet", "mlp"] and m.cols == ["lenet", "mlp", "vgg"]
+    assert cache.stats["computed"] == 6  # 3 models x 2 data sets, not once per entry
+    x = inverted["mlp"].images
+    want = linear_cka(extract(zoo["mlp"], x), extract(zoo["vgg"], x))
+    assert m["mlp", "vgg"] == pytest.approx(want, abs=1e-6)
+    assert m["mlp", "mlp"] == pytest.approx(1.0)
+    again = RepresentationCache(tmp_path / "cache")
+    m2 = inverted_similarity(zoo, inverted, cache=again)
+    assert again.stats == {"hits": 6, "computed": 0}
+    assert np.array_equal(m.values, m2.values)
+    # adding one model computes only what is new
+    bigger = {**zoo, "lenet2": load_model("lenet")}
+    third = RepresentationCache(tmp_path / "cache")
+    inverted_similarity(bigger, inverted, cache=third)
+    assert third.stats == {"hits": 6, "computed": 2}
+
+
+def test_summaries():
+    m = SimilarityMatrix(["a", "b", "c"], ["a", "b", "c"],
+                         np.array([[1, 0.2, 0.4], [0.6, 1, 0.3], [0.4, 0.5, 1.0]]))  # fmt: skip
+    s = summarize(m)
+    assert s["offdiag_mean"] == pytest.approx(np.mean([0.2, 0.4, 0.6, 0.3, 0.4, 0.5]))
+    assert s["offdiag_median"] == pytest.approx(0.4)
+    assert s["row_means"]["a"] == pytest.approx(0.3) and s["col_means"]["a"] == pytest.approx(0.5)
+    assert s["asymmetry"] == pytest.approx(np.mean([0.4, 0.0, 0.2] * 2))
+    r = robustness_summary(m, {"a": 0, "b": 1, "c": 3}, {"a": "x", "b": "x", "c": "y"})
+    assert r["per_model"]["a"]["mean_similarity"] == pytest.approx(np.mean([0.2, 0.4, 0.6, 0.4]))
+    assert -1 <= r["spearman"] <= 1
+
+
+def test_stir(tmp_path, zoo, data):
+    models = {k: zoo[k] for k in ("lenet", "mlp")}
+    m, inv = stir(models, data, tmp_path, n=24, iterations=40, progress=False, shard_size=24)
+    assert m.values.shape == (2, 2)
+    assert (
+        json.loads((tmp_path / "lenet" / "dataset.json").read_text())["inversion"]["seed_images"]
+        == "noise"
+    )
+    assert np.all(m.values <= 1 + 1e-9)
+    assert m["lenet", "lenet"] > 0.5  # inverting through a model preserves its own view
+
+
+BASE = {"out": "runs/x", "data": {"dataset": "mnist5k"},
+        "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"outt": "x"}, "unknown key 'outt'"),
+        ({"data": {"dataset": "mnist5k", "pairz": 3}}, "unknown key 'data.pairz'"),
+        ({"inversion": {"iterations": "many"}}, "'inversion.iterations' must be int"),
+        ({"inversion": {"use_best": 1}}, "'inversion.use_best' must be bool"),
+        ({"models": [{"name": "a", "spec": "mlp"}]}, "needs a 'checkpoint' or a 'train'"),
+        ({"models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1, "adversarial": {}}}]},
+         "adversarial.eps"),
+        ({"measures": ["natural", "cka"]}, "unknown measure 'cka'"),
+        ({"models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1.5}}]},
+         "'models\\[0\\].train.epochs' must be int"),
+    ],
+)  # fmt: skip
+def test_config_validation_names_the_key(patch, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**BASE, **patch})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("out: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "ok.yaml").write_text(json.dumps(BASE))
+    assert load_config(tmp_path / "ok.yaml", out="elsewhere")["out"] == "elsewhere"
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("examples").glob("*.yaml")))
+def test_examples_validate(path):
+    cfg = load_config(path)
+    assert cfg["models"] and cfg["out"]
+
+
+def _small_config(out):
+    return validate({
+        "out": str(out), "seed": 0,
+        "data": {"dataset": "digits", "size": 28, "natural_n": 100, "pairs": 12},
+        "models": [{"name": "mlp", "spec": "mlp", "train": {"epochs": 1}},
+                   {"name": "mlp-r", "spec": "mlp",
+                    "train": {"epochs": 1, "adversarial": {"eps": 0.5, "steps": 2}}}],
+        "inversion": {"iterations": 20, "batch_size": 12, "shard_size": 4},
+    })  # fmt: skip
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    from invsim.pipeline import run_experiment
+
+    whole = run_experiment(_small_config(tmp_path / "whole"), quiet=True)
+    real = store._write_shard
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(store, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_small_config(tmp_path / "cut"), quiet=True)
+    monkeypatch.setattr(store, "_write_shard", real)
+    resumed = run_experiment(_small_config(tmp_path / "cut"), quiet=True)
+    for key in ("natural", "inverted"):
+        assert np.array_equal(resumed["matrices"][key]["values"], whole["matrices"][key]["values"])
+    for p in (tmp_path / "whole" / "inverted").rglob("*.safetensors"):
+        q = tmp_path / "cut" / p.relative_to(tmp_path / "whole")
+        assert q.read_bytes() == p.read_bytes()
