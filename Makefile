@@ -3,12 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINTED := src tests benchmarks scripts
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint bench readme-figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip >/dev/null
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
@@ -16,17 +16,23 @@ demo: $(STAMP)
 	$(BIN)/invsim demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest src tests README.md
+	bash scripts/ensure-chromium.sh
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest src tests
 
-lint:
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+lint: $(STAMP)
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_cka.py
+	$(BIN)/python benchmarks/bench_inversion.py
+	$(BIN)/python benchmarks/bench_training.py
+
+readme-figures: $(STAMP)
+	$(BIN)/python scripts/readme_figures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

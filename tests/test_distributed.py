@@ -1,0 +1,105 @@
+"""Distributed equals single-process: CKA all-reduce and sharded inversion (gloo, 2 procs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from invsim import LinearCKAMatrix, linear_cka
+from invsim.store import invert_dataset
+
+HELPERS = Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+import dist_worker  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS)}
+
+
+def _run_group(task: str, out: Path, world: int = 2) -> None:
+    rdv = out.parent / f"rdv-{task}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HELPERS / "dist_worker.py"),
+                task,
+                str(r),
+                str(world),
+                str(rdv),
+                str(out),
+            ],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_distributed_cka_equals_single_process(tmp_path):
+    _run_group("cka", tmp_path)
+    x, y = dist_worker.data()
+    want_mat = LinearCKAMatrix(["x", "y", "z"])
+    want_mat.update({"x": x, "y": y, "z": torch.tanh(x[:, :3] - 50)})
+    want = want_mat.compute(debiased=True).values
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"cka-{rank}.json").read_text())
+        assert got["biased"] == pytest.approx(linear_cka(x, y), abs=1e-10)
+        assert got["debiased"] == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-10)
+        assert torch.allclose(torch.tensor(got["matrix"], dtype=torch.float64),
+                              torch.from_numpy(want), atol=1e-10)  # fmt: skip
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_distributed_inversion_is_an_exact_partition(tmp_path):
+    dist_out = tmp_path / "dist" / "inv"
+    dist_out.parent.mkdir()
+    _run_group("invert", dist_out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = tmp_path / "single"
+        invert_dataset(dist_worker.model(), dist_worker.small_set(), 10, single, shard_size=3,
+                       iterations=6, batch_size=3, progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert _files(dist_out) == _files(single)  # byte-identical shards, records and manifest
+    manifest = json.loads((dist_out / "manifest.json").read_text())
+    assert [r["shard"] for r in manifest["shards"]] == [0, 1, 2, 3]
+    assert sum(r["n"] for r in manifest["shards"]) == 10
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "dist" / f"rank-{rank}.json").read_text()) == {"n": 10}
+
+
+def test_torchrun_cli_matches_single_process(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    model_path = tmp_path / "m.safetensors"
+    env = {**ENV}
+    subprocess.run([sys.executable, "-m", "invsim", "train", "mlp", "--data", "digits",
+                    "--epochs", "1", "--out", str(model_path)], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    args = ["invert", str(model_path), "--data", "digits", "--pairs", "10", "--iterations",
+            "5", "--shard-size", "3"]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "invsim", *args, "--out", str(tmp_path / "one")],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node=2", "-m", "invsim", *args, "--out",
+         str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
