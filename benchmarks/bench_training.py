@@ -25,8 +25,8 @@ STANDARD = {  # epochs chosen so that each takes about a minute or less on 2 cor
     "lenet": {"epochs": 15},
     "vgg": {"epochs": 8},
     "resnet": {"epochs": 4, "width": 8},
-    "densenet": {"epochs": 3},
-    "mobilenet": {"epochs": 3},
+    "densenet": {"epochs": 8},
+    "mobilenet": {"epochs": 8},
     "vit": {"epochs": 10},
 }
 ROBUST = ("vgg", {"epochs": 12, "adversarial": {"norm": "l2", "eps": 1.5, "steps": 7}})

@@ -172,8 +172,9 @@ def test_train_invert_similarity_commands(tmp_path):
     invsim("invert", "--merge", "--out", str(tmp_path / "sliced"))
     for p in (tmp_path / "inv" / "shards").glob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "sliced" / "shards" / p.name).read_bytes()
+    inv = f"a={tmp_path / 'inv'}"
     proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={model}", "--data",
-                  "digits", "--inverted", f"a={tmp_path / 'inv'}", "--out", str(tmp_path / "s"))  # fmt: skip
+                  "digits", "--inverted", inv, "--out", str(tmp_path / "s"))  # fmt: skip
     sim = json.loads((tmp_path / "s" / "similarity.json").read_text())
     assert sim["natural"]["matrix"]["values"][0][1] == pytest.approx(1.0)
     assert "natural:" in proc.stdout

@@ -126,8 +126,11 @@ def train(spec, data, epochs, eps, norm, steps, width, out, device, seed) -> Non
 @click.argument("model", required=False)
 @click.option("--checkpoint", default=None, help="Weights for MODEL when it is a spec.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (unsafe).")
-@click.option("--data", default="mnist5k", show_default=True)
+@click.option("--num-classes", default=None, type=int, help="Classes of MODEL (spec + checkpoint).")
+@click.option("--data", default="mnist5k", show_default=True, help="Data set name or path.")
 @click.option("--split", default="test", show_default=True)
+@click.option("--size", default=None, type=int, help="Resize images (image folders, digits).")
+@click.option("--crop", default=None, type=int, help="Center-crop images (image folders).")
 @click.option("--pairs", default=1000, show_default=True, type=int)
 @click.option("--out", required=True, help="Directory of the inverted data set.")
 @click.option("--iterations", default=2000, show_default=True, type=int)
@@ -149,8 +152,11 @@ def invert(
     model,
     checkpoint,
     trust_checkpoint,
+    num_classes,
     data,
     split,
+    size,
+    crop,
     pairs,
     out,
     iterations,
@@ -186,9 +192,10 @@ def invert(
     from invsim.models import load_model
 
     if checkpoint:
-        net = load_model(model, checkpoint=checkpoint, trust_checkpoint=trust_checkpoint)
+        net = load_model(model, checkpoint=checkpoint, trust_checkpoint=trust_checkpoint,
+                         num_classes=num_classes)  # fmt: skip
     else:
-        net = load_model(model if Path(model).suffix else model)
+        net = load_model(model, num_classes=num_classes)
     kwargs = dict(
         seed=seed,
         shard_size=shard_size,
@@ -209,7 +216,8 @@ def invert(
         if num_shards is None or shard_index is None:
             _fail(ValueError("--num-shards and --shard-index go together."))
         part = (shard_index, num_shards)
-    ds = invert_distributed(net, load_dataset(data, split=split), pairs, out, part=part, **kwargs)
+    dataset = load_dataset(data, split=split, size=size, crop=crop)
+    ds = invert_distributed(net, dataset, pairs, out, part=part, **kwargs)
     if ds is not None:
         click.echo(repr(ds))
     else:

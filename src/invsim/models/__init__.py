@@ -188,7 +188,8 @@ def load_model(
         in_ch = in_channels or (3 if external else 1)
         size = image_size or (224 if external else (28 if in_ch == 1 else 32))
         in_channels = in_ch
-        net, dmean, dstd = _build_spec(str(spec), num_classes or 10, in_ch, size, arch_kwargs)
+        num_classes = num_classes or (1000 if external else 10)
+        net, dmean, dstd = _build_spec(str(spec), num_classes, in_ch, size, arch_kwargs)
         spec_name = str(spec)
         image_size = size
     if ckpt is not None:
@@ -202,7 +203,7 @@ def load_model(
         **(ckpt.meta if ckpt else {}),
         "spec": spec_name,
         "arch": spec_name,
-        "num_classes": num_classes or 10,
+        "num_classes": num_classes,
         "in_channels": in_channels,
         "image_size": image_size,
         "arch_kwargs": dict(arch_kwargs),

@@ -134,12 +134,16 @@ class DenseNet(nn.Module):
     """Small DenseNet-BC: three dense blocks with transitions."""
 
     def __init__(
-        self, num_classes: int, in_channels: int, image_size: int, width: int = 12, depth: int = 4
+        self, num_classes: int, in_channels: int, image_size: int, width: int = 8, depth: int = 3
     ):
         super().__init__()
         growth = width
         c = 2 * growth
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, c, 3, padding=1, bias=False)]
+        # a 3x3 stem then 2x2 pooling: the dense blocks run at 1/2, 1/4 and 1/8 resolution
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, c, 3, padding=1, bias=False),
+            nn.AvgPool2d(2),
+        ]
         for block in range(3):
             for _ in range(depth):
                 layers.append(_DenseLayer(c, growth))
@@ -189,9 +193,9 @@ class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int = 16):
         super().__init__()
         w = width
-        cfg = [(1, w, 1, 1), (6, int(1.5 * w), 2, 2), (6, 2 * w, 2, 2), (6, 4 * w, 2, 1)]
+        cfg = [(1, w, 1, 1), (6, int(1.5 * w), 2, 2), (6, 2 * w, 2, 2), (6, 4 * w, 1, 1)]
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
+            nn.Conv2d(in_channels, w, 3, 2, 1, bias=False),  # stride 2, as in MobileNetV2
             nn.BatchNorm2d(w),
             nn.ReLU6(),
         ]
