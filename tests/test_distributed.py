@@ -103,3 +103,32 @@ def test_torchrun_cli_matches_single_process(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+def test_torchrun_experiment_matches_single_process(tmp_path):
+    import numpy as np
+    import yaml
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cfg = {
+        "data": {"dataset": "digits", "size": 28, "natural_n": 90, "pairs": 10},
+        "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
+                   {"name": "b", "spec": "mlp", "train": {"epochs": 1, "seed": 3}}],
+        "inversion": {"iterations": 8, "batch_size": 5, "shard_size": 3},
+    }  # fmt: skip
+    results = {}
+    for label, launcher in (("one", [sys.executable, "-m", "invsim"]),
+                            ("two", [torchrun, "--standalone", "--nproc-per-node=2", "-m",
+                                     "invsim"])):  # fmt: skip
+        path = tmp_path / f"{label}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "out": str(tmp_path / label)}))
+        proc = subprocess.run([*launcher, "run", str(path), "--quiet"], env=ENV,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[label] = json.loads((tmp_path / label / "results.json").read_text())
+    for key in ("natural", "inverted"):
+        a = np.array(results["one"]["matrices"][key]["values"])
+        b = np.array(results["two"]["matrices"][key]["values"])
+        assert np.allclose(a, b, atol=1e-6), (a, b)
+    for p in (tmp_path / "one" / "inverted").rglob("*.safetensors"):
+        assert p.read_bytes() == (tmp_path / "two" / p.relative_to(tmp_path / "one")).read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,8 +128,12 @@ def test_config_file_errors(tmp_path):
     assert load_config(tmp_path / "ok.yaml", out="elsewhere")["out"] == "elsewhere"
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("examples").glob("*.yaml")))
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_validate(path):
+    assert len(EXAMPLES) >= 4
     cfg = load_config(path)
     assert cfg["models"] and cfg["out"]
 

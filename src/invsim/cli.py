@@ -192,8 +192,9 @@ def invert(
     from invsim.models import load_model
 
     if checkpoint:
-        net = load_model(model, checkpoint=checkpoint, trust_checkpoint=trust_checkpoint,
-                         num_classes=num_classes)  # fmt: skip
+        net = load_model(
+            model, checkpoint=checkpoint, trust_checkpoint=trust_checkpoint, num_classes=num_classes
+        )
     else:
         net = load_model(model, num_classes=num_classes)
     kwargs = dict(

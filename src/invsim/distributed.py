@@ -26,6 +26,8 @@ from invsim.store import InvertedDataset, invert_dataset, merge_manifest
 
 __all__ = [
     "all_reduce_accumulator",
+    "barrier",
+    "extract_distributed",
     "extract_into_distributed",
     "init_from_env",
     "invert_distributed",
@@ -43,6 +45,12 @@ def rank_world() -> tuple[int, int]:
 
 def is_main() -> bool:
     return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    """A barrier across the process group; nothing without one."""
+    if rank_world()[1] > 1:
+        dist.barrier()
 
 
 def init_from_env(device: str | None = None) -> tuple[int, int]:
@@ -136,3 +144,24 @@ def extract_into_distributed(
         kwargs["progress"] = False
     extract_into(models, images[rank::world], accumulator, **kwargs)
     return all_reduce_accumulator(accumulator)
+
+
+def extract_distributed(
+    model: torch.nn.Module, images: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    """:func:`invsim.representation.extract` split over the process group: each rank
+    computes a strided slice and every rank gets the whole (n, d) result, in order."""
+    from invsim.representation import extract
+
+    rank, world = rank_world()
+    if world == 1:
+        return extract(model, images, **kwargs)
+    if rank != 0:
+        kwargs["progress"] = False
+    mine = extract(model, images[rank::world], **kwargs)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = torch.empty(len(images), mine.shape[1], dtype=mine.dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out

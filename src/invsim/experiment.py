@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from invsim.data.datasets import TensorImageDataset
+from invsim.distributed import extract_distributed, is_main
 from invsim.representation import PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
@@ -82,9 +83,14 @@ class RepresentationCache:
                 return rep
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 path.unlink()
-        rep = extract(model, data, layer=layer, batch_size=batch_size, device=device)
+        if isinstance(data, torch.Tensor):  # split over torchrun ranks when there are any
+            rep = extract_distributed(
+                model, data, layer=layer, batch_size=batch_size, device=device
+            )
+        else:
+            rep = extract(model, data, layer=layer, batch_size=batch_size, device=device)
         self.stats["computed"] += 1
-        if path is not None:
+        if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             save_file({"representation": rep.contiguous()}, str(tmp))

@@ -22,6 +22,7 @@ import torch
 import invsim
 from invsim.data import load_dataset
 from invsim.data.confound import make_confound
+from invsim.distributed import barrier, init_from_env, invert_distributed, is_main
 from invsim.experiment import (
     RepresentationCache,
     inverted_similarity,
@@ -33,14 +34,14 @@ from invsim.experiment import (
 from invsim.inversion import PAPER_DEFAULTS
 from invsim.models import load_model
 from invsim.similarity import SimilarityMatrix
-from invsim.store import InvertedDataset, invert_dataset
+from invsim.store import InvertedDataset
 from invsim.train import train_model
 
 __all__ = ["confound_experiment", "run_experiment", "write_matrix_csv"]
 
 
 def log(msg: str, *, quiet: bool = False) -> None:
-    if not quiet:
+    if not quiet and is_main():
         print(f"[invsim] {msg}", file=sys.stderr, flush=True)
 
 
@@ -51,6 +52,16 @@ def write_matrix_csv(matrix: SimilarityMatrix, path: Path) -> None:
         w.writerow(["row", "column", "value"])
         for r, c, v in matrix.long():
             w.writerow([r, c, f"{v:.10g}"])
+
+
+def train_once(path: Path, train: Any, *, device: str | None = None) -> Any:
+    """Train into ``path`` unless it exists, then load it. Under torchrun only rank 0
+    trains; the others wait at a barrier and load its file."""
+    if is_main() and not path.exists():
+        train()
+    barrier()
+    model = load_model(str(path))
+    return model.to(device) if device else model
 
 
 def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
@@ -69,10 +80,8 @@ def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
             )
         else:
             path = out / "models" / f"{name}.safetensors"
-            if path.exists():
-                log(f"model {name}: reusing {path}", quiet=quiet)
-                model = load_model(str(path))
-            else:
+
+            def train(m=m, name=name, path=path, kw=kw):
                 recipe = dict(m["train"])
                 ds = train_ds
                 if "dataset" in recipe or "data_options" in recipe:
@@ -82,7 +91,7 @@ def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
                         **recipe.pop("data_options", {}),
                     )
                 log(f"model {name}: training {m['spec']} {recipe}", quiet=quiet)
-                model, metrics = train_model(
+                _, metrics = train_model(
                     m["spec"],
                     ds,
                     test_dataset=eval_ds,
@@ -92,15 +101,12 @@ def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
                     **recipe,
                     **kw,
                 )
-                log(
-                    f"model {name}: clean acc {metrics.get('clean_acc', float('nan')):.3f}"
-                    + (
-                        f", robust acc {metrics['robust_acc']:.3f}"
-                        if "robust_acc" in metrics
-                        else ""
-                    ),
-                    quiet=quiet,
-                )
+                robust = metrics.get("robust_acc")
+                clean = metrics.get("clean_acc", float("nan"))
+                extra = "" if robust is None else f", robust acc {robust:.3f}"
+                log(f"model {name}: clean acc {clean:.3f}{extra}", quiet=quiet)
+
+            model = train_once(path, train, device=cfg["device"])
         models[name] = model
         eps[name] = float(
             m["eps"] if m.get("eps") is not None else model.invsim_meta.get("eps") or 0
@@ -125,6 +131,7 @@ def run_experiment(cfg: dict[str, Any], *, quiet: bool = False) -> dict[str, Any
     ``cfg["out"]``: results.json, natural.csv, inverted.csv (stir.csv), figures and
     report.html. Returns the results dictionary."""
     t0 = time.perf_counter()
+    init_from_env(cfg["device"])  # under torchrun: join the group; else nothing
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
@@ -149,7 +156,7 @@ def run_experiment(cfg: dict[str, Any], *, quiet: bool = False) -> dict[str, Any
                 f"({inv_cfg['iterations']} iterations)",
                 quiet=quiet,
             )
-            inv = invert_dataset(
+            inv = invert_distributed(
                 model,
                 eval_ds,
                 data["pairs"],
@@ -236,10 +243,12 @@ def run_experiment(cfg: dict[str, Any], *, quiet: bool = False) -> dict[str, Any
         "cache": dict(cache.stats),
         "seconds": time.perf_counter() - t0,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    from invsim.report import write_report
+    if is_main():  # only rank 0 writes results and the report
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        from invsim.report import write_report
 
-    write_report(out, results=results, inverted=inverted, models=models, eval_ds=eval_ds)
+        write_report(out, results=results, inverted=inverted, models=models, eval_ds=eval_ds)
+    barrier()
     log(f"done in {time.perf_counter() - t0:.0f} s: {out / 'report.html'}", quiet=quiet)
     return results
 
@@ -267,10 +276,9 @@ def confound_experiment(
         ("only_b", "only_b", seed),
     ):
         path = out / "models" / f"{name}.safetensors"
-        if path.exists():
-            models[name] = load_model(str(path))
-        else:
-            models[name], _ = train_model(
+
+        def train(variant=variant, s=s, path=path):
+            train_model(
                 arch,
                 make_confound(variant, split="train", seed=seed),
                 epochs=epochs,
@@ -280,10 +288,12 @@ def confound_experiment(
                 progress=progress,
                 test_dataset=make_confound("both", split="test", seed=seed),
             )
+
+        models[name] = train_once(path, train, device=device)
     test = make_confound("both", split="test", seed=seed)
     natural = natural_similarity(models, test, n=None, cache=cache, device=device)
     inverted = {
-        name: invert_dataset(
+        name: invert_distributed(
             models[name],
             test,
             pairs,
@@ -310,5 +320,6 @@ def confound_experiment(
         "inversion_loss": {k: float(v.loss.median()) for k, v in inverted.items()},  # type: ignore[union-attr]
         "settings": {"arch": arch, "epochs": epochs, "pairs": pairs, "iterations": iterations},
     }
-    (out / "confound.json").write_text(json.dumps(result, indent=2) + "\n")
+    if is_main():
+        (out / "confound.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

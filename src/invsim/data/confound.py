@@ -1,7 +1,7 @@
 """The confound set: the paper's cat-ear / cat-tail story, with ground truth.
 
 Every image carries two features, each a class-specific glyph: **A** in the top-left
-region and **B** (the negative of the same class code: a dark pattern in a bright box)
+region and **B** (the complement of the same class code: lit where A is dark)
 in the bottom-right region, over a noisy background. Glyphs come from Hadamard codes, so
 all classes are equally far apart in both features. Variants:
 
@@ -106,7 +106,7 @@ def make_confound(
     split_salt = {"train": 0, "test": 1, "all": 2}[split]
     rng = np.random.default_rng([seed, split_salt])
     glyph_a = glyphs(num_classes, glyph_size, salt=0)
-    glyph_b = 1.0 - glyph_a  # the negative: a distinct pattern with the same class geometry
+    glyph_b = 1.0 - glyph_a  # the complement: a distinct pattern with the same class geometry
 
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)

@@ -9,6 +9,7 @@ accepts either form).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,7 @@ def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
     info["std"] = model.std.flatten().tolist()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.model.state_dict().items()}
     save_file(state, str(tmp), metadata={META_KEY: json.dumps(info)})
     tmp.replace(path)
