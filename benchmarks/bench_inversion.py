@@ -4,7 +4,9 @@
    representation) plus backward of the same model at the same batch size: the compute
    bound. Goal: at most 5% overhead.
 2. Early stopping: how many iterations `tol` needs to come within 1% of the median loss
-   that the paper's 2000 iterations reach. Goal: at most half.
+   that the paper's 2000 iterations reach. Goal: at most half. The loss is itself a
+   relative error, so "within 1%" is read two ways and both are reported: within one
+   percentage point (|loss - paper| <= 0.01) and within 1% of the paper's value.
 
     python benchmarks/bench_inversion.py [--iterations 40] [--batch 128]
 """
@@ -72,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     test = load_dataset("mnist5k", split="test")
     train = load_dataset("mnist5k", split="train")
@@ -85,9 +87,11 @@ def main() -> None:
         models[arch] = model
         feats = bare_features(arch, model).eval()
         # interleave and keep the best of several repeats to damp machine noise
-        bare = min(bare_loop(feats, seeds, targets, args.iterations) for _ in range(args.repeats))
-        ours = min(timed_inversion(model, seeds, targets, args.iterations)
-                   for _ in range(args.repeats))  # fmt: skip
+        bares, ours_all = [], []
+        for _ in range(args.repeats):
+            bares.append(bare_loop(feats, seeds, targets, args.iterations))
+            ours_all.append(timed_inversion(model, seeds, targets, args.iterations))
+        bare, ours = min(bares), min(ours_all)  # fmt: skip
         overhead[arch] = {"batch": args.batch, "bare_s_per_iter": bare, "invsim_s_per_iter": ours,
                           "overhead": ours / bare - 1}  # fmt: skip
         print(f"{arch}: bare {bare * 1e3:.1f} ms/it, invert_images {ours * 1e3:.1f} ms/it, "
@@ -107,15 +111,19 @@ def main() -> None:
         tol_runs.append({"tol": tol, "patience": patience,
                          "mean_iterations": float(r.iterations.float().mean()),
                          "max_iterations": int(r.iterations.max()), "median_loss": med,
-                         "within_1pct": med <= 1.01 * target_loss})  # fmt: skip
+                         "within_1_point": med <= target_loss + 0.01,
+                         "within_1pct_relative": med <= 1.01 * target_loss})  # fmt: skip
         print(f"tol {tol:g}/{patience}: mean {tol_runs[-1]['mean_iterations']:.0f} iterations, "
               f"median loss {med:.4f} vs paper {target_loss:.4f}", flush=True)  # fmt: skip
-    # iterations the paper's own run needed to come within 1% of its final median loss
-    needed = None
-    for its in (100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000):
+    # fixed schedules: the iterations needed to come within each criterion
+    needed: dict[str, int | None] = {"within_1_point": None, "within_1pct_relative": None}
+    for its in (50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 1800, 2000):
         r = invert_images(model, seeds, targets, iterations=its, batch_size=64, progress=False)
-        if float(r.loss.median()) <= 1.01 * target_loss:
-            needed = its
+        med = float(r.loss.median())
+        if needed["within_1_point"] is None and med <= target_loss + 0.01:
+            needed["within_1_point"] = its
+        if med <= 1.01 * target_loss:
+            needed["within_1pct_relative"] = its
             break
     out = {
         "device": "cpu",
@@ -124,13 +132,13 @@ def main() -> None:
         "early_stopping": {
             "paper_iterations": 2000,
             "paper_median_loss": target_loss,
-            "fixed_iterations_within_1pct": needed,
+            "fixed_iterations_needed": needed,
             "tol_runs": tol_runs,
         },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
-    print(f"fixed-iteration run within 1% of the paper's loss at {needed} iterations")
+    print(f"fixed schedules needed: {needed}")
     print(f"wrote {RESULTS}")
 
 

@@ -16,7 +16,7 @@ set.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invsim.data.datasets import TensorImageDataset
 from invsim.distributed import extract_distributed, is_main
 from invsim.representation import PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix
@@ -270,7 +269,3 @@ def robustness_summary(
     if len(set(xs)) > 1 and len(set(ys)) > 1:
         rho = float(spearmanr(xs, ys).statistic)
     return {"per_model": per_model, "spearman": rho}
-
-
-def images_dataset(images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> Dataset:
-    return TensorImageDataset(images, torch.as_tensor(labels))

@@ -17,6 +17,7 @@ batch-mean's 1/B), so results do not depend on ``batch_size``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from invsim.representation import PENULTIMATE, _forward_to, eval_mode, resolve_layer
+from invsim.representation import PENULTIMATE, eval_mode, reader, resolve_layer
 from invsim.steps import momentum as ema
 from invsim.steps import normalize_l2, project
 
@@ -152,7 +153,9 @@ def invert_images(
 
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     bar = tqdm(total=n * iterations, desc="inverting", unit="it·img", disable=disable, leave=False)
-    with eval_mode(model, what="inversion"), bar:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model, what="inversion"))
+        stack.enter_context(bar)
         ref = resolve_layer(model, layer, example_input=target_images[:1].to(dev))
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -160,9 +163,11 @@ def invert_images(
             else torch.autocast("cpu", enabled=False)
         )
 
+        read = stack.enter_context(reader(model, ref, fake_relu=fake_relu))
+
         def rep(x: torch.Tensor) -> torch.Tensor:
             with autocast:
-                return _forward_to(model, x, ref, fake_relu).to(dtype)
+                return read(x).to(dtype)
 
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)

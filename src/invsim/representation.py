@@ -15,7 +15,7 @@ import difflib
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,12 +181,22 @@ def resolve_layer(
 
 
 @contextlib.contextmanager
-def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Iterator[dict]:
-    box: dict[str, torch.Tensor] = {}
+def reader(
+    model: nn.Module, ref: LayerRef, *, fake_relu: bool = False
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Hooks installed once for a block of forwards; yields ``read(x) -> (n, d)``.
+
+    Each ``read`` runs the model until the layer and stops there. The hooks are removed
+    when the block ends, also on an exception. Loops (the inversion) use this so that
+    no hook is registered and removed per iteration.
+    """
+    box: dict[str, Any] = {}
     handles = []
+    state = {"calls": 0, "input": None}
 
     def grab(value: torch.Tensor) -> None:
         box["value"] = value
+        state["calls"] = 0
         raise _LayerReachedError
 
     if ref.capture == "input":
@@ -195,10 +205,11 @@ def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Ite
         handles.append(ref.module.register_forward_hook(lambda m, args, out: grab(out)))
     if fake_relu:
         if ref.last_relu is None:
+            for h in handles:
+                h.remove()
             raise ValueError(f"fake_relu: no nn.ReLU module runs before {ref.name!r}.")
         rname, index = ref.last_relu
         relu = _named(model)[rname]
-        state = {"calls": 0, "input": None}
 
         def pre(m: nn.Module, args: tuple) -> tuple | None:
             if state["calls"] == index:
@@ -214,22 +225,29 @@ def _capture(model: nn.Module, ref: LayerRef, *, fake_relu: bool = False) -> Ite
             return None
 
         handles += [relu.register_forward_pre_hook(pre), relu.register_forward_hook(post)]
+
+    def read(x: torch.Tensor) -> torch.Tensor:
+        box.clear()
+        state["calls"] = 0
+        with contextlib.suppress(_LayerReachedError):
+            model(x)
+        if "value" not in box:
+            raise RuntimeError(f"the forward finished without reaching layer {ref.name!r}.")
+        value = box.pop("value")
+        if not isinstance(value, torch.Tensor):
+            value = logits(value)
+        return value.flatten(1)
+
     try:
-        yield box
+        yield read
     finally:
         for h in handles:
             h.remove()
 
 
 def _forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef, fake_relu: bool) -> torch.Tensor:
-    with _capture(model, ref, fake_relu=fake_relu) as box, contextlib.suppress(_LayerReachedError):
-        model(x)
-    if "value" not in box:
-        raise RuntimeError(f"the forward finished without reaching layer {ref.name!r}.")
-    value = box["value"]
-    if not isinstance(value, torch.Tensor):
-        value = logits(value)
-    return value.flatten(1)
+    with reader(model, ref, fake_relu=fake_relu) as read:
+        return read(x)
 
 
 def representation(

