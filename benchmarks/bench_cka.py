@@ -130,6 +130,7 @@ def main() -> None:
         "invsim.LinearCKA",
         "invsim.LinearCKA:fp32-products",
         "invsim.MinibatchCKA",
+        "invsim.MinibatchCKA:fp32-products",
         "ckatorch.cka_batch",
         "torch_cka.CKA",
     ]

@@ -57,8 +57,19 @@ def main() -> None:
                      "clean_acc": m["clean_acc"], "robust_acc_l2_1.5_pgd20": robust})  # fmt: skip
         print(f"{arch} robust {rows[-1]['seconds']:6.1f} s  clean {m['clean_acc']:.3f} "
               f"robust(L2 1.5, PGD-20) {robust:.3f}")  # fmt: skip
+
+    # a partial run (--only) replaces its own rows and keeps the others
+    def key(r: dict) -> tuple:
+        return r["arch"], json.dumps(r.get("adversarial"), sort_keys=True)
+
+    old = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
+    fresh = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in fresh] + rows
+    order = list(STANDARD) + [ROBUST[0]]
+    merged.sort(key=lambda r: (r.get("adversarial") is not None, order.index(r["arch"])))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
+    RESULTS.write_text(json.dumps({"threads": torch.get_num_threads(), "results": merged},
+                                  indent=2))  # fmt: skip
     print(f"wrote {RESULTS}")
 
 

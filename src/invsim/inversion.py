@@ -18,6 +18,7 @@ batch-mean's 1/B), so results do not depend on ``batch_size``.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +28,7 @@ import torch
 from torch import nn
 
 from invsim.representation import PENULTIMATE, eval_mode, reader, resolve_layer
-from invsim.steps import momentum as ema
-from invsim.steps import normalize_l2, project
+from invsim.steps import _TINY, l2_norm, project
 
 __all__ = ["PAPER_DEFAULTS", "InversionResult", "invert_images", "relative_loss"]
 
@@ -177,12 +177,13 @@ def invert_images(
             x = seed.clone()
             m = torch.zeros_like(x)
             best_x = seed.clone()
-            best_loss = torch.full((len(x),), float("inf"), device=dev)
+            best_loss = torch.full((len(x),), float("inf"), device=dev, dtype=dtype)
             frozen = torch.zeros(len(x), dtype=torch.bool, device=dev)
             steps_run = torch.zeros(len(x), dtype=torch.int64, device=dev)
             checkpoint_loss = None
             first = None
             view = (-1,) + (1,) * (x.ndim - 1)
+            ball_binds = eps < math.sqrt(x[0].numel())
             for it in range(iterations + 1):
                 x.requires_grad_(True)
                 if it < iterations:
@@ -196,14 +197,20 @@ def invert_images(
                 if first is None:
                     first = loss.clone()
                 better = loss < best_loss
-                best_loss = torch.where(better, loss, best_loss)
-                best_x = torch.where(better.view(view), x, best_x)
+                torch.where(better, loss, best_loss, out=best_loss)
+                torch.where(better.view(view), x, best_x, out=best_x)
                 if it == iterations:
                     break
                 if callback is not None:
                     callback(it, x)
-                m = ema(m, normalize_l2(grad), momentum)
-                x_new = project(x - step_size * m, seed, eps=eps, norm="l2")
+                # m = momentum * m + (1 - momentum) * g / ||g||, in place
+                scale = (1.0 - momentum) / (l2_norm(grad) + _TINY)
+                m.mul_(momentum).addcmul_(grad, scale)
+                x_new = torch.add(x, m, alpha=-step_size)
+                if ball_binds:
+                    x_new = project(x_new, seed, eps=eps, norm="l2")
+                else:  # no point of [0, 1]^d is farther than sqrt(d) from the seed
+                    x_new.clamp_(0.0, 1.0)
                 if tol is not None:
                     x_new = torch.where(frozen.view(view), x, x_new)
                     steps_run += (~frozen).long()
@@ -217,13 +224,13 @@ def invert_images(
                             with torch.no_grad():
                                 loss = relative_loss(rep(x), target_rep)
                             better = loss < best_loss
-                            best_loss = torch.where(better, loss, best_loss)
-                            best_x = torch.where(better.view(view), x, best_x)
+                            torch.where(better, loss, best_loss, out=best_loss)
+                            torch.where(better.view(view), x, best_x, out=best_x)
                             break
-                else:
-                    steps_run += 1
                 x = x_new
                 bar.update(len(x))
+            if tol is None:
+                steps_run.fill_(iterations)
             out_x, out_loss = (best_x, best_loss) if use_best else (x, loss)
             images[sl] = out_x.detach().float().cpu()
             losses[sl] = out_loss.float().cpu()
