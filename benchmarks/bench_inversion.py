@@ -91,9 +91,16 @@ def main() -> None:
         for _ in range(args.repeats):
             bares.append(bare_loop(feats, seeds, targets, args.iterations))
             ours_all.append(timed_inversion(model, seeds, targets, args.iterations))
-        bare, ours = min(bares), min(ours_all)  # fmt: skip
-        overhead[arch] = {"batch": args.batch, "bare_s_per_iter": bare, "invsim_s_per_iter": ours,
-                          "overhead": ours / bare - 1}  # fmt: skip
+        bare, ours = min(bares), min(ours_all)
+        paired = sorted(o / b for o, b in zip(ours_all, bares, strict=True))
+        overhead[arch] = {
+            "batch": args.batch,
+            "bare_s_per_iter": bare,
+            "invsim_s_per_iter": ours,
+            "overhead": ours / bare - 1,
+            "overhead_median_of_paired_runs": paired[len(paired) // 2] - 1,
+            "paired_ratios": paired,
+        }
         print(f"{arch}: bare {bare * 1e3:.1f} ms/it, invert_images {ours * 1e3:.1f} ms/it, "
               f"overhead {100 * (ours / bare - 1):+.1f}%", flush=True)  # fmt: skip
 
