@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invsim.distributed import extract_distributed, is_main
+from invsim.distributed import extract_distributed, invert_distributed, is_main
 from invsim.representation import PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix
-from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
+from invsim.store import InvertedDataset, dataset_images, model_fingerprint
 
 __all__ = [
     "RepresentationCache",
@@ -202,7 +202,7 @@ def stir(
     values = np.empty((len(names), len(names)))
     stored: dict[str, InvertedDataset] = {}
     for i, m1 in enumerate(names):
-        inv = invert_dataset(
+        inv = invert_distributed(
             models[m1],
             dataset,
             n,
