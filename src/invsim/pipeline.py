@@ -33,6 +33,7 @@ from invsim.experiment import (
 )
 from invsim.inversion import PAPER_DEFAULTS
 from invsim.models import load_model
+from invsim.representation import eval_mode, logits
 from invsim.similarity import SimilarityMatrix
 from invsim.store import InvertedDataset
 from invsim.train import train_model
@@ -116,8 +117,10 @@ def _models(cfg: dict, train_ds, eval_ds, out: Path, quiet: bool):
 
 
 def _inversion_quality(model, inv: InvertedDataset) -> dict[str, float]:
-    with torch.no_grad():
-        pred = torch.cat([model(x).argmax(1) for x in inv.images.split(256)])
+    """Median losses, and how often the model classifies an inverted image as its target."""
+    dev = next(model.parameters()).device
+    with torch.no_grad(), eval_mode(model, warn=False):
+        pred = torch.cat([logits(model(x.to(dev))).argmax(1).cpu() for x in inv.images.split(256)])
     return {
         "median_loss": float(inv.loss.median()),
         "median_initial_loss": float(inv.initial_loss.median()),
