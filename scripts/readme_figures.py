@@ -95,7 +95,8 @@ def training_table(text: str) -> str:
             "|---|---|---|---|---|",
         ]
         for r in t["results"]:
-            recipe = f"{r['epochs']} epochs" + (
+            width = f", width {r['width']}" if r.get("width") else ""
+            recipe = f"{r['epochs']} epochs{width}" + (
                 f", L2 eps {r['adversarial']['eps']} ({r['adversarial']['steps']} steps)"
                 if r.get("adversarial")
                 else ""

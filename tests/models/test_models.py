@@ -57,6 +57,26 @@ def test_timm_missing_names_the_extra(monkeypatch):
         load_model("timm:resnet18")
 
 
+def test_timm_spec_with_a_stand_in_module(monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    def create_model(name, pretrained, num_classes, in_chans, **kw):
+        calls.update(name=name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+        net.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+        return net
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    m = load_model("timm:convnext_atto", num_classes=7)
+    assert calls == {"name": "convnext_atto", "pretrained": False, "num_classes": 7,
+                     "in_chans": 3}  # fmt: skip
+    assert m.invsim_meta["mean"] == pytest.approx([0.1, 0.2, 0.3])
+    assert m(torch.rand(2, 3, 8, 8)).shape == (2, 7)
+
+
 def test_torchvision_spec():
     m = load_model("tv:resnet18", num_classes=5)
     assert m(torch.rand(1, 3, 64, 64)).shape == (1, 5)
