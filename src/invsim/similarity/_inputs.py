@@ -10,8 +10,15 @@ import torch
 ArrayLike = Any  # torch.Tensor | np.ndarray | nested sequences
 
 
-def as_matrix(x: ArrayLike, name: str, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """Return ``x`` as an (n, d) float64 tensor, flattening per example.
+def as_matrix(
+    x: ArrayLike,
+    name: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> torch.Tensor:
+    """Return ``x`` as an (n, d) tensor of ``dtype`` (float64 by default; ``None`` keeps a
+    float32/float64 input as it is), flattening per example.
 
     Raises ``ValueError`` naming ``name`` for NaN/Inf or a rank-0/1 input.
     """
@@ -28,8 +35,13 @@ def as_matrix(x: ArrayLike, name: str, *, device: torch.device | str | None = No
         )
     if device is not None:
         t = t.to(device)
-    t = t.reshape(t.shape[0], -1).to(torch.float64)
-    if not bool(torch.isfinite(t).all()):
+    t = t.reshape(t.shape[0], -1)
+    if dtype is None:
+        dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    t = t.to(dtype)
+    # one cheap reduction first: a NaN or Inf anywhere makes the sum non-finite (a finite
+    # sum that overflows is then cleared by the exact check)
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).any(dim=1).sum())
         raise ValueError(
             f"{name} contains NaN or Inf in {bad} of {t.shape[0]} examples; CKA is undefined. "
@@ -60,10 +72,12 @@ def check_not_constant(x: torch.Tensor, name: str) -> None:
         )
 
 
-def paired_batch(x_batch: ArrayLike, y_batch: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of X and Y as float64 matrices on X's device, with matching row counts."""
-    x = as_matrix(x_batch, "X")
-    y = as_matrix(y_batch, "Y", device=x.device)
+def paired_batch(
+    x_batch: ArrayLike, y_batch: ArrayLike, *, dtype: torch.dtype | None = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of X and Y as matrices on X's device, with matching row counts."""
+    x = as_matrix(x_batch, "X", dtype=dtype)
+    y = as_matrix(y_batch, "Y", device=x.device, dtype=dtype)
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."

@@ -348,7 +348,10 @@ class MinibatchCKA:
         self.batches = torch.zeros((), dtype=torch.float64)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        x, y = paired_batch(x_batch, y_batch)
+        low = self.product_dtype != torch.float64
+        # with float32 products a float32 batch stays float32: centring it in float32 is
+        # exact up to one rounding of the mean, a constant shift that U-centring removes
+        x, y = paired_batch(x_batch, y_batch, dtype=None if low else torch.float64)
         m = x.shape[0]
         if m <= 3:
             raise ValueError(
@@ -368,7 +371,8 @@ class MinibatchCKA:
             return gram_linear(x)
         # U-centring removes the column means exactly, so centre first: the product of
         # centred data is well conditioned in a faster dtype
-        low = (x - x.mean(dim=0, keepdim=True)).to(self.product_dtype)
+        mean = x.mean(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
+        low = (x - mean).to(self.product_dtype)
         return gram_linear(low).to(torch.float64)
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
