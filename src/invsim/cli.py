@@ -272,23 +272,23 @@ def similarity(model_specs, data, split, n, inverted_specs, debiased, out, devic
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     cache = RepresentationCache(outdir / "cache")
-    res = {}
-    nat = natural_similarity(
-        models, load_dataset(data, split=split), n=n, debiased=debiased, cache=cache, device=device
-    )
-    write_matrix_csv(nat, outdir / "natural.csv")
-    res["natural"] = {"matrix": nat.to_dict(), "summary": summarize(nat)}
+    matrices = {
+        "natural": natural_similarity(
+            models, load_dataset(data, split=split), n=n, debiased=debiased, cache=cache,
+            device=device,
+        )
+    }  # fmt: skip
     if inverted_specs:
         inv = {k: InvertedDataset(v) for k, v in pairs(inverted_specs).items()}
-        mat = inverted_similarity(models, inv, debiased=debiased, cache=cache, device=device)
-        write_matrix_csv(mat, outdir / "inverted.csv")
-        res["inverted"] = {"matrix": mat.to_dict(), "summary": summarize(mat)}
+        matrices["inverted"] = inverted_similarity(
+            models, inv, debiased=debiased, cache=cache, device=device
+        )
+    res = {}
+    for key, mat in matrices.items():
+        write_matrix_csv(mat, outdir / f"{key}.csv")
+        res[key] = {"matrix": mat.to_dict(), "summary": summarize(mat)}
+        click.echo(f"{key}:\n{mat!r}")
     (outdir / "similarity.json").write_text(json.dumps(res, indent=2) + "\n")
-    for key, v in res.items():
-        click.echo(f"{key}:")
-        from invsim.similarity import SimilarityMatrix
-
-        click.echo(repr(SimilarityMatrix.from_dict(v["matrix"])))
 
 
 @main.command()

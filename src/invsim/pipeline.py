@@ -219,11 +219,10 @@ def run_experiment(cfg: dict[str, Any], *, quiet: bool = False) -> dict[str, Any
             cache=cache,
             **cfg["confound"],
         )
-    paper = {k: v for k, v in PAPER_DEFAULTS.items()}
     reduced = {
-        k: {"used": inv_cfg[k], "paper": paper[k]}
+        k: {"used": inv_cfg[k], "paper": PAPER_DEFAULTS[k]}
         for k in ("iterations", "step_size", "momentum", "eps")
-        if k in inv_cfg and inv_cfg[k] != paper[k]
+        if k in inv_cfg and inv_cfg[k] != PAPER_DEFAULTS[k]
     }
     results["models"] = {
         n: {
