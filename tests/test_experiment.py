@@ -172,3 +172,18 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     for p in (tmp_path / "whole" / "inverted").rglob("*.safetensors"):
         q = tmp_path / "cut" / p.relative_to(tmp_path / "whole")
         assert q.read_bytes() == p.read_bytes()
+
+
+def test_pipeline_with_stir_writes_every_output(tmp_path):
+    from invsim.pipeline import run_experiment
+
+    cfg = _small_config(tmp_path / "run")
+    cfg["measures"] = ["natural", "inverted", "stir"]
+    cfg["stir"] = {"n": 12, "iterations": 10, "seed_images": "noise"}
+    results = run_experiment(cfg, quiet=True)
+    stir_m = np.array(results["matrices"]["stir"]["values"])
+    assert stir_m.shape == (2, 2)
+    assert (tmp_path / "run" / "stir.csv").exists()
+    assert (tmp_path / "run" / "figures" / "stir.png").exists()
+    assert "STIR" in (tmp_path / "run" / "report.html").read_text()
+    assert results["robustness"]["stir"]["per_model"]["mlp-r"]["eps"] == 0.5
