@@ -107,7 +107,9 @@ def invert_images(
     for tests and diagnostics.
 
     The input tensors are never modified; the model is put in eval mode (with a warning
-    if it was training) and restored afterwards.
+    if it was training) and restored afterwards. ``device`` moves the model there (and it
+    stays there); images are moved batch by batch and results come back on the CPU. The
+    computation runs in the model's dtype (float32 normally; float64 for exact checks).
 
     Example:
         >>> import torch
