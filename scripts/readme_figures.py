@@ -34,7 +34,8 @@ def main() -> None:
         readme.write_text(training_table(readme.read_text()))
         write_tol_table()
         return
-    from invsim.demo import headline, run_demo
+    from invsim.demo import run_demo
+    from invsim.experiment import headline
     from invsim.report.figures import confound_examples
 
     docs = ROOT / "docs"

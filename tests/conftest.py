@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# the built-in data cache lives in a temporary directory for the session (and for the CLI
+# subprocesses, which inherit the environment); tests never touch ~/.cache
+os.environ["INVSIM_CACHE"] = tempfile.mkdtemp(prefix="invsim-cache-")
 
 
 @pytest.fixture(scope="session")

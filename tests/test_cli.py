@@ -85,7 +85,7 @@ def test_confound_experiment_quick(quick_run):
 
 
 def test_second_run_uses_the_cache(quick_run, monkeypatch):
-    import invsim.experiment as experiment
+    import invsim.experiment.matrices as experiment
     import invsim.store as store
     from invsim.demo import run_demo
 

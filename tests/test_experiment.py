@@ -18,7 +18,7 @@ from invsim.experiment import (
     inverted_similarity,
     natural_similarity,
     robustness_summary,
-    stir,
+    stir_similarity,
     summarize,
 )
 from invsim.models import load_model
@@ -84,7 +84,9 @@ def test_summaries():
 
 def test_stir(tmp_path, zoo, data):
     models = {k: zoo[k] for k in ("lenet", "mlp")}
-    m, inv = stir(models, data, tmp_path, n=24, iterations=40, progress=False, shard_size=24)
+    m, inv = stir_similarity(
+        models, data, tmp_path, n=24, iterations=40, progress=False, shard_size=24
+    )
     assert m.values.shape == (2, 2)
     assert (
         json.loads((tmp_path / "lenet" / "dataset.json").read_text())["inversion"]["seed_images"]
@@ -125,7 +127,7 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
     (tmp_path / "ok.yaml").write_text(json.dumps(BASE))
-    assert load_config(tmp_path / "ok.yaml", out="elsewhere")["out"] == "elsewhere"
+    assert load_config(tmp_path / "ok.yaml", out="elsewhere").out == "elsewhere"
 
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -135,7 +137,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 def test_examples_validate(path):
     assert len(EXAMPLES) >= 4
     cfg = load_config(path)
-    assert cfg["models"] and cfg["out"]
+    assert cfg.models and cfg.out
 
 
 def _small_config(out):
@@ -150,7 +152,7 @@ def _small_config(out):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
-    from invsim.pipeline import run_experiment
+    from invsim.experiment import run_experiment
 
     whole = run_experiment(_small_config(tmp_path / "whole"), quiet=True)
     real = store._write_shard
@@ -175,11 +177,12 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_pipeline_with_stir_writes_every_output(tmp_path):
-    from invsim.pipeline import run_experiment
+    from invsim.experiment import run_experiment
 
-    cfg = _small_config(tmp_path / "run")
-    cfg["measures"] = ["natural", "inverted", "stir"]
-    cfg["stir"] = {"n": 12, "iterations": 10, "seed_images": "noise"}
+    cfg = _small_config(tmp_path / "run").replace(
+        measures=["natural", "inverted", "stir"],
+        stir={"n": 12, "iterations": 10, "seed_images": "noise"},
+    )
     results = run_experiment(cfg, quiet=True)
     stir_m = np.array(results["matrices"]["stir"]["values"])
     assert stir_m.shape == (2, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invsim.steps import l2_step, momentum, normalize_l2, project, sign_step
+from invsim.steps import l2_step, normalize_l2, project, sign_step
 
 
 def test_normalize_l2_unit_norm_and_zero_safe():
@@ -28,9 +28,7 @@ def test_project_respects_ball_and_box(norm):
                           inside.clamp(0, 1))  # fmt: skip
 
 
-def test_momentum_and_steps():
-    m, g = torch.ones(2, 3), torch.full((2, 3), 3.0)
-    assert torch.allclose(momentum(m, g, 0.9), torch.full((2, 3), 1.2))
+def test_steps():
     x = torch.zeros(1, 4)
     g = torch.tensor([[3.0, 0.0, -4.0, 0.0]])
     assert torch.allclose(l2_step(x, g, 0.5), torch.tensor([[0.3, 0.0, -0.4, 0.0]]))

@@ -1,28 +1,65 @@
 """invsim: how similar neural networks really are, with representation inversion.
 
-See ``DESIGN`` in the repository for the pipeline: data -> pairs -> inversion -> store
--> representation -> similarity -> experiment -> report.
+The pipeline (see DESIGN.md): data -> pairs -> inversion -> store -> representation ->
+similarity -> experiment -> report. The names below are the public API; they are
+imported on first use (PEP 562), so ``import invsim`` and ``invsim --help`` stay cheap
+and do not import torch.
+
+Example:
+    >>> import invsim
+    >>> from invsim import linear_cka, InversionConfig
+    >>> InversionConfig().iterations, "linear_cka" in invsim.__all__
+    (2000, True)
 """
 
-from invsim.similarity import (
-    LinearCKA,
-    LinearCKAMatrix,
-    MinibatchCKA,
-    SimilarityMatrix,
-    cka_matrix,
-    kernel_cka,
-    linear_cka,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LinearCKA",
-    "LinearCKAMatrix",
-    "MinibatchCKA",
-    "SimilarityMatrix",
-    "__version__",
-    "cka_matrix",
-    "kernel_cka",
-    "linear_cka",
-]
+# public name -> the module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    # data, models, inversion, store
+    "load_dataset": "invsim.data",
+    "sample_pairs": "invsim.data.pairs",
+    "load_model": "invsim.models",
+    "save_model": "invsim.models",
+    "representation": "invsim.representation",
+    "extract": "invsim.representation",
+    "InversionConfig": "invsim.config",
+    "invert_images": "invsim.inversion",
+    "InversionResult": "invsim.inversion",
+    "invert_dataset": "invsim.store",
+    "InvertedDataset": "invsim.store",
+    # similarity
+    "LinearCKA": "invsim.similarity",
+    "LinearCKAMatrix": "invsim.similarity",
+    "MinibatchCKA": "invsim.similarity",
+    "SimilarityMatrix": "invsim.similarity",
+    "cka_matrix": "invsim.similarity",
+    "kernel_cka": "invsim.similarity",
+    "linear_cka": "invsim.similarity",
+    # experiments
+    "natural_similarity": "invsim.experiment",
+    "inverted_similarity": "invsim.experiment",
+    "stir_similarity": "invsim.experiment",
+    "run_experiment": "invsim.experiment",
+    "train_model": "invsim.train",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'invsim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,18 +1,28 @@
 """The ``invsim`` command line: a thin shell over the Python API.
 
 Every command exits 0 on success and non-zero on failure (2 for bad input, with the
-reason on stderr).
+reason on stderr). Options that several commands share (``--data``, ``--split``,
+``--size``, ``--crop``, ``--device``, ``--seed``) share their names, defaults and help;
+the inversion options are generated from :class:`invsim.config.InversionConfig` and the
+training options from :class:`invsim.config.TrainConfig`, so their defaults cannot
+drift. Only ``click`` and the torch-free config are imported until a command runs, so
+``invsim --help`` is instant.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from invsim import __version__
+from invsim.config import InversionConfig, TrainConfig
 
 
 def _fail(e: Exception) -> None:
@@ -20,24 +30,77 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-def _guard(fn):
-    import functools
-
+def _guard(fn: Callable) -> Callable:
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from invsim.config import ConfigError
-        from invsim.models import CheckpointError
-
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, ConfigError, CheckpointError, ImportError) as e:
+        except (ValueError, FileNotFoundError, ImportError) as e:  # ConfigError, CheckpointError
             _fail(e)
 
     return wrapper
 
 
+def _options(*decorators: Callable) -> Callable:
+    def apply(fn: Callable) -> Callable:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+def _field_options(model: type, names: list[str], prefix: str = "") -> Callable:
+    """click options for the fields ``names`` of a settings class: same defaults, help."""
+    decorators = []
+    for name in names:
+        field = model.model_fields[name]
+        flag = "--" + prefix + name.replace("_", "-")
+        dest = prefix.replace("-", "_") + name
+        if field.annotation is bool:
+            decorators.append(
+                click.option(
+                    f"{flag}/--no-{prefix}{name.replace('_', '-')}",
+                    dest,
+                    default=field.default,
+                    show_default=True,
+                    help=field.description,
+                )
+            )
+            continue
+        kind = next(
+            t
+            for t in (bool, int, float, str)
+            if t in (field.annotation, *typing.get_args(field.annotation))
+        )
+        decorators.append(
+            click.option(
+                flag,
+                dest,
+                default=field.default,
+                type=kind,
+                show_default=field.default is not None,
+                help=field.description,
+            )
+        )
+    return _options(*decorators)
+
+
+INVERSION_FIELDS = [f for f in InversionConfig.model_fields]
 device_opt = click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 seed_opt = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+data_opts = _options(
+    click.option("--data", default="mnist5k", show_default=True, help="Data set name or path."),
+    click.option("--split", default="test", show_default=True, help="train, test or all."),
+    click.option("--size", default=None, type=int, help="Resize images (image folders, digits)."),
+    click.option("--crop", default=None, type=int, help="Center-crop images (image folders)."),
+)
+
+
+def _load_data(data: str, split: str, size: int | None, crop: int | None) -> Any:
+    from invsim.data import load_dataset
+
+    return load_dataset(data, split=split, size=size, crop=crop)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,7 +118,8 @@ def main() -> None:
 def demo(quick: bool, out: str | None, device: str | None, seed: int) -> None:
     """Train a small zoo on MNIST-5k (standard and robust), invert, run the confound
     experiment and write the report. Resumes when run again."""
-    from invsim.demo import headline, run_demo
+    from invsim.demo import run_demo
+    from invsim.experiment import headline
 
     out = out or ("runs/demo-quick" if quick else "runs/demo")
     results = run_demo(out, quick=quick, seed=seed, device=device)
@@ -74,19 +138,26 @@ def run(config: str, out: str | None, device: str | None, seed: int | None, quie
     """Run the experiment described by the YAML file CONFIG (see examples/).
     An interrupted run started again resumes."""
     from invsim.config import load_config
-    from invsim.demo import headline
-    from invsim.pipeline import run_experiment
+    from invsim.experiment import headline, run_experiment
 
     cfg = load_config(config, out=out, device=device, seed=seed)
     results = run_experiment(cfg, quiet=quiet)
     click.echo(headline(results))
-    click.echo(f"report: {Path(cfg['out']) / 'report.html'}")
+    click.echo(f"report: {Path(cfg.out) / 'report.html'}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON schema of experiment YAML files (for editors)."""
+    from invsim.config import ExperimentConfig
+
+    click.echo(json.dumps(ExperimentConfig.model_json_schema(), indent=2))
 
 
 @main.command()
 @click.argument("spec")
-@click.option("--data", default="mnist5k", show_default=True, help="Training data set.")
-@click.option("--epochs", default=5, show_default=True, type=int)
+@data_opts
+@_field_options(TrainConfig, ["epochs", "lr", "batch_size", "width"])
 @click.option(
     "--eps",
     default=0.0,
@@ -96,30 +167,56 @@ def run(config: str, out: str | None, device: str | None, seed: int | None, quie
 )
 @click.option("--norm", default="l2", show_default=True, type=click.Choice(["l2", "linf"]))
 @click.option("--steps", default=7, show_default=True, type=int, help="PGD steps in training.")
-@click.option("--width", default=None, type=int, help="Width of a built-in architecture.")
 @click.option("--out", required=True, help="Checkpoint path (.safetensors).")
 @device_opt
 @seed_opt
 @_guard
-def train(spec, data, epochs, eps, norm, steps, width, out, device, seed) -> None:
-    """Train SPEC (a built-in name, tv:NAME or timm:NAME) and save it with its metadata."""
-    from invsim.data import load_dataset
+def train(
+    spec,
+    data,
+    split,
+    size,
+    crop,
+    epochs,
+    lr,
+    batch_size,
+    width,
+    eps,
+    norm,
+    steps,
+    out,
+    device,
+    seed,
+) -> None:
+    """Train SPEC (a built-in name, tv:NAME or timm:NAME) on the train split of DATA and
+    save it with its metadata. ``--split`` names the evaluation split."""
     from invsim.train import train_model
 
     adv = {"norm": norm, "eps": eps, "steps": steps} if eps > 0 else None
-    kw = {"width": width} if width else {}
     _, metrics = train_model(
         spec,
-        load_dataset(data, split="train"),
+        _load_data(data, "train", size, crop),
         epochs=epochs,
         adversarial=adv,
+        lr=lr,
+        batch_size=batch_size,
         seed=seed,
         device=device,
-        test_dataset=load_dataset(data, split="test"),
         out=out,
-        **kw,
+        test_dataset=_load_data(data, split, size, crop),
+        **({"width": width} if width else {}),
     )
     click.echo(json.dumps(metrics, indent=2))
+
+
+def _load_cli_model(model: str, checkpoint: str | None, trust: bool, num_classes: int | None):
+    from invsim.models import load_model
+
+    if checkpoint:
+        return load_model(
+            model, checkpoint=checkpoint, trust_checkpoint=trust, num_classes=num_classes
+        )
+    return load_model(model, num_classes=num_classes)
 
 
 @main.command()
@@ -127,20 +224,11 @@ def train(spec, data, epochs, eps, norm, steps, width, out, device, seed) -> Non
 @click.option("--checkpoint", default=None, help="Weights for MODEL when it is a spec.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (unsafe).")
 @click.option("--num-classes", default=None, type=int, help="Classes of MODEL (spec + checkpoint).")
-@click.option("--data", default="mnist5k", show_default=True, help="Data set name or path.")
-@click.option("--split", default="test", show_default=True)
-@click.option("--size", default=None, type=int, help="Resize images (image folders, digits).")
-@click.option("--crop", default=None, type=int, help="Center-crop images (image folders).")
-@click.option("--pairs", default=1000, show_default=True, type=int)
+@data_opts
+@click.option("--pairs", default=1000, show_default=True, type=int, help="Seed/target pairs.")
 @click.option("--out", required=True, help="Directory of the inverted data set.")
-@click.option("--iterations", default=2000, show_default=True, type=int)
-@click.option("--step-size", default=1 / 8, show_default=True, type=float)
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--eps", default=1000.0, show_default=True, type=float, help="L2 ball radius.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--shard-size", default=256, show_default=True, type=int)
-@click.option("--tol", default=None, type=float, help="Early stopping (off: paper).")
-@click.option("--layer", default="penultimate", show_default=True)
+@_field_options(InversionConfig, INVERSION_FIELDS)
+@click.option("--shard-size", default=256, show_default=True, type=int, help="Pairs per shard.")
 @click.option("--noise-seeds", is_flag=True, help="Start from noise (STIR).")
 @click.option("--num-shards", default=None, type=int, help="Split the work into K slices.")
 @click.option("--shard-index", default=None, type=int, help="Which slice this job runs.")
@@ -159,25 +247,19 @@ def invert(
     crop,
     pairs,
     out,
-    iterations,
-    step_size,
-    momentum,
-    eps,
-    batch_size,
     shard_size,
-    tol,
-    layer,
     noise_seeds,
     num_shards,
     shard_index,
     merge_only,
     device,
     seed,
+    **settings,
 ) -> None:
     """Invert PAIRS seed/target pairs of DATA through MODEL (a saved invsim model, or a
     spec with --checkpoint) into OUT. Resumes; refuses a different configuration.
     Under torchrun the shards are split across processes automatically."""
-    from invsim.store import merge_manifest
+    from invsim.store import invert_dataset, merge_manifest
 
     if merge_only:
         ds = merge_manifest(out)
@@ -187,42 +269,37 @@ def invert(
         return
     if model is None:
         _fail(ValueError("MODEL is required unless --merge is given."))
-    from invsim.data import load_dataset
-    from invsim.distributed import invert_distributed
-    from invsim.models import load_model
-
-    if checkpoint:
-        net = load_model(
-            model, checkpoint=checkpoint, trust_checkpoint=trust_checkpoint, num_classes=num_classes
-        )
-    else:
-        net = load_model(model, num_classes=num_classes)
-    kwargs = dict(
+    if (num_shards is None) != (shard_index is None):
+        _fail(ValueError("--num-shards and --shard-index go together."))
+    part = None if num_shards is None else (shard_index, num_shards)
+    inversion = InversionConfig.checked(settings, where="invert")
+    net = _load_cli_model(model, checkpoint, trust_checkpoint, num_classes)
+    ds = invert_dataset(
+        net,
+        _load_data(data, split, size, crop),
+        pairs,
+        out,
+        inversion=inversion,
         seed=seed,
         shard_size=shard_size,
-        iterations=iterations,
-        step_size=step_size,
-        momentum=momentum,
-        eps=eps,
-        batch_size=batch_size,
-        layer=layer,
+        seed_images="noise" if noise_seeds else "data",
+        part=part,
         device=device,
     )
-    if tol is not None:
-        kwargs["tol"] = tol
-    if noise_seeds:
-        kwargs["seed_images"] = "noise"
-    part = None
-    if num_shards is not None or shard_index is not None:
-        if num_shards is None or shard_index is None:
-            _fail(ValueError("--num-shards and --shard-index go together."))
-        part = (shard_index, num_shards)
-    dataset = load_dataset(data, split=split, size=size, crop=crop)
-    ds = invert_distributed(net, dataset, pairs, out, part=part, **kwargs)
-    if ds is not None:
-        click.echo(repr(ds))
-    else:
+    if ds is None:
         click.echo(f"slice done; run `invsim invert --merge --out {out}` when all are done.")
+        return
+    click.echo(repr(ds))
+
+
+def _name_value(specs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for s in specs:
+        if "=" not in s:
+            raise ValueError(f"expected NAME=PATH; got {s!r}.")
+        k, v = s.split("=", 1)
+        out[k] = v
+    return out
 
 
 @main.command()
@@ -233,8 +310,7 @@ def invert(
     required=True,
     help="NAME=PATH of a saved model (repeat).",
 )
-@click.option("--data", default="mnist5k", show_default=True)
-@click.option("--split", default="test", show_default=True)
+@data_opts
 @click.option("--n", default=1000, show_default=True, type=int, help="Natural images.")
 @click.option(
     "--inverted",
@@ -246,43 +322,29 @@ def invert(
 @click.option("--out", required=True, help="Output directory.")
 @device_opt
 @_guard
-def similarity(model_specs, data, split, n, inverted_specs, debiased, out, device) -> None:
+def similarity(
+    model_specs, data, split, size, crop, n, inverted_specs, debiased, out, device
+) -> None:
     """Natural (and, with --inverted, inverted) CKA matrices between saved models."""
-    from invsim.data import load_dataset
     from invsim.experiment import (
         RepresentationCache,
         inverted_similarity,
         natural_similarity,
         summarize,
+        write_matrix_csv,
     )
     from invsim.models import load_model
-    from invsim.pipeline import write_matrix_csv
     from invsim.store import InvertedDataset
 
-    def pairs(specs):
-        out = {}
-        for s in specs:
-            if "=" not in s:
-                raise ValueError(f"expected NAME=PATH; got {s!r}.")
-            k, v = s.split("=", 1)
-            out[k] = v
-        return out
-
-    models = {k: load_model(v) for k, v in pairs(model_specs).items()}
+    models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    cache = RepresentationCache(outdir / "cache")
-    matrices = {
-        "natural": natural_similarity(
-            models, load_dataset(data, split=split), n=n, debiased=debiased, cache=cache,
-            device=device,
-        )
-    }  # fmt: skip
+    kw = {"debiased": debiased, "cache": RepresentationCache(outdir / "cache"), "device": device}
+    dataset = _load_data(data, split, size, crop)
+    matrices = {"natural": natural_similarity(models, dataset, n=n, **kw)}
     if inverted_specs:
-        inv = {k: InvertedDataset(v) for k, v in pairs(inverted_specs).items()}
-        matrices["inverted"] = inverted_similarity(
-            models, inv, debiased=debiased, cache=cache, device=device
-        )
+        inv = {k: InvertedDataset(v) for k, v in _name_value(inverted_specs).items()}
+        matrices["inverted"] = inverted_similarity(models, inv, **kw)
     res = {}
     for key, mat in matrices.items():
         write_matrix_csv(mat, outdir / f"{key}.csv")
@@ -304,13 +366,13 @@ def report(directory: str) -> None:
 @main.command()
 def models() -> None:
     """List the model specs load_model understands."""
-    from invsim.models import list_models
+    from invsim.catalog import list_models
 
     found = list_models()
     click.echo("built-in: " + ", ".join(found["builtin"]))
     click.echo(f"torchvision ({len(found['torchvision'])}): " + ", ".join(found["torchvision"]))
     if found["timm"]:
-        click.echo(f"timm: {len(found['timm'])} models (timm:NAME)")
+        click.echo("timm: installed (timm:NAME, any name from timm.list_models())")
     else:
         click.echo("timm: not installed (pip install 'invsim[timm]')")
 

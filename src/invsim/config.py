@@ -1,186 +1,263 @@
-"""Experiment configuration: a YAML file, validated (unknown keys and wrong types are
-errors naming the key), with the paper's inversion defaults filled in.
+"""Every setting, defined once: typed groups (pydantic) that the functions' defaults, the
+YAML schema and the CLI options all come from.
+
+- :class:`InversionConfig`: the paper's inversion defaults (Jones et al. 2022), frozen.
+- :class:`TrainConfig`, :class:`DataConfig`, :class:`ModelConfig`, :class:`StirConfig`,
+  :class:`ConfoundConfig`: the groups of an experiment file.
+- :class:`ExperimentConfig`: a whole YAML experiment. An unknown key or a wrong type is a
+  :class:`ConfigError` naming the key (``'models[0].train.epochs' must be int``).
+  ``ExperimentConfig.model_json_schema()`` (``invsim schema``) is a JSON schema for
+  editors.
 
 Example:
-    >>> from invsim.config import validate
+    >>> from invsim.config import InversionConfig, validate
     >>> cfg = validate({"out": "runs/x", "data": {"dataset": "mnist5k"},
     ...                 "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}}]})
-    >>> cfg["inversion"]["step_size"], cfg["inversion"]["iterations"]
+    >>> cfg.inversion.step_size, cfg.inversion.iterations
     (0.125, 2000)
+    >>> InversionConfig(iterations=50).replace(step_size=0.25).iterations
+    50
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["ConfigError", "load_config", "validate"]
+__all__ = [
+    "AdversarialConfig",
+    "ConfigError",
+    "ConfoundConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "InversionConfig",
+    "ModelConfig",
+    "REGIMES",
+    "StirConfig",
+    "TrainConfig",
+    "load_config",
+    "validate",
+]
+
+PENULTIMATE = "penultimate"
+REGIMES = ("natural", "inverted", "stir")
 
 
 class ConfigError(ValueError):
-    """The experiment configuration is invalid."""
+    """A setting is invalid: the message names the key, the value and what is allowed."""
 
 
-NUM = (int, float)
-OPT_STR = (str, type(None))
-OPT_NUM = (int, float, type(None))
+class _Settings(BaseModel):
+    """Strict (no silent coercion: 1 is not a bool, "3" is not an int), closed (unknown
+    keys are errors) and immutable."""
 
-ADVERSARIAL = {"norm": (str,), "eps": NUM, "steps": (int,)}
-TRAIN = {
-    "epochs": (int,),
-    "adversarial": (dict, type(None)),
-    "seed": (int,),
-    "lr": NUM,
-    "batch_size": (int,),
-    "width": (int,),
-    "dataset": (str,),
-    "data_options": (dict,),
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes`` applied (unknown names are an error)."""
+        return type(self).checked({**self.model_dump(), **changes}, where=type(self).__name__)
+
+    @classmethod
+    def checked(cls, raw: Any, *, where: str = ""):
+        """``cls(**raw)``, with a :class:`ConfigError` naming the key on failure."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_message(e, where, cls)) from None
+
+
+class InversionConfig(_Settings):
+    """Representation-inversion settings; the defaults are the paper's.
+
+    Beyond the paper, off by default: ``tol``/``patience`` (early stopping),
+    ``fake_relu`` (the robustness library's gradient through the last ReLU), ``amp``
+    (bfloat16 autocast on CUDA).
+    """
+
+    layer: str = Field(PENULTIMATE, description="'penultimate' or a module name.")
+    step_size: float = Field(1 / 8, gt=0, description="Length of each normalised step.")
+    iterations: int = Field(2000, ge=0, description="Gradient steps per example.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="m = momentum m + (1 - momentum) g.")
+    eps: float = Field(1000.0, gt=0, description="Radius of the L2 ball around the seed.")
+    use_best: bool = Field(True, description="Return each example's lowest-loss iterate.")
+    batch_size: int = Field(32, ge=1, description="Examples inverted together.")
+    tol: float | None = Field(None, description="Early stopping (off: the paper).")
+    patience: int = Field(100, ge=1, description="Iterations between tol checks.")
+    fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
+
+
+class AdversarialConfig(_Settings):
+    norm: Literal["l2", "linf"] = "l2"
+    eps: float = Field(ge=0)
+    steps: int = Field(7, ge=1)
+    step_size: float | None = None
+
+
+class TrainConfig(_Settings):
+    """A training recipe (:func:`invsim.train.train_model`'s settings)."""
+
+    epochs: int = Field(3, ge=1, description="Training epochs.")
+    adversarial: AdversarialConfig | None = None
+    seed: int | None = Field(None, description="Training seed (default: the run's seed).")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (one-cycle AdamW).")
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    width: int | None = Field(None, ge=1, description="Width of a built-in architecture.")
+    dataset: str | None = Field(None, description="Train on this data set instead.")
+    data_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Settings):
+    dataset: str
+    train_split: str = "train"
+    eval_split: str = "test"
+    natural_n: int | None = Field(1000, ge=2, description="Natural images (None: all).")
+    pairs: int = Field(1000, ge=1, description="Seed/target pairs per model.")
+    size: int | None = None
+    crop: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Settings):
+    name: str
+    spec: str
+    checkpoint: str | None = None
+    train: TrainConfig | None = None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layer: str | None = None
+    trust_checkpoint: bool = False
+    eps: float | None = None
+    arch: str | None = None
+    invert: bool = Field(True, description="Build this model's inverted data set (a row).")
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if not self.checkpoint and self.train is None:
+            raise ValueError(f"model {self.name!r} needs a 'checkpoint' or a 'train' recipe.")
+        return self
+
+
+class InversionSection(InversionConfig):
+    """The YAML ``inversion:`` group: the inversion settings plus the store's shard size."""
+
+    shard_size: int = Field(256, ge=1, description="Pairs per stored shard.")
+
+    def settings(self) -> InversionConfig:
+        return InversionConfig(**self.model_dump(exclude={"shard_size"}))
+
+
+class StirConfig(_Settings):
+    n: int = Field(500, ge=2)
+    iterations: int | None = None
+    seed_images: Literal["noise"] | None = "noise"
+
+
+class ConfoundConfig(_Settings):
+    epochs: int = 4
+    pairs: int = 300
+    iterations: int = 300
+    arch: str = "mlp"
+
+
+class ExperimentConfig(_Settings):
+    """A whole experiment (one YAML file)."""
+
+    name: str = "experiment"
+    out: str
+    seed: int = 0
+    device: str | None = None
+    data: DataConfig
+    models: list[ModelConfig] = Field(min_length=1)
+    inversion: InversionSection = Field(default_factory=InversionSection)
+    measures: list[str] = Field(default_factory=lambda: ["natural", "inverted"])
+    stir: StirConfig = Field(default_factory=StirConfig)
+    confound: ConfoundConfig | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        for m in self.measures:
+            if m not in REGIMES:
+                raise ValueError(f"unknown measure {m!r} in 'measures'; use {list(REGIMES)}.")
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}.")
+        return self
+
+
+_TYPES = {
+    "int_type": "int",
+    "bool_type": "bool",
+    "float_type": "float or int",
+    "string_type": "str",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
 }
-MODEL = {
-    "name": (str,),
-    "spec": (str,),
-    "checkpoint": OPT_STR,
-    "train": (dict, type(None)),
-    "num_classes": (int,),
-    "in_channels": (int,),
-    "image_size": (int,),
-    "mean": (list, type(None)),
-    "std": (list, type(None)),
-    "layer": (str,),
-    "trust_checkpoint": (bool,),
-    "eps": OPT_NUM,
-    "arch": (str,),
-}
-DATA = {
-    "dataset": (str,),
-    "train_split": (str,),
-    "eval_split": (str,),
-    "natural_n": (int,),
-    "pairs": (int,),
-    "size": (int, type(None)),
-    "crop": (int, type(None)),
-    "options": (dict,),
-}
-INVERSION = {
-    "step_size": NUM,
-    "iterations": (int,),
-    "momentum": NUM,
-    "eps": NUM,
-    "use_best": (bool,),
-    "batch_size": (int,),
-    "tol": OPT_NUM,
-    "patience": (int,),
-    "fake_relu": (bool,),
-    "layer": (str,),
-    "shard_size": (int,),
-}
-STIR = {"n": (int,), "iterations": (int,), "seed_images": OPT_STR}
-CONFOUND = {"epochs": (int,), "pairs": (int,), "iterations": (int,), "arch": (str,)}
-TOP = {
-    "name": (str,),
-    "out": (str,),
-    "seed": (int,),
-    "device": OPT_STR,
-    "data": (dict,),
-    "models": (list,),
-    "inversion": (dict,),
-    "measures": (list,),
-    "stir": (dict,),
-    "confound": (dict, type(None)),
-    "note": (str,),
-}
-MEASURES = ("natural", "inverted", "stir")
-
-DEFAULTS: dict[str, Any] = {
-    "name": "experiment",
-    "seed": 0,
-    "device": None,
-    "measures": ["natural", "inverted"],
-    "data": {"train_split": "train", "eval_split": "test", "natural_n": 1000, "pairs": 1000},
-    "inversion": {
-        "step_size": 0.125,
-        "iterations": 2000,
-        "momentum": 0.9,
-        "eps": 1000.0,
-        "use_best": True,
-        "batch_size": 32,
-        "tol": None,
-        "layer": "penultimate",
-        "shard_size": 256,
-    },
-    "stir": {"n": 500, "seed_images": "noise"},
-    "confound": None,
-}
 
 
-def _check(obj: Any, schema: dict[str, tuple], where: str) -> None:
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping; got {type(obj).__name__}.")
-    for key, value in obj.items():
-        path = f"{where}.{key}" if where else key
-        if key not in schema:
-            raise ConfigError(f"unknown key {path!r}; allowed here: {', '.join(sorted(schema))}.")
-        types = schema[key]
-        # bool is an int subclass: accept it only where bool is allowed
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok:
-            names = " or ".join(sorted({t.__name__ for t in types}))
-            raise ConfigError(f"{path!r} must be {names}; got {value!r} ({type(value).__name__}).")
+def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The keys allowed at ``loc`` (a key path below ``model``), for error messages."""
+    import typing
+
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        inner = [a for a in typing.get_args(field.annotation) or [field.annotation]]
+        inner += [b for a in inner for b in typing.get_args(a)]
+        models = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            break
+        model = models[0]
+    return sorted(model.model_fields)
 
 
-def validate(raw: dict[str, Any]) -> dict[str, Any]:
-    """Validate a configuration and fill in defaults. Raises :class:`ConfigError`."""
-    _check(raw, TOP, "")
-    cfg = copy.deepcopy(DEFAULTS)
-    for key, value in raw.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = copy.deepcopy(value)
-    for key in ("out", "data", "models"):
-        if key not in raw:
-            raise ConfigError(f"missing required key {key!r}.")
-    _check(cfg["data"], DATA, "data")
-    if "dataset" not in cfg["data"]:
-        raise ConfigError("missing required key 'data.dataset'.")
-    _check(cfg["inversion"], INVERSION, "inversion")
-    _check(cfg["stir"], STIR, "stir")
-    if cfg["confound"] is not None:
-        _check(cfg["confound"], CONFOUND, "confound")
-    for m in cfg["measures"]:
-        if m not in MEASURES:
-            raise ConfigError(f"unknown measure {m!r} in 'measures'; use {list(MEASURES)}.")
-    if not cfg["models"]:
-        raise ConfigError("'models' is empty: list at least two models.")
-    names = []
-    for i, model in enumerate(cfg["models"]):
-        where = f"models[{i}]"
-        _check(model, MODEL, where)
-        for key in ("name", "spec"):
-            if key not in model:
-                raise ConfigError(f"missing required key '{where}.{key}'.")
-        if model.get("train") is not None:
-            _check(model["train"], TRAIN, f"{where}.train")
-            adv = model["train"].get("adversarial")
-            if adv is not None:
-                _check(adv, ADVERSARIAL, f"{where}.train.adversarial")
-                if "eps" not in adv:
-                    raise ConfigError(f"missing required key '{where}.train.adversarial.eps'.")
-        if not model.get("checkpoint") and model.get("train") is None:
-            raise ConfigError(
-                f"{where} ({model['name']!r}) needs a 'checkpoint' or a 'train' recipe."
-            )
-        names.append(model["name"])
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"model names must be unique; repeated: {dup}.")
-    return cfg
+def _message(e: ValidationError, where: str, model: type[BaseModel]) -> str:
+    # an unknown key first (usually a typo that explains the rest), then a missing one
+    order = {"extra_forbidden": 0, "missing": 1}
+    err = min(e.errors(), key=lambda x: order.get(x["type"], 2))
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p == "none"))]
+    path = where
+    for p in loc:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        import difflib
+
+        allowed = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {path!r}{hint}; allowed here: {', '.join(allowed)}."
+    if kind == "missing":
+        return f"missing required key {path!r}."
+    if kind in _TYPES:
+        return f"{path!r} must be {_TYPES[kind]}; got {value!r} ({type(value).__name__})."
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return msg
+    return f"{path!r}: {msg}; got {value!r}." if path else msg
 
 
-def load_config(path: str | Path, **overrides: Any) -> dict[str, Any]:
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate an experiment mapping and fill in defaults. Raises :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping; got {type(raw).__name__}.")
+    return ExperimentConfig.checked(raw)
+
+
+def load_config(path: str | Path, **overrides: Any) -> ExperimentConfig:
     """Read and validate a YAML experiment file; ``overrides`` (e.g. out, seed, device)
     replace top-level keys when not None."""
     path = Path(path)

@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from invsim.config import validate
+from invsim.config import ExperimentConfig, validate
 
-__all__ = ["demo_config", "headline", "run_demo"]
+__all__ = ["demo_config", "run_demo"]
 
 ROBUST = {"norm": "l2", "eps": 1.0, "steps": 5}
 
 
-def demo_config(out: str | Path, *, quick: bool = False, seed: int = 0, device: str | None = None):
+def demo_config(
+    out: str | Path, *, quick: bool = False, seed: int = 0, device: str | None = None
+) -> ExperimentConfig:
     """The demo's experiment as a config dict (see examples/ for YAML equivalents)."""
     if quick:
         zoo = [("mlp", {"epochs": 3}), ("lenet", {"epochs": 3})]
@@ -54,31 +56,6 @@ def demo_config(out: str | Path, *, quick: bool = False, seed: int = 0, device: 
     return validate(raw)
 
 
-def headline(results: dict[str, Any]) -> str:
-    s = results["summary"]
-    lines = []
-    if "natural" in s and "inverted" in s:
-        lines.append(
-            f"mean off-diagonal CKA: natural {s['natural']['offdiag_mean']:.3f}, "
-            f"inverted {s['inverted']['offdiag_mean']:.3f} "
-            f"(asymmetry {s['inverted'].get('asymmetry', float('nan')):.3f})"
-        )
-    rob = results.get("robustness", {}).get("inverted")
-    if rob and rob["spearman"] is not None:
-        lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
-    c = results.get("confound", {}).get("headline")
-    if c:
-        lines.append(
-            f"confound: only-A vs only-B natural {c['natural_a_b']:.3f}, inverted "
-            f"{c['inverted_a_b_on_a']:.3f} (A's data) / {c['inverted_a_b_on_b']:.3f} (B's data); "
-            f"two only-A models inverted {c['inverted_a_a2_on_a']:.3f}"
-        )
-    losses = [q["median_loss"] for q in results.get("inversion", {}).values()]
-    if losses:
-        lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
-    return "\n".join(lines)
-
-
 def run_demo(
     out: str | Path = "runs/demo",
     *,
@@ -87,6 +64,6 @@ def run_demo(
     device: str | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    from invsim.pipeline import run_experiment
+    from invsim.experiment import run_experiment
 
     return run_experiment(demo_config(out, quick=quick, seed=seed, device=device), quiet=quiet)

@@ -1,9 +1,15 @@
 """Scaling out with ``torch.distributed`` (torchrun): gloo on CPU, NCCL on GPU.
 
-Never a second code path: inversion shards are assigned round-robin by rank through
-:func:`invsim.store.invert_dataset`'s ``part``, and representation extraction splits the
-data and all-reduces the :class:`~invsim.LinearCKA` / :class:`~invsim.LinearCKAMatrix`
-moments (after a common re-shift, a plain sum). Only rank 0 prints and writes reports.
+The primitives the stages use, never a second code path:
+
+- :func:`invsim.store.invert_dataset` assigns inversion shards round-robin by rank;
+- extraction (:mod:`invsim.experiment`) gives each rank a strided slice of the images
+  and :func:`gather_strided` reassembles the whole representation, in order, on every
+  rank, so the representation cache is identical everywhere;
+- :func:`all_reduce_accumulator` sums streaming CKA accumulators (after a common
+  re-shift of their moments, a plain all-reduce).
+
+Only rank 0 prints and writes results and reports.
 
     torchrun --standalone --nproc-per-node=4 -m invsim invert model.safetensors \\
         --data mnist5k --pairs 10000 --out inv/
@@ -15,22 +21,16 @@ one slice on its own, for SLURM job arrays; ``invsim invert --merge`` assembles 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
-
-from invsim.store import InvertedDataset, invert_dataset, merge_manifest
 
 __all__ = [
     "all_reduce_accumulator",
     "barrier",
-    "extract_distributed",
-    "extract_into_distributed",
+    "gather_strided",
     "init_from_env",
-    "invert_distributed",
     "is_main",
     "rank_world",
 ]
@@ -71,40 +71,6 @@ def init_from_env(device: str | None = None) -> tuple[int, int]:
     return rank_world()
 
 
-def invert_distributed(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    n_pairs: int,
-    out_dir: str | Path,
-    *,
-    part: tuple[int, int] | None = None,
-    **kwargs: Any,
-) -> InvertedDataset | None:
-    """:func:`invert_dataset`, split over the process group (or over job-array slices
-    with ``part``). Every rank returns the assembled data set once all shards exist."""
-    if part is not None:
-        return invert_dataset(model, dataset, n_pairs, out_dir, part=part, **kwargs)
-    rank, world = init_from_env(kwargs.get("device"))
-    if world == 1:
-        return invert_dataset(model, dataset, n_pairs, out_dir, **kwargs)
-    if rank != 0:
-        kwargs["progress"] = False
-    if kwargs.get("device") and str(kwargs["device"]).startswith("cuda"):
-        kwargs["device"] = f"cuda:{torch.cuda.current_device()}"
-    # rank 0 writes dataset.json first, so every rank checks against the same file
-    if rank == 0:
-        invert_dataset(model, dataset, n_pairs, out_dir, part=(0, world), **kwargs)
-        dist.barrier()
-    else:
-        dist.barrier()
-        invert_dataset(model, dataset, n_pairs, out_dir, part=(rank, world), **kwargs)
-    dist.barrier()
-    if rank == 0:
-        merge_manifest(out_dir)
-    dist.barrier()
-    return InvertedDataset(out_dir)
-
-
 def all_reduce_accumulator(acc: Any, group: Any = None) -> Any:
     """Sum a streaming CKA accumulator over all processes, in place.
 
@@ -129,39 +95,15 @@ def all_reduce_accumulator(acc: Any, group: Any = None) -> Any:
     return acc
 
 
-def extract_into_distributed(
-    models: dict[str, torch.nn.Module],
-    images: torch.Tensor,
-    accumulator: Any,
-    **kwargs: Any,
-) -> Any:
-    """:func:`invsim.representation.extract_into` on this rank's strided slice of
-    ``images``, then an all-reduce: every rank ends with the full-data accumulator."""
-    from invsim.representation import extract_into
-
-    rank, world = rank_world()
-    if world > 1 and rank != 0:
-        kwargs["progress"] = False
-    extract_into(models, images[rank::world], accumulator, **kwargs)
-    return all_reduce_accumulator(accumulator)
-
-
-def extract_distributed(
-    model: torch.nn.Module, images: torch.Tensor, **kwargs: Any
-) -> torch.Tensor:
-    """:func:`invsim.representation.extract` split over the process group: each rank
-    computes a strided slice and every rank gets the whole (n, d) result, in order."""
-    from invsim.representation import extract
-
+def gather_strided(mine: torch.Tensor, n: int) -> torch.Tensor:
+    """Reassemble rows computed as strided slices (rank r holds rows r, r + world, ...)
+    into the whole (n, ...) tensor, on every rank. Without a group, ``mine`` itself."""
     rank, world = rank_world()
     if world == 1:
-        return extract(model, images, **kwargs)
-    if rank != 0:
-        kwargs["progress"] = False
-    mine = extract(model, images[rank::world], **kwargs)
+        return mine
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, mine)
-    out = torch.empty(len(images), mine.shape[1], dtype=mine.dtype)
+    out = torch.empty(n, *mine.shape[1:], dtype=mine.dtype)
     for r, part in enumerate(parts):
         out[r::world] = part
     return out

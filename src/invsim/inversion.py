@@ -9,50 +9,50 @@ the model's representation of the image match its representation of the target:
     x_i      = clamp(project_{||x - seed_i|| <= eps}(x_i - step * m_i), 0, 1)
 
 for 2000 iterations with step 1/8 and eps 1000, keeping per example the iterate of lowest
-loss seen (the seed, every iterate and the last; a strictly lower loss replaces).
+loss seen (the seed, every iterate and the last; a strictly lower loss replaces). The
+settings are :class:`invsim.config.InversionConfig`.
 
 Every example's update depends only on itself (the per-example normalisation removes the
-batch-mean's 1/B), so results do not depend on ``batch_size``.
+batch-mean's 1/B), so results do not depend on ``batch_size``. The loop batches
+*continuously*: an example that has finished leaves the batch at once and the next
+pending pair takes its slot with fresh momentum, so with early stopping every forward and
+backward is spent on unfinished examples.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from invsim.representation import PENULTIMATE, eval_mode, reader, resolve_layer
+from invsim._io import progress_bar
+from invsim.config import InversionConfig
+from invsim.representation import eval_mode, reader, resolve_layer
 from invsim.steps import _TINY, l2_norm, project
 
-__all__ = ["PAPER_DEFAULTS", "InversionResult", "invert_images", "relative_loss"]
+__all__ = ["InversionConfig", "InversionResult", "invert_images", "relative_loss"]
 
-PAPER_DEFAULTS: dict[str, Any] = {
-    "step_size": 1 / 8,
-    "iterations": 2000,
-    "momentum": 0.9,
-    "eps": 1000.0,
-    "use_best": True,
-    "batch_size": 32,
-}
+_D = InversionConfig()  # the paper's defaults, the single source of invert_images' defaults
 
 
 @dataclass
 class InversionResult:
     """``images``: float32 in [0, 1], the seeds' shape. ``loss``: per-example relative
     loss of the returned image. ``initial_loss``: the seed's. ``iterations``: per example,
-    the iterations run (fewer than asked only with ``tol``)."""
+    the gradient steps taken (fewer than asked only with ``tol``). ``passes``: the
+    forward+backward image evaluations spent in all (the cost). ``config``: the settings."""
 
     images: torch.Tensor
     loss: torch.Tensor
     initial_loss: torch.Tensor
     iterations: torch.Tensor
     config: dict[str, Any] = field(default_factory=dict)
+    passes: int = 0
 
 
 def relative_loss(rep: torch.Tensor, target_rep: torch.Tensor) -> torch.Tensor:
@@ -75,36 +75,213 @@ def _check_images(x: torch.Tensor, name: str) -> None:
         )
 
 
+def _seed_tensor(
+    seed_images: torch.Tensor | str, target_images: torch.Tensor, noise_seed: int
+) -> torch.Tensor:
+    _check_images(target_images, "target_images")
+    if isinstance(seed_images, str):
+        if seed_images != "noise":
+            raise ValueError(f"seed_images must be a tensor or 'noise'; got {seed_images!r}.")
+        g = torch.Generator().manual_seed(noise_seed)
+        seed_images = torch.rand(target_images.shape, generator=g)
+    _check_images(seed_images, "seed_images")
+    if seed_images.shape != target_images.shape:
+        raise ValueError(
+            f"seed_images {tuple(seed_images.shape)} and target_images "
+            f"{tuple(target_images.shape)} must have the same shape (one seed per target)."
+        )
+    return seed_images
+
+
+@dataclass
+class _Slots:
+    """The examples in the batch right now, one row each (continuous batching)."""
+
+    index: torch.Tensor  # which pair each row holds (pair order is kept)
+    seed: torch.Tensor
+    target_rep: torch.Tensor
+    x: torch.Tensor
+    m: torch.Tensor  # momentum
+    best_x: torch.Tensor
+    best_loss: torch.Tensor
+    first_loss: torch.Tensor
+    it: torch.Tensor  # steps taken so far
+    limit: torch.Tensor  # steps this example will take (lowered by the stopping rule)
+    checkpoint: torch.Tensor  # best loss at the last tol check
+
+    def select(self, keep: torch.Tensor) -> _Slots:
+        return _Slots(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+    def cat(self, other: _Slots) -> _Slots:
+        return _Slots(
+            **{
+                f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)])
+                for f in fields(self)
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _admit(idx: range, seeds, targets, rep, iterations: int, dev, dtype) -> _Slots:
+    """New rows for pairs ``idx``: x at the seed, zero momentum, no best yet."""
+    seed = seeds[idx.start : idx.stop].to(dev, dtype)
+    with torch.no_grad():
+        target_rep = rep(targets[idx.start : idx.stop].to(dev, dtype))
+    k = len(seed)
+    inf = torch.full((k,), float("inf"), device=dev, dtype=dtype)
+    return _Slots(
+        index=torch.arange(idx.start, idx.stop),
+        seed=seed,
+        target_rep=target_rep,
+        x=seed.clone(),
+        m=torch.zeros_like(seed),
+        best_x=seed.clone(),
+        best_loss=inf,
+        first_loss=inf.clone(),
+        it=torch.zeros(k, dtype=torch.int64, device=dev),
+        limit=torch.full((k,), iterations, dtype=torch.int64, device=dev),
+        checkpoint=inf.clone(),
+    )
+
+
+def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
+    """Per example, the iterate of lowest loss seen so far (strictly lower replaces)."""
+    view = (-1,) + (1,) * (s.x.ndim - 1)
+    fresh = s.it == 0
+    s.first_loss = torch.where(fresh, loss, s.first_loss)
+    better = loss < s.best_loss
+    s.best_loss = torch.where(better, loss, s.best_loss)
+    s.best_x = torch.where(better.view(view), s.x, s.best_x)
+
+
+def _step(s: _Slots, grad: torch.Tensor, cfg: InversionConfig, ball_binds: bool) -> None:
+    """One momentum step along the per-example normalised gradient, then the projection."""
+    # m = momentum * m + (1 - momentum) * g / ||g||, in place
+    scale = (1.0 - cfg.momentum) / (l2_norm(grad) + _TINY)
+    s.m.mul_(cfg.momentum).addcmul_(grad, scale)
+    x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
+    if ball_binds:
+        s.x = project(x_new, s.seed, eps=cfg.eps, norm="l2")
+    else:  # no point of [0, 1]^d is farther than sqrt(d) from the seed
+        s.x = x_new.clamp_(0.0, 1.0)
+    s.it += 1
+
+
+def _stop_rule(s: _Slots, cfg: InversionConfig) -> None:
+    """``tol``: every ``patience`` steps, an example whose best loss improved by less than
+    ``tol`` since the last check takes no more steps (its current iterate is still
+    evaluated)."""
+    if cfg.tol is None:
+        return
+    check = (s.it % cfg.patience == 0) & (s.it < s.limit)
+    stalled = check & ((s.checkpoint - s.best_loss) < cfg.tol)
+    s.limit = torch.where(stalled, s.it, s.limit)
+    s.checkpoint = torch.where(check, s.best_loss, s.checkpoint)
+
+
+def _loss_and_grad(rep, s: _Slots, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not need_grad:
+        with torch.no_grad():
+            return relative_loss(rep(s.x), s.target_rep), None
+    x = s.x.detach().requires_grad_(True)
+    loss = relative_loss(rep(x), s.target_rep)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    s.x = x.detach()
+    return loss.detach(), grad
+
+
+class _Outputs:
+    """Per-pair results, filled as examples finish (in any order)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        n = shape[0]
+        self.images = torch.empty(shape, dtype=torch.float32)
+        self.loss, self.initial = torch.empty(n), torch.empty(n)
+        self.iterations = torch.empty(n, dtype=torch.int64)
+
+    def finish(self, s: _Slots, last_loss: torch.Tensor, use_best: bool) -> None:
+        i = s.index
+        self.images[i] = (s.best_x if use_best else s.x).detach().float().cpu()
+        self.loss[i] = (s.best_loss if use_best else last_loss).float().cpu()
+        self.initial[i] = s.first_loss.float().cpu()
+        self.iterations[i] = s.it.cpu()
+
+
+def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, callback) -> tuple:
+    """The continuously batched loop; returns (outputs, image passes)."""
+    out, n, passes, next_pair = _Outputs(seeds.shape), len(seeds), 0, 0
+    ball_binds = cfg.eps < math.sqrt(seeds[0].numel())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp and dev.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with reader(model, ref, fake_relu=cfg.fake_relu) as read:
+
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            with autocast:
+                return read(x).to(dtype)
+
+        slots: _Slots | None = None
+        while next_pair < n or (slots is not None and len(slots)):
+            free = cfg.batch_size - (len(slots) if slots is not None else 0)
+            if free > 0 and next_pair < n:
+                new = range(next_pair, min(n, next_pair + free))
+                fresh = _admit(new, seeds, targets, rep, cfg.iterations, dev, dtype)
+                slots, next_pair = (fresh if slots is None else slots.cat(fresh)), new.stop
+            assert slots is not None
+            loss, grad = _loss_and_grad(rep, slots, bool((slots.it < slots.limit).any()))
+            passes += len(slots)
+            _keep_best(slots, loss)
+            done = slots.it >= slots.limit
+            if bool(done.any()):
+                out.finish(slots.select(done), loss[done], cfg.use_best)
+                slots, grad = slots.select(~done), (grad[~done] if grad is not None else None)
+            if not len(slots):
+                continue
+            if callback is not None:
+                for t in torch.unique(slots.it).tolist():
+                    callback(t, slots.x[slots.it == t])
+            _step(slots, grad, cfg, ball_binds)
+            _stop_rule(slots, cfg)
+            bar.update(len(slots))
+    return out, passes
+
+
 def invert_images(
     model: nn.Module,
     seed_images: torch.Tensor | str,
     target_images: torch.Tensor,
     *,
-    layer: str = PENULTIMATE,
-    step_size: float = 1 / 8,
-    iterations: int = 2000,
-    momentum: float = 0.9,
-    eps: float = 1000.0,
-    use_best: bool = True,
-    batch_size: int = 32,
+    layer: str = _D.layer,
+    step_size: float = _D.step_size,
+    iterations: int = _D.iterations,
+    momentum: float = _D.momentum,
+    eps: float = _D.eps,
+    use_best: bool = _D.use_best,
+    batch_size: int = _D.batch_size,
+    tol: float | None = _D.tol,
+    patience: int = _D.patience,
+    fake_relu: bool = _D.fake_relu,
+    amp: bool = _D.amp,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    tol: float | None = None,
-    patience: int = 100,
     noise_seed: int = 0,
-    fake_relu: bool = False,
-    amp: bool = False,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> InversionResult:
     """Invert ``target_images`` through ``model`` starting from ``seed_images``.
 
-    The defaults are the paper's (see the module docstring). Beyond the paper, all off by
-    default: ``tol`` freezes an example once its best loss improved by less than ``tol``
-    over the last ``patience`` iterations, and ends a batch when all are frozen;
-    ``seed_images="noise"`` starts from uniform noise (STIR), drawn from ``noise_seed``;
-    ``fake_relu`` passes gradients through the last ReLU (robustness library option);
-    ``amp`` runs the forward in bfloat16 autocast on CUDA. ``callback(iteration, x)`` is
-    for tests and diagnostics.
+    The settings are the fields of :class:`~invsim.config.InversionConfig` (defaults: the
+    paper's; pass ``**config.model_dump()`` to use a config object). Beyond the paper, all
+    off by default: ``tol`` stops an example once its best loss improved by less than
+    ``tol`` over the last ``patience`` iterations (it leaves the batch, and the next pair
+    takes its slot); ``seed_images="noise"`` starts from uniform noise (STIR), drawn from
+    ``noise_seed``; ``fake_relu`` passes gradients through the last ReLU (robustness
+    library option); ``amp`` runs the forward in bfloat16 autocast on CUDA.
+    ``callback(iteration, x)`` sees, before each step, the iterates of the examples at
+    that iteration (in pair order); it is for tests and diagnostics.
 
     The input tensors are never modified; the model is put in eval mode (with a warning
     if it was training) and restored afterwards. ``device`` moves the model there (and it
@@ -122,132 +299,37 @@ def invert_images(
         >>> r.images.shape, bool((r.loss < r.initial_loss).all())
         (torch.Size([4, 1, 28, 28]), True)
     """
-    _check_images(target_images, "target_images")
-    if isinstance(seed_images, str):
-        if seed_images != "noise":
-            raise ValueError(f"seed_images must be a tensor or 'noise'; got {seed_images!r}.")
-        g = torch.Generator().manual_seed(noise_seed)
-        seed_images = torch.rand(target_images.shape, generator=g)
-    _check_images(seed_images, "seed_images")
-    if seed_images.shape != target_images.shape:
-        raise ValueError(
-            f"seed_images {tuple(seed_images.shape)} and target_images "
-            f"{tuple(target_images.shape)} must have the same shape (one seed per target)."
-        )
-    if iterations < 0 or step_size <= 0 or eps <= 0 or not 0 <= momentum < 1 or batch_size < 1:
-        raise ValueError(
-            "need iterations >= 0, step_size > 0, eps > 0, 0 <= momentum < 1, batch_size >= 1; "
-            f"got {iterations}, {step_size}, {eps}, {momentum}, {batch_size}."
-        )
+    cfg = InversionConfig.checked(
+        dict(
+            layer=layer,
+            step_size=step_size,
+            iterations=iterations,
+            momentum=momentum,
+            eps=eps,
+            use_best=use_best,
+            batch_size=batch_size,
+            tol=tol,
+            patience=patience,
+            fake_relu=fake_relu,
+            amp=amp,
+        ),
+        where="invert_images",
+    )
+    seeds = _seed_tensor(seed_images, target_images, noise_seed)
     if device is not None:
         model = model.to(device)
     first_param = next(model.parameters(), None)
     dev = first_param.device if first_param is not None else torch.device(device or "cpu")
     # compute in the model's dtype (float32 normally; float64 for exact comparisons)
     dtype = first_param.dtype if first_param is not None else torch.float32
-    n = len(seed_images)
-    images = torch.empty(seed_images.shape, dtype=torch.float32)
-    losses = torch.empty(n)
-    initial = torch.empty(n)
-    used = torch.empty(n, dtype=torch.int64)
-
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    bar = tqdm(total=n * iterations, desc="inverting", unit="it·img", disable=disable, leave=False)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(eval_mode(model, what="inversion"))
-        stack.enter_context(bar)
-        ref = resolve_layer(model, layer, example_input=target_images[:1].to(dev))
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if amp and dev.type == "cuda"
-            else torch.autocast("cpu", enabled=False)
-        )
-
-        read = stack.enter_context(reader(model, ref, fake_relu=fake_relu))
-
-        def rep(x: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                return read(x).to(dtype)
-
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            seed = seed_images[sl].to(dev, dtype)
-            with torch.no_grad():
-                target_rep = rep(target_images[sl].to(dev, dtype))
-            x = seed.clone()
-            m = torch.zeros_like(x)
-            best_x = seed.clone()
-            best_loss = torch.full((len(x),), float("inf"), device=dev, dtype=dtype)
-            frozen = torch.zeros(len(x), dtype=torch.bool, device=dev)
-            steps_run = torch.zeros(len(x), dtype=torch.int64, device=dev)
-            checkpoint_loss = None
-            first = None
-            view = (-1,) + (1,) * (x.ndim - 1)
-            ball_binds = eps < math.sqrt(x[0].numel())
-            for it in range(iterations + 1):
-                x.requires_grad_(True)
-                if it < iterations:
-                    loss = relative_loss(rep(x), target_rep)
-                    (grad,) = torch.autograd.grad(loss.sum(), x)
-                else:  # the last iterate: evaluate only
-                    with torch.no_grad():
-                        loss = relative_loss(rep(x), target_rep)
-                x = x.detach()
-                loss = loss.detach()
-                if first is None:
-                    first = loss.clone()
-                better = loss < best_loss
-                torch.where(better, loss, best_loss, out=best_loss)
-                torch.where(better.view(view), x, best_x, out=best_x)
-                if it == iterations:
-                    break
-                if callback is not None:
-                    callback(it, x)
-                # m = momentum * m + (1 - momentum) * g / ||g||, in place
-                scale = (1.0 - momentum) / (l2_norm(grad) + _TINY)
-                m.mul_(momentum).addcmul_(grad, scale)
-                x_new = torch.add(x, m, alpha=-step_size)
-                if ball_binds:
-                    x_new = project(x_new, seed, eps=eps, norm="l2")
-                else:  # no point of [0, 1]^d is farther than sqrt(d) from the seed
-                    x_new.clamp_(0.0, 1.0)
-                if tol is not None:
-                    x_new = torch.where(frozen.view(view), x, x_new)
-                    steps_run += (~frozen).long()
-                    if (it + 1) % patience == 0:
-                        if checkpoint_loss is not None:
-                            frozen |= (checkpoint_loss - best_loss) < tol
-                        checkpoint_loss = best_loss.clone()
-                        if bool(frozen.all()):
-                            x = x_new
-                            bar.update(len(x) * (iterations - it - 1))
-                            with torch.no_grad():
-                                loss = relative_loss(rep(x), target_rep)
-                            better = loss < best_loss
-                            torch.where(better, loss, best_loss, out=best_loss)
-                            torch.where(better.view(view), x, best_x, out=best_x)
-                            break
-                x = x_new
-                bar.update(len(x))
-            if tol is None:
-                steps_run.fill_(iterations)
-            out_x, out_loss = (best_x, best_loss) if use_best else (x, loss)
-            images[sl] = out_x.detach().float().cpu()
-            losses[sl] = out_loss.float().cpu()
-            initial[sl] = first.float().cpu()
-            used[sl] = steps_run.cpu()
-    config = {
-        "layer": layer,
-        "step_size": step_size,
-        "iterations": iterations,
-        "momentum": momentum,
-        "eps": eps,
-        "use_best": use_best,
-        "tol": tol,
-        "patience": patience if tol is not None else None,
-        "fake_relu": fake_relu,
-        "amp": amp,
-    }
-    return InversionResult(images, losses, initial, used, config)
+    total = len(seeds) * cfg.iterations
+    with (
+        eval_mode(model, what="inversion"),
+        progress_bar(total, "inverting", progress, unit="it·img") as bar,
+    ):
+        ref = resolve_layer(model, cfg.layer, example_input=target_images[:1].to(dev))
+        out, passes = _run(model, ref, seeds, target_images, cfg, dev, dtype, bar, callback)
+    config = cfg.model_dump()
+    if cfg.tol is None:
+        config["patience"] = None
+    return InversionResult(out.images, out.loss, out.initial, out.iterations, config, passes)

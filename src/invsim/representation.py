@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from invsim._io import progress_bar
+from invsim.config import PENULTIMATE
+
 __all__ = [
+    "PENULTIMATE",
     "LayerRef",
     "eval_mode",
     "extract",
@@ -32,8 +35,6 @@ __all__ = [
     "representation",
     "resolve_layer",
 ]
-
-PENULTIMATE = "penultimate"
 
 
 class _LayerReachedError(Exception):
@@ -290,13 +291,6 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterator[torch.Tensor], int | 
     )
 
 
-def _progress(total: int | None, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
-
-
 def extract_into(
     models: Mapping[str, nn.Module],
     data: Any,
@@ -323,7 +317,7 @@ def extract_into(
             if device is not None:
                 models[k].to(device)
         stack.enter_context(torch.inference_mode())
-        bar = stack.enter_context(_progress(n, "representations", progress))
+        bar = stack.enter_context(progress_bar(n, "representations", progress))
         for xb in batches:
             dev = device or next((p.device for p in models[names[0]].parameters()), "cpu")
             xb = xb.to(dev)
@@ -368,7 +362,7 @@ def extract(
     with (
         eval_mode(model, what="extract()"),
         torch.inference_mode(),
-        _progress(n, "representations", progress) as bar,
+        progress_bar(n, "representations", progress) as bar,
     ):
         for xb in batches:
             xb = xb.to(device or next((p.device for p in model.parameters()), "cpu"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["l2_norm", "momentum", "normalize_l2", "project", "sign_step", "l2_step"]
+__all__ = ["l2_norm", "normalize_l2", "project", "sign_step", "l2_step"]
 
 _TINY = 1e-12
 
@@ -29,11 +29,6 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
 def normalize_l2(g: torch.Tensor) -> torch.Tensor:
     """Each example's gradient scaled to unit L2 norm (a zero gradient stays zero)."""
     return g / (l2_norm(g) + _TINY)
-
-
-def momentum(m: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    """``beta * m + (1 - beta) * g`` (an exponential moving average, as in the paper)."""
-    return beta * m + (1.0 - beta) * g
 
 
 def l2_step(x: torch.Tensor, g: torch.Tensor, step_size: float) -> torch.Tensor:

@@ -11,15 +11,16 @@ Every file is written under a temporary name and renamed, so a killed run leaves
 finished shards; running again with the same arguments skips them and produces
 byte-identical files (on CPU). A different configuration on the same directory is
 refused. Shards can be split across processes (``part=(i, k)``: shards s with
-s % k == i), which is how torchrun and job arrays share the work.
+s % k == i): under torchrun ``invert_dataset`` does this by itself, one rank a part, and
+job arrays pass ``part``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from invsim._io import atomic_write, json_bytes
+from invsim.config import InversionConfig
 from invsim.data.pairs import check_pairs, sample_pairs
-from invsim.inversion import PAPER_DEFAULTS, invert_images
+from invsim.distributed import barrier, init_from_env
+from invsim.inversion import invert_images
 from invsim.models.checkpoints import sha256_file
 
 __all__ = [
@@ -47,19 +51,6 @@ _NOT_HASHED = ("versions", "checkpoint")
 
 class StoreError(ValueError):
     """An inverted data set on disk is inconsistent, incomplete or corrupt."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -110,7 +101,7 @@ def _config(model, dataset, n_pairs, seed, shard_size, inversion: dict[str, Any]
         "versions": {"invsim": invsim.__version__, "torch": torch.__version__},
     }
     hashed = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
-    cfg["config_hash"] = hashlib.sha256(_json_bytes(hashed)).hexdigest()[:16]
+    cfg["config_hash"] = hashlib.sha256(json_bytes(hashed)).hexdigest()[:16]
     return cfg
 
 
@@ -137,20 +128,24 @@ def invert_dataset(
     n_pairs: int,
     out_dir: str | Path,
     *,
+    inversion: InversionConfig | None = None,
     seed: int = 0,
     shard_size: int = 256,
-    part: tuple[int, int] = (0, 1),
+    seed_images: str = "data",
+    part: tuple[int, int] | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    **inversion_kwargs: Any,
+    **settings: Any,
 ) -> InvertedDataset | None:
     """Sample ``n_pairs`` seed/target pairs from ``dataset``, invert them through ``model``
     and store the result in ``out_dir``. Resumes a killed run; refuses a different one.
 
-    ``inversion_kwargs`` go to :func:`invsim.inversion.invert_images` (paper defaults
-    otherwise); ``seed_images="noise"`` gives STIR-style noise seeds. ``part=(i, k)``
-    does only the shards s with s % k == i (other processes do the rest); the data set
-    is returned once every shard exists, else ``None``.
+    ``inversion`` holds the settings (default: the paper's); keyword ``settings`` such as
+    ``iterations=50`` replace its fields (an unknown name is an error).
+    ``seed_images="noise"`` starts from noise (STIR). Under torchrun the shards are
+    split over the process group and every rank returns the assembled data set.
+    ``part=(i, k)`` does only the shards s with s % k == i (job arrays without a process
+    group); the data set is returned once every shard exists, else ``None``.
 
     Example:
         >>> import tempfile, torch
@@ -163,65 +158,112 @@ def invert_dataset(
         >>> len(out), out.images.dtype
         (6, torch.float32)
     """
-    out = Path(out_dir)
-    index, count = part
-    if not 0 <= index < count:
-        raise ValueError(f"part=(index, count) needs 0 <= index < count; got {part}.")
-    noise = inversion_kwargs.get("seed_images") == "noise"
-    inversion = {**PAPER_DEFAULTS, "layer": "penultimate", **inversion_kwargs}
-    inversion.setdefault("tol", None)
-    inversion.setdefault("fake_relu", False)
-    inversion.setdefault("amp", False)
-    inversion["seed_images"] = "noise" if noise else "data"
-    cfg = _config(model, dataset, n_pairs, seed, shard_size, inversion)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(exist_ok=True)
-    existing = out / "dataset.json"
-    if existing.exists():
+    cfg = (inversion or InversionConfig()).replace(**settings) if settings else inversion
+    cfg = cfg or InversionConfig()
+    if seed_images not in ("data", "noise"):
+        raise ValueError(f"seed_images must be 'data' or 'noise'; got {seed_images!r}.")
+    job = _Job(model, dataset, n_pairs, Path(out_dir), cfg, seed, shard_size, seed_images)
+    if part is not None:
+        index, count = part
+        if not 0 <= index < count:
+            raise ValueError(f"part=(index, count) needs 0 <= index < count; got {part}.")
+        job.open()
+        job.run(part, device, progress)
+        return merge_manifest(job.out)
+    rank, world = init_from_env(device)
+    if world == 1:
+        job.open()
+        job.run((0, 1), device, progress)
+        return merge_manifest(job.out)
+    if device is not None and str(device).startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
+    if rank == 0:  # rank 0 writes dataset.json first; the others then check against it
+        job.open()
+    barrier()
+    if rank != 0:
+        job.open()
+    job.run((rank, world), device, progress if rank == 0 else False)
+    barrier()
+    if rank == 0:
+        merge_manifest(job.out)
+    barrier()
+    return InvertedDataset(job.out)
+
+
+@dataclass
+class _Job:
+    """One inverted data set to build: what to invert, where, with which settings."""
+
+    model: torch.nn.Module
+    dataset: Dataset
+    n_pairs: int
+    out: Path
+    inversion: InversionConfig
+    seed: int
+    shard_size: int
+    seed_images: str
+
+    def record(self) -> dict[str, Any]:
+        """The ``inversion`` block of dataset.json (``patience`` only when it acts)."""
+        rec = {**self.inversion.model_dump(), "seed_images": self.seed_images}
+        if rec["tol"] is None:
+            del rec["patience"]
+        return rec
+
+    def open(self) -> None:
+        """Write dataset.json, or check that the one there has the same configuration."""
+        cfg = _config(
+            self.model, self.dataset, self.n_pairs, self.seed, self.shard_size, self.record()
+        )
+        self.config_hash = cfg["config_hash"]
+        (self.out / "shards").mkdir(parents=True, exist_ok=True)
+        existing = self.out / "dataset.json"
+        if not existing.exists():
+            atomic_write(existing, json_bytes(cfg))
+            return
         old = json.loads(existing.read_text())
         if old.get("config_hash") != cfg["config_hash"]:
             diffs = _diff(old, cfg)
             raise StoreError(
-                f"{str(out)!r} already holds an inverted data set made with different arguments "
-                f"({'; '.join(diffs) or 'config hash differs'}). Use another out_dir, or delete "
-                "this one to start over; invsim never mixes data from two configurations."
+                f"{str(self.out)!r} already holds an inverted data set made with different "
+                f"arguments ({'; '.join(diffs) or 'config hash differs'}). Use another out_dir, "
+                "or delete this one to start over; invsim never mixes two configurations."
             )
-    else:
-        _atomic_write(existing, _json_bytes(cfg))
 
-    labels = dataset_labels(dataset)
-    seed_idx, target_idx = sample_pairs(labels, n_pairs, seed=seed)
-    if not noise:
-        check_pairs(labels[seed_idx], labels[target_idx])
-    n_shards = -(-n_pairs // shard_size)
-    kwargs = {k: v for k, v in inversion_kwargs.items() if k != "seed_images"}
-    for s in range(index, n_shards, count):
-        if _shard_done(out, s, cfg["config_hash"]):
-            continue
-        sl = slice(s * shard_size, min(n_pairs, (s + 1) * shard_size))
-        targets = dataset_images(dataset, target_idx[sl])
-        seeds: torch.Tensor | str = "noise" if noise else dataset_images(dataset, seed_idx[sl])
-        result = invert_images(
-            model,
-            seeds,
-            targets,
-            device=device,
-            progress=progress,
-            noise_seed=seed * 1_000_003 + s,
-            **kwargs,
-        )
-        tensors = {
-            "images": result.images.float().contiguous(),
-            "seed_index": torch.from_numpy(seed_idx[sl].copy()),
-            "target_index": torch.from_numpy(target_idx[sl].copy()),
-            "seed_label": torch.from_numpy(labels[seed_idx[sl]].astype(np.int64)),
-            "target_label": torch.from_numpy(labels[target_idx[sl]].astype(np.int64)),
-            "loss": result.loss.float().contiguous(),
-            "initial_loss": result.initial_loss.float().contiguous(),
-            "iterations": result.iterations.contiguous(),
-        }
-        _write_shard(out, s, tensors, cfg["config_hash"])
-    return merge_manifest(out)
+    def run(self, part: tuple[int, int], device: Any, progress: bool | None) -> None:
+        """Invert and write the shards of ``part`` that are not finished yet."""
+        labels = dataset_labels(self.dataset)
+        seed_idx, target_idx = sample_pairs(labels, self.n_pairs, seed=self.seed)
+        noise = self.seed_images == "noise"
+        if not noise:
+            check_pairs(labels[seed_idx], labels[target_idx])
+        n_shards = -(-self.n_pairs // self.shard_size)
+        for s in range(part[0], n_shards, part[1]):
+            if _shard_done(self.out, s, self.config_hash):
+                continue
+            sl = slice(s * self.shard_size, min(self.n_pairs, (s + 1) * self.shard_size))
+            targets = dataset_images(self.dataset, target_idx[sl])
+            seeds = "noise" if noise else dataset_images(self.dataset, seed_idx[sl])
+            result = invert_images(
+                self.model,
+                seeds,
+                targets,
+                **self.inversion.model_dump(),
+                device=device,
+                progress=progress,
+                noise_seed=self.seed * 1_000_003 + s,
+            )
+            tensors = {
+                "images": result.images.float().contiguous(),
+                "seed_index": torch.from_numpy(seed_idx[sl].copy()),
+                "target_index": torch.from_numpy(target_idx[sl].copy()),
+                "seed_label": torch.from_numpy(labels[seed_idx[sl]].astype(np.int64)),
+                "target_label": torch.from_numpy(labels[target_idx[sl]].astype(np.int64)),
+                "loss": result.loss.float().contiguous(),
+                "initial_loss": result.initial_loss.float().contiguous(),
+                "iterations": result.iterations.contiguous(),
+            }
+            _write_shard(self.out, s, tensors, self.config_hash)
 
 
 def _write_shard(out: Path, s: int, tensors: dict[str, torch.Tensor], config_hash: str) -> None:
@@ -229,7 +271,7 @@ def _write_shard(out: Path, s: int, tensors: dict[str, torch.Tensor], config_has
 
     data = save(tensors, metadata={"invsim": json.dumps({"shard": s, "config_hash": config_hash})})
     name = _shard_name(s)
-    _atomic_write(out / "shards" / f"{name}.safetensors", data)
+    atomic_write(out / "shards" / f"{name}.safetensors", data)
     record = {
         "shard": s,
         "file": f"shards/{name}.safetensors",
@@ -237,7 +279,7 @@ def _write_shard(out: Path, s: int, tensors: dict[str, torch.Tensor], config_has
         "n": int(tensors["images"].shape[0]),
         "config_hash": config_hash,
     }
-    _atomic_write(out / "shards" / f"{name}.json", _json_bytes(record))
+    atomic_write(out / "shards" / f"{name}.json", json_bytes(record))
 
 
 def _shard_done(out: Path, s: int, config_hash: str) -> bool:
@@ -272,7 +314,7 @@ def merge_manifest(out_dir: str | Path) -> InvertedDataset | None:
     manifest = {"config_hash": cfg["config_hash"], "n": n_pairs, "shards": records}
     path = out / "manifest.json"
     if not path.exists() or json.loads(path.read_text()) != manifest:
-        _atomic_write(path, _json_bytes(manifest))
+        atomic_write(path, json_bytes(manifest))
     return InvertedDataset(out)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,18 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from invsim._io import progress_bar
 from invsim.attacks import pgd
+from invsim.config import TrainConfig
 from invsim.models import Normalize, load_model, save_model
 from invsim.representation import eval_mode, logits
 
 __all__ = ["accuracy", "train_ladder", "train_model"]
 
-
-def _tqdm(total: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
+_T = TrainConfig()  # the single source of train_model's recipe defaults
 
 
 def _shape(dataset: Dataset) -> tuple[int, int, int]:
@@ -76,13 +72,13 @@ def train_model(
     spec: str | nn.Module,
     dataset: Dataset,
     *,
-    epochs: int = 3,
+    epochs: int = _T.epochs,
     adversarial: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     test_dataset: Dataset | None = None,
-    batch_size: int = 128,
-    lr: float = 2e-3,
+    batch_size: int = _T.batch_size,
+    lr: float = _T.lr,
     weight_decay: float = 5e-4,
     eval_n: int | None = 1000,
     eval_steps: int = 20,
@@ -133,7 +129,9 @@ def train_model(
     attack_gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
     losses: list[float] = []
-    with _tqdm(steps_total, f"train {model.invsim_meta['arch']}", progress) as bar:
+    with progress_bar(
+        steps_total, f"train {model.invsim_meta['arch']}", progress, unit="it"
+    ) as bar:
         for _epoch in range(epochs):
             for x, y in loader:
                 x, y = x.to(dev), y.to(dev)

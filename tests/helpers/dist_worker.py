@@ -39,7 +39,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
     from invsim import LinearCKA, LinearCKAMatrix
-    from invsim.distributed import all_reduce_accumulator, invert_distributed
+    from invsim.distributed import all_reduce_accumulator
+    from invsim.store import invert_dataset
 
     if task == "cka":
         x, y = data()
@@ -57,8 +58,8 @@ def main() -> None:
         with open(f"{out}/cka-{rank}.json", "w") as f:
             json.dump(result, f)
     elif task == "invert":
-        ds = invert_distributed(model(), small_set(), 10, out, shard_size=3, iterations=6,
-                                batch_size=3, progress=False)  # fmt: skip
+        ds = invert_dataset(model(), small_set(), 10, out, shard_size=3, iterations=6,
+                            batch_size=3, progress=False)  # fmt: skip
         with open(f"{out}/../rank-{rank}.json", "w") as f:
             json.dump({"n": len(ds)}, f)
     dist.barrier()

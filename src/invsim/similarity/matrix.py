@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, check_not_constant
 from invsim.similarity.functional import (
     _ratio,
     center_gram,
     gram_linear,
     gram_rbf,
-    hsic_from_moments,
+    linear_hsic_matrix,
 )
 
 __all__ = ["SimilarityMatrix", "cka_matrix"]
@@ -99,9 +98,7 @@ def cka_matrix(
     if len(set(sizes.values())) != 1:
         raise ValueError(f"representations have different numbers of examples: {sizes}.")
     n = xs[0].shape[0]
-    need = 4 if debiased else 2
-    if n < need:
-        raise ValueError(f"{'debiased ' if debiased else ''}CKA needs n >= {need}; got n={n}.")
+    check_enough(n, debiased=debiased)
     for k, x in zip(names, xs, strict=True):
         check_not_constant(x, k)
     m = len(names)
@@ -117,19 +114,7 @@ def cka_matrix(
             for j in range(i, m):
                 h[i, j] = h[j, i] = float((grams[i] * grams[j]).sum()) / scale
     elif measure == "linear":
-        xs = [x - x.mean(dim=0, keepdim=True) for x in xs]
-        rs = [(x * x).sum(dim=1) for x in xs]
-        for i in range(m):
-            for j in range(i, m):
-                cross = float(torch.linalg.matrix_norm(xs[i].T @ xs[j]) ** 2)
-                h[i, j] = h[j, i] = hsic_from_moments(
-                    cross,
-                    float(rs[i] @ rs[j]),
-                    float(rs[i].sum()),
-                    float(rs[j].sum()),
-                    n,
-                    debiased=debiased,
-                )
+        h = linear_hsic_matrix(xs, debiased=debiased).numpy()
     else:
         raise ValueError(f"measure must be 'linear' or 'rbf'; got {measure!r}.")
     values = np.empty((m, m))

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from invsim.similarity._inputs import ArrayLike, as_matrix, paired_batch
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
 from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
 from invsim.similarity.matrix import SimilarityMatrix
 
@@ -171,12 +171,7 @@ class CrossMoments:
         if self.shift is None:
             raise ValueError("no data: call update() before compute().")
         n = int(self.n)
-        need = 4 if debiased else 2
-        if n < need:
-            raise ValueError(
-                f"{'debiased ' if debiased else ''}CKA needs at least {need} examples; "
-                f"got n={n}. Feed more batches."
-            )
+        check_enough(n, debiased=debiased)
         centred = self.copy()
         mean = [sh + s / n for sh, s in zip(self.shift, self.S, strict=True)]
         centred.reshift(mean)
@@ -188,19 +183,13 @@ class CrossMoments:
                     f"view {a} is constant across all {n} examples (zero variance); CKA is "
                     "undefined for it. A dead layer or a constant input is the usual cause."
                 )
-        h = torch.zeros(self.k, self.k, dtype=torch.float64)
-        for a in range(self.k):
-            for b in range(a, self.k):
-                cross = float(torch.linalg.matrix_norm(centred.G[a, b]) ** 2)
-                h[a, b] = h[b, a] = hsic_from_moments(
-                    cross,
-                    float(centred.R2[a, b]),
-                    float(centred.R1[a]),
-                    float(centred.R1[b]),
-                    n,
-                    debiased=debiased,
-                )
-        return h
+        cross = torch.empty(self.k, self.k, dtype=torch.float64)
+        for a, b in centred.G:
+            cross[a, b] = cross[b, a] = torch.linalg.matrix_norm(centred.G[a, b]) ** 2
+        r1 = centred.R1.cpu()
+        return hsic_from_moments(
+            cross, centred.R2.cpu(), r1[:, None], r1[None, :], n, debiased=debiased
+        )
 
 
 def _hsic_to_cka(h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Similarity matrices between models: natural, inverted (Jones et al.) and STIR.
+"""The regimes' similarity matrices between models: natural, inverted (Jones et al.), STIR.
 
 - natural: linear CKA on the same held-out natural images for every pair; symmetric.
 - inverted: entry (r, c) = CKA(Rep_r(X_r), Rep_c(X_r)), X_r = row model r's inverted
@@ -25,18 +25,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invsim.distributed import extract_distributed, invert_distributed, is_main
+from invsim._io import atomic_write
+from invsim.config import InversionConfig
+from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix
-from invsim.store import InvertedDataset, dataset_images, model_fingerprint
+from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
     "RepresentationCache",
     "inverted_similarity",
     "natural_similarity",
-    "robustness_summary",
-    "stir",
-    "summarize",
+    "stir_similarity",
 ]
 
 
@@ -67,7 +67,7 @@ class RepresentationCache:
         batch_size: int = 256,
         device: str | torch.device | None = None,
     ) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
         k = self.key(model, dataset_id, layer)
         if k in self.memory:
@@ -82,20 +82,24 @@ class RepresentationCache:
                 return rep
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 path.unlink()
-        if isinstance(data, torch.Tensor):  # split over torchrun ranks when there are any
-            rep = extract_distributed(
-                model, data, layer=layer, batch_size=batch_size, device=device
-            )
-        else:
-            rep = extract(model, data, layer=layer, batch_size=batch_size, device=device)
+        rep = _extract(model, data, layer=layer, batch_size=batch_size, device=device)
         self.stats["computed"] += 1
         if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"representation": rep.contiguous()}, str(tmp))
-            tmp.replace(path)
+            atomic_write(path, save({"representation": rep.contiguous()}))
         self.memory[k] = rep
         return rep
+
+
+def _extract(model: nn.Module, data: Dataset | torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """:func:`extract`; a tensor of images is split over torchrun ranks when there are
+    any (strided slices, reassembled in order on every rank)."""
+    if not isinstance(data, torch.Tensor):
+        return extract(model, data, **kwargs)
+    rank, world = rank_world()
+    if rank != 0:
+        kwargs["progress"] = False
+    return gather_strided(extract(model, data[rank::world], **kwargs), len(data))
 
 
 def _cka_over(reps: Mapping[str, torch.Tensor], *, debiased: bool, chunk: int = 1024):
@@ -177,95 +181,51 @@ def inverted_similarity(
     return SimilarityMatrix(rows, cols, values)
 
 
-def stir(
+def stir_similarity(
     models: Mapping[str, nn.Module],
     dataset: Dataset,
     out_dir: str | Path,
     *,
     n: int = 500,
     seed: int = 0,
-    layer: str = PENULTIMATE,
+    seed_images: str = "noise",
+    inversion: InversionConfig | None = None,
+    shard_size: int = 256,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    **inversion_kwargs: Any,
+    **settings: Any,
 ) -> tuple[SimilarityMatrix, dict[str, InvertedDataset]]:
     """STIR(m2 | m1) = CKA(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
-    noise seeds (``seed_images="noise"``; pass ``seed_images=None`` for data seeds).
-    Entry (row m1, column m2). The inverted sets are stored under ``out_dir/<m1>``."""
+    noise seeds (``seed_images="data"`` for data seeds). Entry (row m1, column m2). The
+    inverted sets are stored under ``out_dir/<m1>``; ``inversion`` and ``settings`` are
+    as in :func:`invsim.store.invert_dataset`."""
     cache = cache or RepresentationCache()
+    cfg = (inversion or InversionConfig()).replace(**settings)
     names = list(models)
-    inversion_kwargs.setdefault("seed_images", "noise")
-    if inversion_kwargs["seed_images"] is None:
-        del inversion_kwargs["seed_images"]
     values = np.empty((len(names), len(names)))
     stored: dict[str, InvertedDataset] = {}
+    kw = {"layer": cfg.layer, "batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
-        inv = invert_distributed(
+        inv = invert_dataset(
             models[m1],
             dataset,
             n,
             Path(out_dir) / m1,
+            inversion=cfg,
             seed=seed,
-            layer=layer,
+            seed_images=seed_images,
+            shard_size=shard_size,
             device=device,
             progress=progress,
-            **inversion_kwargs,
         )
         assert inv is not None
         stored[m1] = inv
         originals = dataset_images(dataset, inv.target_index.tolist())
         original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            kw = {"layer": layer, "batch_size": batch_size, "device": device}
             a = cache.get(models[m2], originals, original_id, **kw)
             b = cache.get(models[m2], inv.images, inv.id, **kw)
             values[i, j] = _cka_over({"x": a, "x_inv": b}, debiased=False)["x", "x_inv"]
     return SimilarityMatrix(names, names, values), stored
-
-
-def summarize(matrix: SimilarityMatrix) -> dict[str, Any]:
-    """Off-diagonal mean and median, row and column means (off-diagonal), and asymmetry
-    mean |S - S^T| over the entries whose transpose exists."""
-    v = matrix.values
-    rows, cols = matrix.rows, matrix.cols
-    off = np.array([[r != c for c in cols] for r in rows], dtype=bool)
-    out: dict[str, Any] = {
-        "offdiag_mean": float(v[off].mean()) if off.any() else None,
-        "offdiag_median": float(np.median(v[off])) if off.any() else None,
-        "row_means": {r: float(v[i][off[i]].mean()) for i, r in enumerate(rows) if off[i].any()},
-        "col_means": {
-            c: float(v[:, j][off[:, j]].mean()) for j, c in enumerate(cols) if off[:, j].any()
-        },
-    }
-    common = [r for r in rows if r in cols]
-    if len(common) > 1:
-        sq = np.array([[matrix[r, c] for c in common] for r in common])
-        mask = ~np.eye(len(common), dtype=bool)
-        out["asymmetry"] = float(np.abs(sq - sq.T)[mask].mean())
-    return out
-
-
-def robustness_summary(
-    matrix: SimilarityMatrix, eps: Mapping[str, float], arch: Mapping[str, str]
-) -> dict[str, Any]:
-    """Each model's mean similarity to all others (row and column together) against its
-    eps, per architecture, with the Spearman correlation over all models."""
-    from scipy.stats import spearmanr
-
-    per_model = {}
-    for name in matrix.rows:
-        vals = [matrix[name, c] for c in matrix.cols if c != name]
-        vals += [matrix[r, name] for r in matrix.rows if r != name and name in matrix.cols]
-        per_model[name] = {
-            "eps": float(eps[name]),
-            "arch": arch[name],
-            "mean_similarity": float(np.mean(vals)),
-        }
-    xs = [v["eps"] for v in per_model.values()]
-    ys = [v["mean_similarity"] for v in per_model.values()]
-    rho = None
-    if len(set(xs)) > 1 and len(set(ys)) > 1:
-        rho = float(spearmanr(xs, ys).statistic)
-    return {"per_model": per_model, "spearman": rho}

@@ -1,0 +1,37 @@
+"""Experiments: the regimes' matrices, their summaries, and the run as stages.
+
+- :mod:`invsim.experiment.matrices`: natural, inverted and STIR matrices between models,
+  with the on-disk representation cache.
+- :mod:`invsim.experiment.summary`: summaries, the robustness trend, diagnostics, CSV.
+- :mod:`invsim.experiment.stages`: ``run_experiment`` as named, resumable stages.
+"""
+
+from invsim.experiment.matrices import (
+    RepresentationCache,
+    inverted_similarity,
+    natural_similarity,
+    stir_similarity,
+)
+from invsim.experiment.stages import confound_config, load_data, run_experiment
+from invsim.experiment.summary import (
+    headline,
+    inversion_diagnostics,
+    robustness_summary,
+    summarize,
+    write_matrix_csv,
+)
+
+__all__ = [
+    "RepresentationCache",
+    "confound_config",
+    "headline",
+    "inversion_diagnostics",
+    "inverted_similarity",
+    "load_data",
+    "natural_similarity",
+    "robustness_summary",
+    "run_experiment",
+    "stir_similarity",
+    "summarize",
+    "write_matrix_csv",
+]

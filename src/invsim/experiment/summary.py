@@ -1,0 +1,140 @@
+"""What a run reports about its matrices: summaries, the robustness trend, inversion
+diagnostics, the confound headline, the one-paragraph headline, and CSV output.
+
+Example:
+    >>> import numpy as np
+    >>> from invsim.similarity import SimilarityMatrix
+    >>> from invsim.experiment import summarize
+    >>> m = SimilarityMatrix(["a", "b"], ["a", "b"], np.array([[1.0, 0.2], [0.4, 1.0]]))
+    >>> round(summarize(m)["offdiag_mean"], 3), round(summarize(m)["asymmetry"], 3)
+    (0.3, 0.2)
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from invsim.representation import eval_mode, logits
+from invsim.similarity import SimilarityMatrix
+
+__all__ = [
+    "confound_headline",
+    "headline",
+    "inversion_diagnostics",
+    "robustness_summary",
+    "summarize",
+    "write_matrix_csv",
+]
+
+
+def summarize(matrix: SimilarityMatrix) -> dict[str, Any]:
+    """Off-diagonal mean and median, row and column means (off-diagonal), and asymmetry
+    mean |S - S^T| over the entries whose transpose exists."""
+    v = matrix.values
+    rows, cols = matrix.rows, matrix.cols
+    off = np.array([[r != c for c in cols] for r in rows], dtype=bool)
+    out: dict[str, Any] = {
+        "offdiag_mean": float(v[off].mean()) if off.any() else None,
+        "offdiag_median": float(np.median(v[off])) if off.any() else None,
+        "row_means": {r: float(v[i][off[i]].mean()) for i, r in enumerate(rows) if off[i].any()},
+        "col_means": {
+            c: float(v[:, j][off[:, j]].mean()) for j, c in enumerate(cols) if off[:, j].any()
+        },
+    }
+    common = [r for r in rows if r in cols]
+    if len(common) > 1:
+        sq = np.array([[matrix[r, c] for c in common] for r in common])
+        mask = ~np.eye(len(common), dtype=bool)
+        out["asymmetry"] = float(np.abs(sq - sq.T)[mask].mean())
+    return out
+
+
+def robustness_summary(
+    matrix: SimilarityMatrix, eps: Mapping[str, float], arch: Mapping[str, str]
+) -> dict[str, Any]:
+    """Each model's mean similarity to all others (row and column together) against its
+    eps, per architecture, with the Spearman correlation over all models."""
+    from scipy.stats import spearmanr
+
+    per_model = {}
+    for name in matrix.rows:
+        vals = [matrix[name, c] for c in matrix.cols if c != name]
+        vals += [matrix[r, name] for r in matrix.rows if r != name and name in matrix.cols]
+        per_model[name] = {
+            "eps": float(eps[name]),
+            "arch": arch[name],
+            "mean_similarity": float(np.mean(vals)),
+        }
+    xs = [v["eps"] for v in per_model.values()]
+    ys = [v["mean_similarity"] for v in per_model.values()]
+    rho = None
+    if len(set(xs)) > 1 and len(set(ys)) > 1:
+        rho = float(spearmanr(xs, ys).statistic)
+    return {"per_model": per_model, "spearman": rho}
+
+
+def inversion_diagnostics(model: torch.nn.Module, inverted: Any) -> dict[str, float]:
+    """Median losses, and how often the model classifies an inverted image as its target."""
+    dev = next(model.parameters()).device
+    with torch.no_grad(), eval_mode(model, warn=False):
+        pred = torch.cat(
+            [logits(model(x.to(dev))).argmax(1).cpu() for x in inverted.images.split(256)]
+        )
+    return {
+        "median_loss": float(inverted.loss.median()),
+        "median_initial_loss": float(inverted.initial_loss.median()),
+        "target_accuracy": float((pred == inverted.target_labels).float().mean()),
+        "n": len(inverted),
+    }
+
+
+def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> dict[str, float]:
+    """The confound experiment's five numbers (models only_a, only_a_seed2, only_b)."""
+    return {
+        "natural_a_b": natural["only_a", "only_b"],
+        "natural_a_a2": natural["only_a", "only_a_seed2"],
+        "inverted_a_b_on_a": inverted["only_a", "only_b"],
+        "inverted_a_b_on_b": inverted["only_b", "only_a"],
+        "inverted_a_a2_on_a": inverted["only_a", "only_a_seed2"],
+    }
+
+
+def write_matrix_csv(matrix: SimilarityMatrix, path: Path) -> None:
+    """Long format: row, column, value."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "column", "value"])
+        for r, c, v in matrix.long():
+            w.writerow([r, c, f"{v:.10g}"])
+
+
+def headline(results: Mapping[str, Any]) -> str:
+    """A few lines for the terminal: the paper's question answered by this run."""
+    s = results["summary"]
+    lines = []
+    if "natural" in s and "inverted" in s:
+        lines.append(
+            f"mean off-diagonal CKA: natural {s['natural']['offdiag_mean']:.3f}, "
+            f"inverted {s['inverted']['offdiag_mean']:.3f} "
+            f"(asymmetry {s['inverted'].get('asymmetry', float('nan')):.3f})"
+        )
+    rob = results.get("robustness", {}).get("inverted")
+    if rob and rob["spearman"] is not None:
+        lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
+    c = results.get("confound", {}).get("headline")
+    if c:
+        lines.append(
+            f"confound: only-A vs only-B natural {c['natural_a_b']:.3f}, inverted "
+            f"{c['inverted_a_b_on_a']:.3f} (A's data) / {c['inverted_a_b_on_b']:.3f} (B's data); "
+            f"two only-A models inverted {c['inverted_a_a2_on_a']:.3f}"
+        )
+    losses = [q["median_loss"] for q in results.get("inversion", {}).values()]
+    if losses:
+        lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
+    return "\n".join(lines)
