@@ -195,3 +195,21 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
         )
     assert torch.equal(plain.initial_loss, fake.initial_loss)
     assert not torch.equal(plain.images, fake.images)
+
+
+def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test):
+    # float64, so that per-example results can be compared exactly across batch shapes
+    model = _small_cnn(torch.float64)
+    s, t = sample_pairs(mnist_test.labels, 10, seed=3)
+    seeds, targets = mnist_test.images[s].double(), mnist_test.images[t].double()
+    kw = {"iterations": 60, "tol": 0.03, "patience": 10, "progress": False}
+    batched = invert_images(model, seeds, targets, batch_size=4, **kw)
+    alone = [invert_images(model, seeds[i : i + 1], targets[i : i + 1], batch_size=1, **kw)
+             for i in range(10)]  # fmt: skip
+    stops = batched.iterations.tolist()
+    assert len(set(stops)) > 1 and min(stops) < 60  # examples leave at different iterations
+    assert stops == [int(r.iterations) for r in alone]  # every pair once, in input order
+    assert torch.allclose(batched.images.double(), torch.cat([r.images for r in alone]).double())
+    assert torch.allclose(batched.loss, torch.cat([r.loss for r in alone]))
+    # the cost is the work actually done: one evaluation per step plus the last iterate
+    assert batched.passes == sum(stops) + 10 == sum(r.passes for r in alone)

@@ -104,49 +104,15 @@ def train_model(
         True
     """
     torch.manual_seed(seed)
-    channels, size, n_classes = _shape(dataset)
-    if isinstance(spec, nn.Module):
-        model = load_model(spec, **model_kwargs)
-    else:
-        model = load_model(
-            spec,
-            num_classes=model_kwargs.pop("num_classes", n_classes or 10),
-            in_channels=channels,
-            image_size=size,
-            **model_kwargs,
-        )
+    model = _build(spec, dataset, model_kwargs)
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
     adv = _attack(adversarial) if adversarial and float(adversarial.get("eps", 0)) > 0 else None
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
-    steps_total = epochs * len(loader)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(steps_total, 1), pct_start=0.15
-    )
-    attack_gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
-    losses: list[float] = []
-    with progress_bar(
-        steps_total, f"train {model.invsim_meta['arch']}", progress, unit="it"
-    ) as bar:
-        for _epoch in range(epochs):
-            for x, y in loader:
-                x, y = x.to(dev), y.to(dev)
-                if adv is not None:
-                    x = pgd(model, x, y, generator=attack_gen, **adv)  # eval during the attack
-                model.train()
-                loss = F.cross_entropy(logits(model(x)), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
+    losses = _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress)
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - t0,
         "epochs": epochs,
@@ -163,13 +129,55 @@ def train_model(
                 model, test_dataset, adversarial=eval_attack, n=eval_n, device=dev, seed=seed
             )
             metrics["robust_eval"] = eval_attack
-    eps = adv["eps"] if adv else 0.0
-    model.invsim_meta.update(
-        {"training": metrics, "eps": eps, "norm": adv["norm"] if adv else None}
-    )
+    meta = {"training": metrics, "eps": adv["eps"] if adv else 0.0, "norm": adv and adv["norm"]}
+    model.invsim_meta.update(meta)
     if out is not None:
-        save_model(model, out, training=metrics, eps=eps, norm=adv["norm"] if adv else None)
+        save_model(model, out, **meta)
     return model, metrics
+
+
+def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]) -> Normalize:
+    """An untrained model shaped for ``dataset`` (channels, size, classes)."""
+    if isinstance(spec, nn.Module):
+        return load_model(spec, **model_kwargs)
+    channels, size, n_classes = _shape(dataset)
+    return load_model(
+        spec,
+        num_classes=model_kwargs.pop("num_classes", n_classes or 10),
+        in_channels=channels,
+        image_size=size,
+        **model_kwargs,
+    )
+
+
+def _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress) -> list[float]:
+    """AdamW with a one-cycle schedule; adversarial examples from PGD when ``adv``."""
+    dev = next(model.parameters()).device
+    steps_total = epochs * len(loader)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(steps_total, 1), pct_start=0.15
+    )
+    attack_gen = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+    desc = f"train {model.invsim_meta['arch']}"
+    with progress_bar(steps_total, desc, progress, unit="it") as bar:
+        for _epoch in range(epochs):
+            for x, y in loader:
+                x, y = x.to(dev), y.to(dev)
+                if adv is not None:
+                    x = pgd(model, x, y, generator=attack_gen, **adv)  # eval during the attack
+                model.train()
+                loss = F.cross_entropy(logits(model(x)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
 
 
 def ladder_name(spec: str, eps: float, norm: str) -> str:

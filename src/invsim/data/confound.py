@@ -37,7 +37,7 @@ import json
 import numpy as np
 import torch
 
-from invsim.data.datasets import TensorImageDataset
+from invsim.data.base import TensorImageDataset, check_split
 
 __all__ = ["VARIANTS", "glyphs", "make_confound"]
 
@@ -69,6 +69,24 @@ def glyphs(num_classes: int, size: int, *, salt: int) -> np.ndarray:
     return np.ascontiguousarray(big[:, :size, :size])
 
 
+def _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast) -> np.ndarray:
+    """Noisy background, glyph A top-left and glyph B bottom-right, each at its contrast."""
+    n, glyph_size, margin = len(cls_a), glyph_a.shape[-1], 1 + jitter
+    images = rng.normal(0.0, noise, size=(n, image_size, image_size)).astype(np.float32) + 0.1
+    far = image_size - glyph_size - margin
+    for i in range(n):
+        for cls, bank, (r0, c0) in (
+            (cls_a[i], glyph_a, (margin, margin)),
+            (cls_b[i], glyph_b, (far, far)),
+        ):
+            dr, dc = rng.integers(-jitter, jitter + 1, size=2)
+            r, c = r0 + dr, c0 + dc
+            level = rng.uniform(*contrast)
+            patch = images[i, r : r + glyph_size, c : c + glyph_size]
+            images[i, r : r + glyph_size, c : c + glyph_size] = np.maximum(patch, level * bank[cls])
+    return images
+
+
 def make_confound(
     variant: str = "both",
     *,
@@ -92,8 +110,7 @@ def make_confound(
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown confound variant {variant!r}; use one of {VARIANTS}.")
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+    check_split(split)
     margin = 1 + jitter
     if 2 * (glyph_size + 2 * margin) > image_size + 2:
         raise ValueError(
@@ -119,33 +136,12 @@ def make_confound(
     cls_a = labels if variant != "only_b" else other
     cls_b = labels if variant != "only_a" else other
 
-    images = rng.normal(0.0, noise, size=(n, image_size, image_size)).astype(np.float32) + 0.1
-    far = image_size - glyph_size - margin
-    for i in range(n):
-        for cls, bank, (r0, c0) in (
-            (cls_a[i], glyph_a, (margin, margin)),
-            (cls_b[i], glyph_b, (far, far)),
-        ):
-            dr, dc = rng.integers(-jitter, jitter + 1, size=2)
-            r, c = r0 + dr, c0 + dc
-            level = rng.uniform(*contrast)
-            patch = images[i, r : r + glyph_size, c : c + glyph_size]
-            images[i, r : r + glyph_size, c : c + glyph_size] = np.maximum(patch, level * bank[cls])
+    images = _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast)
     x = torch.from_numpy(np.clip(images, 0.0, 1.0))[:, None].repeat(1, channels, 1, 1)
-    params = {
-        "variant": variant,
-        "n": n,
-        "split": split,
-        "image_size": image_size,
-        "channels": channels,
-        "num_classes": num_classes,
-        "glyph_size": glyph_size,
-        "jitter": jitter,
-        "noise": noise,
-        "contrast": list(contrast),
-        "agree": agree,
-        "seed": seed,
-    }
+    params = {"variant": variant, "n": n, "split": split, "image_size": image_size,
+              "channels": channels, "num_classes": num_classes, "glyph_size": glyph_size,
+              "jitter": jitter, "noise": noise, "contrast": list(contrast), "agree": agree,
+              "seed": seed}  # fmt: skip
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     ds = TensorImageDataset(
         x,

@@ -37,6 +37,7 @@ __all__ = [
     "save_model",
 ]
 
+_SIZED_TIMM = ("vit_", "deit", "swin", "eva", "beit", "cait", "xcit")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,8 +84,11 @@ def _build_spec(
             raise ImportError(
                 f"{spec!r} needs timm, an optional extra: pip install 'invsim[timm]'."
             ) from e
+        kwargs = dict(arch_kwargs)
+        if image_size != 224 and spec[5:].startswith(_SIZED_TIMM):
+            kwargs.setdefault("img_size", image_size)  # transformers fix their input size
         net = timm.create_model(
-            spec[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels, **arch_kwargs
+            spec[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
         )
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         return net, list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
@@ -152,23 +156,7 @@ def load_model(
         arch_kwargs = {**m.get("arch_kwargs", {}), **arch_kwargs}
     elif checkpoint is not None:
         ckpt = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
-
-    if isinstance(spec, nn.Module):
-        if isinstance(spec, Normalize):
-            spec = spec.model
-        net = spec
-        in_ch = in_channels or 3
-        dmean, dstd = _default_stats(in_ch) if in_channels else (IMAGENET_MEAN, IMAGENET_STD)
-        spec_name = f"custom:{type(net).__name__}"
-    else:
-        external = str(spec).startswith(("tv:", "timm:"))
-        in_ch = in_channels or (3 if external else 1)
-        size = image_size or (224 if external else (28 if in_ch == 1 else 32))
-        in_channels = in_ch
-        num_classes = num_classes or (1000 if external else 10)
-        net, dmean, dstd = _build_spec(str(spec), num_classes, in_ch, size, arch_kwargs)
-        spec_name = str(spec)
-        image_size = size
+    net, shape, (dmean, dstd) = _network(spec, num_classes, in_channels, image_size, arch_kwargs)
     if ckpt is not None:
         load_into(net, ckpt, strict=strict)
     use_mean = mean if mean is not None else (ckpt.mean if ckpt and ckpt.mean else dmean)
@@ -178,11 +166,7 @@ def load_model(
     model = Normalize(net, use_mean, use_std)
     model.invsim_meta = {
         **(ckpt.meta if ckpt else {}),
-        "spec": spec_name,
-        "arch": spec_name,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "image_size": image_size,
+        **shape,
         "arch_kwargs": dict(arch_kwargs),
         "mean": [float(v) for v in use_mean],
         "std": [float(v) for v in use_std],
@@ -191,6 +175,24 @@ def load_model(
         "layout": ckpt.layout if ckpt else None,
     }
     return model.eval()
+
+
+def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
+    """(network, its shape metadata, default (mean, std)) for a spec or a module."""
+    if isinstance(spec, nn.Module):
+        net = spec.model if isinstance(spec, Normalize) else spec
+        in_ch = in_channels or 3
+        stats = _default_stats(in_ch) if in_channels else (IMAGENET_MEAN, IMAGENET_STD)
+        name = f"custom:{type(net).__name__}"
+        shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+        return net, {"spec": name, "arch": name, **shape}, stats
+    external = str(spec).startswith(("tv:", "timm:"))
+    in_ch = in_channels or (3 if external else 1)
+    size = image_size or (224 if external else (28 if in_ch == 1 else 32))
+    classes = num_classes or (1000 if external else 10)
+    net, dmean, dstd = _build_spec(str(spec), classes, in_ch, size, arch_kwargs)
+    shape = {"num_classes": classes, "in_channels": in_ch, "image_size": size}
+    return net, {"spec": str(spec), "arch": str(spec), **shape}, (dmean, dstd)
 
 
 def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
