@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from invsim.demo import DEMO_MEASURES
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
@@ -46,7 +48,9 @@ def test_every_output_present_and_parseable(quick_run):
     assert len(names) == 4
     for key in ("natural", "inverted"):
         with open(out / f"{key}.csv") as f:
-            rows = list(csv.DictReader(f))
+            every = list(csv.DictReader(f))
+        assert {r["measure"] for r in every} == set(DEMO_MEASURES)
+        rows = [r for r in every if r["measure"] == "linear_cka"]
         assert len(rows) == len(names) ** 2
         assert {r["row"] for r in rows} == set(names)
         m = results["matrices"][key]
@@ -174,8 +178,10 @@ def test_train_invert_similarity_commands(tmp_path):
         assert p.read_bytes() == (tmp_path / "sliced" / "shards" / p.name).read_bytes()
     inv = f"a={tmp_path / 'inv'}"
     proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={model}", "--data",
-                  "digits", "--inverted", inv, "--out", str(tmp_path / "s"))  # fmt: skip
+                  "digits", "--inverted", inv, "--measure", "linear_cka", "--measure",
+                  "procrustes", "--out", str(tmp_path / "s"))  # fmt: skip
     sim = json.loads((tmp_path / "s" / "similarity.json").read_text())
-    assert sim["natural"]["matrix"]["values"][0][1] == pytest.approx(1.0)
-    assert "natural:" in proc.stdout
+    assert sim["natural"]["linear_cka"]["matrix"]["values"][0][1] == pytest.approx(1.0)
+    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(1.0)
+    assert "natural (linear_cka):" in proc.stdout and "natural (procrustes):" in proc.stdout
     assert "built-in" in invsim("models").stdout

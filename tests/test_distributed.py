@@ -59,6 +59,11 @@ def test_distributed_cka_equals_single_process(tmp_path):
         assert got["debiased"] == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-10)
         assert torch.allclose(torch.tensor(got["matrix"], dtype=torch.float64),
                               torch.from_numpy(want), atol=1e-10)  # fmt: skip
+        # every streaming measure, from the all-reduced moments, equals one process
+        single = want_mat.compute_measures(list(got["measures"]))
+        for name, values in got["measures"].items():
+            values = torch.tensor(values, dtype=torch.float64)
+            assert torch.allclose(values, torch.from_numpy(single[name].values), atol=1e-8), name
 
 
 def _files(root: Path) -> dict[str, bytes]:

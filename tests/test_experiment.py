@@ -11,7 +11,7 @@ import torch
 
 import invsim.store as store
 from invsim import linear_cka
-from invsim.config import ConfigError, load_config, validate
+from invsim.config import ConfigError, InversionConfig, load_config, validate
 from invsim.data import TensorImageDataset
 from invsim.experiment import (
     RepresentationCache,
@@ -110,7 +110,9 @@ BASE = {"out": "runs/x", "data": {"dataset": "mnist5k"},
         ({"models": [{"name": "a", "spec": "mlp"}]}, "needs a 'checkpoint' or a 'train'"),
         ({"models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1, "adversarial": {}}}]},
          "adversarial.eps"),
-        ({"measures": ["natural", "cka"]}, "unknown measure 'cka'"),
+        ({"measures": ["linear_cka", "cka"]}, "unknown measure 'cka'"),
+        ({"measures": ["natural", "inverted"]}, "put them under 'regimes:'"),
+        ({"regimes": ["natural", "warped"]}, "unknown regime 'warped'"),
         ({"models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1.5}}]},
          "'models\\[0\\].train.epochs' must be int"),
     ],
@@ -130,7 +132,7 @@ def test_config_file_errors(tmp_path):
     assert load_config(tmp_path / "ok.yaml", out="elsewhere").out == "elsewhere"
 
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -180,7 +182,7 @@ def test_pipeline_with_stir_writes_every_output(tmp_path):
     from invsim.experiment import run_experiment
 
     cfg = _small_config(tmp_path / "run").replace(
-        measures=["natural", "inverted", "stir"],
+        regimes=["natural", "inverted", "stir"],
         stir={"n": 12, "iterations": 10, "seed_images": "noise"},
     )
     results = run_experiment(cfg, quiet=True)
@@ -190,3 +192,74 @@ def test_pipeline_with_stir_writes_every_output(tmp_path):
     assert (tmp_path / "run" / "figures" / "stir.png").exists()
     assert "STIR" in (tmp_path / "run" / "report.html").read_text()
     assert results["robustness"]["stir"]["per_model"]["mlp-r"]["eps"] == 0.5
+
+
+def test_a_measure_registered_here_reaches_results_and_report(tmp_path):
+    from invsim.experiment import run_experiment
+    from invsim.similarity import MEASURES, Measure, register
+
+    def mean_abs_corr(X, Y):  # a toy measure, defined and registered only in this test
+        x = torch.as_tensor(X, dtype=torch.float64)
+        y = torch.as_tensor(Y, dtype=torch.float64)
+        x, y = (
+            (x - x.mean(0)) / x.std(0).clamp_min(1e-12),
+            (y - y.mean(0)) / y.std(0).clamp_min(1e-12),
+        )
+        return float((x.T @ y / (len(x) - 1)).abs().mean())
+
+    register(Measure("toy_abs_corr", mean_abs_corr, (0.0, 1.0), description="a test's own"))
+    try:
+        cfg = _small_config(tmp_path / "run").replace(
+            measures=["linear_cka", "toy_abs_corr", "agreement"]
+        )
+        results = run_experiment(cfg, quiet=True)
+    finally:
+        del MEASURES["toy_abs_corr"]
+    toy = results["measures"]["toy_abs_corr"]
+    assert set(toy) == {"natural", "inverted"} and toy["inverted"]["measure"] == "toy_abs_corr"
+    assert results["panel"]["toy_abs_corr"]["natural_offdiag_mean"] > 0
+    assert results["matrices"]["natural"]["measure"] == "linear_cka"  # the primary measure
+    agree = np.array(results["measures"]["agreement"]["natural"]["values"])
+    assert np.allclose(np.diag(agree), 1.0) and (agree <= 1).all()
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "toy_abs_corr" in html and "Every measure" in html
+    assert (tmp_path / "run" / "figures" / "measures.png").stat().st_size > 1000
+    with open(tmp_path / "run" / "inverted.csv") as f:
+        assert any(",toy_abs_corr," in line for line in f)
+
+
+def test_functional_measure_needs_logits():
+    from invsim.data import TensorImageDataset
+    from invsim.experiment import natural_similarity
+
+    class Features(torch.nn.Module):  # no classifier output: returns a dict of features
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(784, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            self.head(h)
+            return {"features": h}
+
+    ds = TensorImageDataset(torch.rand(20, 1, 28, 28), torch.arange(20) % 2)
+    models = {"a": Features().eval(), "b": Features().eval()}
+    with pytest.raises(ValueError, match="needs the model's logits.*returns dict"):
+        natural_similarity(models, ds, measures=["agreement"])
+
+
+@pytest.mark.parametrize("name", ["jones2022-imagenet", "klabunde2025-imagenet100"])
+def test_reproduction_configs_are_ready_to_fill_in(name):
+    root = Path(__file__).resolve().parents[1] / "examples" / "reproduce"
+    cfg = load_config(root / f"{name}.yaml")
+    text = (root / f"{name}.yaml").read_text()
+    assert "Checkpoints:" in text  # each names where its checkpoints come from
+    assert cfg.inversion.settings() == InversionConfig(batch_size=128)  # the paper's settings
+    assert all(m.checkpoint and m.checkpoint.startswith("/path/to/") for m in cfg.models)
+    eps = {m.eps for m in cfg.models}
+    assert len(eps) >= 4 and 0 in eps and cfg.regimes == ["natural", "inverted"]
+    archs = {m.spec for m in cfg.models}
+    assert len(archs) >= (8 if name.startswith("jones") else 5)
+    if name.startswith("klabunde"):
+        assert eps == {0, 0.25, 0.5, 1, 3} and {"procrustes", "knn_jaccard"} <= set(cfg.measures)

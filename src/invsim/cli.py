@@ -318,14 +318,24 @@ def _name_value(specs: tuple[str, ...]) -> dict[str, str]:
     multiple=True,
     help="NAME=DIR of a model's inverted data set (repeat).",
 )
-@click.option("--debiased", is_flag=True, help="Debiased (unbiased HSIC) CKA.")
+@click.option(
+    "--measure",
+    "measures",
+    multiple=True,
+    default=["linear_cka"],
+    show_default=True,
+    help="A similarity measure (repeat); see invsim.similarity.MEASURES.",
+)
 @click.option("--out", required=True, help="Output directory.")
 @device_opt
 @_guard
 def similarity(
-    model_specs, data, split, size, crop, n, inverted_specs, debiased, out, device
+    model_specs, data, split, size, crop, n, inverted_specs, measures, out, device
 ) -> None:
-    """Natural (and, with --inverted, inverted) CKA matrices between saved models."""
+    """Natural (and, with --inverted, inverted) similarity matrices between saved models,
+    one per --measure (linear_cka, debiased_cka, procrustes, mean_cca, svcca, pwcca,
+    linreg_r2, mutual_knn, knn_jaccard, rsa, rbf_cka, agreement, cohens_kappa,
+    js_divergence)."""
     from invsim.experiment import (
         RepresentationCache,
         inverted_similarity,
@@ -339,17 +349,24 @@ def similarity(
     models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    kw = {"debiased": debiased, "cache": RepresentationCache(outdir / "cache"), "device": device}
+    kw = {
+        "measures": list(measures),
+        "cache": RepresentationCache(outdir / "cache"),
+        "device": device,
+    }
     dataset = _load_data(data, split, size, crop)
     matrices = {"natural": natural_similarity(models, dataset, n=n, **kw)}
     if inverted_specs:
         inv = {k: InvertedDataset(v) for k, v in _name_value(inverted_specs).items()}
         matrices["inverted"] = inverted_similarity(models, inv, **kw)
     res = {}
-    for key, mat in matrices.items():
-        write_matrix_csv(mat, outdir / f"{key}.csv")
-        res[key] = {"matrix": mat.to_dict(), "summary": summarize(mat)}
-        click.echo(f"{key}:\n{mat!r}")
+    for regime, by_measure in matrices.items():
+        write_matrix_csv(by_measure, outdir / f"{regime}.csv")
+        res[regime] = {
+            m: {"matrix": mat.to_dict(), "summary": summarize(mat)} for m, mat in by_measure.items()
+        }
+        for m, mat in by_measure.items():
+            click.echo(f"{regime} ({m}):\n{mat!r}")
     (outdir / "similarity.json").write_text(json.dumps(res, indent=2) + "\n")
 
 

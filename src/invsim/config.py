@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 PENULTIMATE = "penultimate"
+LOGITS = "logits"  # the model's output, for functional measures
 REGIMES = ("natural", "inverted", "stir")
 
 
@@ -135,6 +136,9 @@ class ModelConfig(_Settings):
     trust_checkpoint: bool = False
     eps: float | None = None
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to the architecture (e.g. width_per_group)."
+    )
     invert: bool = Field(True, description="Build this model's inverted data set (a row).")
 
     @model_validator(mode="after")
@@ -176,16 +180,37 @@ class ExperimentConfig(_Settings):
     data: DataConfig
     models: list[ModelConfig] = Field(min_length=1)
     inversion: InversionSection = Field(default_factory=InversionSection)
-    measures: list[str] = Field(default_factory=lambda: ["natural", "inverted"])
+    regimes: list[str] = Field(
+        default_factory=lambda: ["natural", "inverted"],
+        description="Which data the matrices are computed on: natural, inverted, stir.",
+    )
+    measures: list[str] = Field(
+        default_factory=lambda: ["linear_cka"],
+        description="Similarity measures (invsim.similarity.MEASURES); the first is primary.",
+    )
     stir: StirConfig = Field(default_factory=StirConfig)
     confound: ConfoundConfig | None = None
     note: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
+        for r in self.regimes:
+            if r not in REGIMES:
+                raise ValueError(f"unknown regime {r!r} in 'regimes'; use {list(REGIMES)}.")
+        moved = [m for m in self.measures if m in REGIMES]
+        if moved:
+            raise ValueError(
+                f"'measures' lists {moved}, which are regimes (the data a matrix is computed "
+                f"on): put them under 'regimes:' (regimes: {moved}); 'measures:' now names "
+                "similarity indices such as linear_cka, procrustes or mutual_knn."
+            )
+        if not self.measures:
+            raise ValueError("'measures' is empty: list at least one (e.g. [linear_cka]).")
+        import invsim.similarity  # noqa: F401  (registers the built-in measures)
+        from invsim.similarity.registry import get_measure  # the registry needs torch
+
         for m in self.measures:
-            if m not in REGIMES:
-                raise ValueError(f"unknown measure {m!r} in 'measures'; use {list(REGIMES)}.")
+            get_measure(m)
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -11,6 +11,14 @@ from invsim.config import ExperimentConfig, validate
 __all__ = ["demo_config", "run_demo"]
 
 ROBUST = {"norm": "l2", "eps": 1.0, "steps": 5}
+DEMO_MEASURES = [
+    "linear_cka",
+    "debiased_cka",
+    "procrustes",
+    "mutual_knn",
+    "rsa",
+    "agreement",
+]
 
 
 def demo_config(
@@ -50,7 +58,8 @@ def demo_config(
         "data": {"dataset": "mnist5k", "natural_n": natural_n, "pairs": pairs},
         "models": models,
         "inversion": {"iterations": iterations, "batch_size": 256, "shard_size": 256},
-        "measures": ["natural", "inverted"],
+        "regimes": ["natural", "inverted"],
+        "measures": DEMO_MEASURES,
         "confound": confound,
     }
     return validate(raw)

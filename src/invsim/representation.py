@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from invsim._io import progress_bar
-from invsim.config import PENULTIMATE
+from invsim.config import LOGITS, PENULTIMATE
 
 __all__ = [
+    "LOGITS",
     "PENULTIMATE",
     "LayerRef",
     "eval_mode",
@@ -251,6 +252,21 @@ def _forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef, fake_relu: boo
         return read(x)
 
 
+def _read(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The representation at ``layer``, or with ``layer="logits"`` the model's logits."""
+    if layer != LOGITS:
+        return _forward_to(model, x, resolve_layer(model, layer, example_input=x), False)
+    out = model(x)
+    try:
+        return logits(out).flatten(1)
+    except TypeError as e:
+        raise ValueError(
+            f"a functional measure needs the model's logits, but {type(model).__name__} "
+            f"returns {type(out).__name__} ({e}); drop the functional measures (agreement, "
+            "cohens_kappa, js_divergence) or wrap the model to return logits."
+        ) from e
+
+
 def representation(
     model: nn.Module, x: torch.Tensor, layer: str = PENULTIMATE, *, fake_relu: bool = False
 ) -> torch.Tensor:
@@ -366,8 +382,7 @@ def extract(
     ):
         for xb in batches:
             xb = xb.to(device or next((p.device for p in model.parameters()), "cpu"))
-            ref = resolve_layer(model, layer, example_input=xb)
-            out.append(_forward_to(model, xb, ref, False).float().cpu())
+            out.append(_read(model, xb, layer).float().cpu())
             bar.update(len(xb))
     if not out:
         raise ValueError("data is empty: no images to extract representations from.")

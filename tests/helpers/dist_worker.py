@@ -53,8 +53,11 @@ def main() -> None:
             mat.update({"x": x[chunk], "y": y[chunk], "z": torch.tanh(x[chunk, :3] - 50)})
         all_reduce_accumulator(acc)
         all_reduce_accumulator(mat)
+        streaming = ["procrustes", "mean_cca", "pwcca", "linreg_r2", "svcca"]
         result = {"biased": acc.compute(), "debiased": acc.compute(debiased=True),
-                  "matrix": mat.compute(debiased=True).values.tolist()}  # fmt: skip
+                  "matrix": mat.compute(debiased=True).values.tolist(),
+                  "measures": {k: v.values.tolist()
+                               for k, v in mat.compute_measures(streaming).items()}}  # fmt: skip
         with open(f"{out}/cka-{rank}.json", "w") as f:
             json.dump(result, f)
     elif task == "invert":

@@ -138,10 +138,20 @@ def make_confound(
 
     images = _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast)
     x = torch.from_numpy(np.clip(images, 0.0, 1.0))[:, None].repeat(1, channels, 1, 1)
-    params = {"variant": variant, "n": n, "split": split, "image_size": image_size,
-              "channels": channels, "num_classes": num_classes, "glyph_size": glyph_size,
-              "jitter": jitter, "noise": noise, "contrast": list(contrast), "agree": agree,
-              "seed": seed}  # fmt: skip
+    params = {
+        "variant": variant,
+        "n": n,
+        "split": split,
+        "image_size": image_size,
+        "channels": channels,
+        "num_classes": num_classes,
+        "glyph_size": glyph_size,
+        "jitter": jitter,
+        "noise": noise,
+        "contrast": list(contrast),
+        "agree": agree,
+        "seed": seed,
+    }
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     ds = TensorImageDataset(
         x,

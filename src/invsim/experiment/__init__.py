@@ -10,6 +10,7 @@ from invsim.experiment.matrices import (
     RepresentationCache,
     inverted_similarity,
     natural_similarity,
+    panel,
     stir_similarity,
 )
 from invsim.experiment.stages import confound_config, load_data, run_experiment
@@ -29,6 +30,7 @@ __all__ = [
     "inverted_similarity",
     "load_data",
     "natural_similarity",
+    "panel",
     "robustness_summary",
     "run_experiment",
     "stir_similarity",

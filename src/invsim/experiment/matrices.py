@@ -1,22 +1,26 @@
-"""The regimes' similarity matrices between models: natural, inverted (Jones et al.), STIR.
+"""The regimes' similarity matrices between models: natural, inverted (Jones et al.), STIR,
+under any registered measure (:data:`invsim.similarity.MEASURES`).
 
-- natural: linear CKA on the same held-out natural images for every pair; symmetric.
-- inverted: entry (r, c) = CKA(Rep_r(X_r), Rep_c(X_r)), X_r = row model r's inverted
-  data set; asymmetric.
-- STIR(m2 | m1) = CKA(Rep_m2(X), Rep_m2(X')), X' inverted through m1 from noise seeds to
-  match Rep_m1(X) (Nanda et al. 2022); entry (row m1, column m2).
+- natural: the measure on the same held-out natural images for every pair (symmetric for
+  a symmetric measure);
+- inverted: entry (r, c) = measure(Rep_r(X_r), Rep_c(X_r)), X_r = row model r's inverted
+  data set; asymmetric;
+- STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), X' inverted through m1 from noise seeds
+  to match Rep_m1(X) (Nanda et al. 2022); entry (row m1, column m2).
 
-Each model's representation of each data set is computed once (M models x D data sets
-forward passes) and, with a ``cache_dir``, stored on disk keyed by (model fingerprint,
-data set id, layer), so a second run, or a run with one model added, computes only what
-is new. Representations then stream into one :class:`~invsim.LinearCKAMatrix` per data
-set.
+For an asymmetric measure, entry (r, c) is ``measure(Rep_r, Rep_c)``. ``measures`` is one
+name (a :class:`~invsim.similarity.SimilarityMatrix` comes back) or a list (a dict name
+-> matrix). Each model's representation (and, for functional measures, its logits) of
+each data set is computed once and, with a cache directory, stored on disk keyed by
+(model fingerprint, data set id, layer), so a second run, or a run with one model added,
+computes only what is new. All streaming measures come from one pass of cross-moments
+per data set (:class:`~invsim.LinearCKAMatrix`); the others are computed pairwise.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,13 @@ from torch.utils.data import Dataset
 from invsim._io import atomic_write
 from invsim.config import InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
-from invsim.representation import PENULTIMATE, extract
-from invsim.similarity import LinearCKAMatrix, SimilarityMatrix
+from invsim.representation import LOGITS, PENULTIMATE, extract
+from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, get_measure
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
     "RepresentationCache",
+    "panel",
     "inverted_similarity",
     "natural_similarity",
     "stir_similarity",
@@ -102,12 +107,54 @@ def _extract(model: nn.Module, data: Dataset | torch.Tensor, **kwargs: Any) -> t
     return gather_strided(extract(model, data[rank::world], **kwargs), len(data))
 
 
-def _cka_over(reps: Mapping[str, torch.Tensor], *, debiased: bool, chunk: int = 1024):
-    acc = LinearCKAMatrix(list(reps), debiased=debiased)
-    n = len(next(iter(reps.values())))
-    for start in range(0, n, chunk):
-        acc.update({k: v[start : start + chunk] for k, v in reps.items()})
-    return acc.compute()
+def panel(
+    reps: Mapping[str, torch.Tensor],
+    measures: Sequence[str],
+    *,
+    logits: Mapping[str, torch.Tensor] | None = None,
+    rows: Sequence[str] | None = None,
+    chunk: int = 1024,
+) -> dict[str, SimilarityMatrix]:
+    """Every measure between the representations ``reps`` (name -> (n, d), the same
+    examples), for the ``rows`` asked (default: all) against every column. Functional
+    measures read ``logits`` (name -> (n, classes)) instead."""
+    names, rows = list(reps), list(rows or reps)
+    found = {m: get_measure(m) for m in measures}
+    out: dict[str, SimilarityMatrix] = {}
+    streaming = [m for m, spec in found.items() if spec.streams]
+    if streaming:
+        acc = LinearCKAMatrix(names)
+        n = len(next(iter(reps.values())))
+        for start in range(0, n, chunk):
+            acc.update({k: v[start : start + chunk] for k, v in reps.items()})
+        out.update(acc.compute_measures(streaming, rows=rows))
+    for name, spec in found.items():
+        if spec.streams:
+            continue
+        data = reps if spec.inputs == "representation" else (logits or {})
+        values = np.empty((len(rows), len(names)))
+        for i, r in enumerate(rows):
+            for j, c in enumerate(names):
+                mirror = spec.symmetric and c in rows and rows.index(c) < i
+                values[i, j] = (
+                    values[rows.index(c), names.index(r)] if mirror else (spec.fn(data[r], data[c]))
+                )
+        out[name] = SimilarityMatrix(rows, names, values)
+    return {m: out[m] for m in measures}
+
+
+def _one_or_many(result: dict[str, SimilarityMatrix], measures: str | Sequence[str]):
+    return result[measures] if isinstance(measures, str) else result
+
+
+def _names(measures: str | Sequence[str], debiased: bool) -> list[str]:
+    if isinstance(measures, str):
+        return ["debiased_cka" if debiased and measures == "linear_cka" else measures]
+    return list(measures)
+
+
+def _needs_logits(measures: Sequence[str]) -> bool:
+    return any(get_measure(m).inputs == "logits" for m in measures)
 
 
 def _subset(dataset: Dataset, n: int | None) -> tuple[torch.Tensor, str]:
@@ -122,14 +169,15 @@ def natural_similarity(
     dataset: Dataset,
     *,
     n: int | None = 1000,
+    measures: str | Sequence[str] = "linear_cka",
     layer: str = PENULTIMATE,
     debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> SimilarityMatrix:
-    """Symmetric linear-CKA matrix on the first ``n`` images of ``dataset`` (the same
-    images for every pair).
+    """The ``measures`` (default linear CKA; ``debiased=True``: debiased CKA) on the first
+    ``n`` images of ``dataset``, the same images for every pair.
 
     Example:
         >>> import torch
@@ -143,42 +191,55 @@ def natural_similarity(
     """
     cache = cache or RepresentationCache()
     images, data_id = _subset(dataset, n)
-    reps = {
-        k: cache.get(m, images, data_id, layer=layer, batch_size=batch_size, device=device)
-        for k, m in models.items()
-    }
-    return _cka_over(reps, debiased=debiased)
+    names = _names(measures, debiased)
+    kw = {"batch_size": batch_size, "device": device}
+    reps = {k: cache.get(m, images, data_id, layer=layer, **kw) for k, m in models.items()}
+    logit = None
+    if _needs_logits(names):
+        logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
+    result = panel(reps, names, logits=logit)
+    if isinstance(measures, str):
+        return result[names[0]]
+    return result
 
 
 def inverted_similarity(
     models: Mapping[str, nn.Module],
     inverted: Mapping[str, InvertedDataset],
     *,
+    measures: str | Sequence[str] = "linear_cka",
     layer: str = PENULTIMATE,
     debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-) -> SimilarityMatrix:
-    """Asymmetric matrix: row r, column c = CKA(Rep_r(X_r), Rep_c(X_r)) on row model r's
-    inverted data set X_r. Rows are the models in ``inverted``, columns all ``models``."""
+) -> SimilarityMatrix | dict[str, SimilarityMatrix]:
+    """Asymmetric matrix: row r, column c = measure(Rep_r(X_r), Rep_c(X_r)) on row model
+    r's inverted data set X_r. Rows are the models in ``inverted``, columns all
+    ``models``."""
     cache = cache or RepresentationCache()
     cols = list(models)
     rows = [r for r in models if r in inverted]
     missing = [r for r in inverted if r not in models]
     if missing:
         raise ValueError(f"inverted data sets for unknown models {missing}; known: {cols}.")
-    values = np.empty((len(rows), len(cols)))
+    names = _names(measures, debiased)
+    values = {m: np.empty((len(rows), len(cols))) for m in names}
+    kw = {"batch_size": batch_size, "device": device}
     for i, r in enumerate(rows):
         data = inverted[r]
-        reps = {
-            c: cache.get(
-                models[c], data.images, data.id, layer=layer, batch_size=batch_size, device=device
-            )
-            for c in cols
-        }
-        values[i] = _cka_over(reps, debiased=debiased).values[cols.index(r)]
-    return SimilarityMatrix(rows, cols, values)
+        reps = {c: cache.get(models[c], data.images, data.id, layer=layer, **kw) for c in cols}
+        logit = None
+        if _needs_logits(names):
+            logit = {
+                c: cache.get(models[c], data.images, data.id, layer=LOGITS, **kw) for c in cols
+            }
+        for m, mat in panel(reps, names, logits=logit, rows=[r]).items():
+            values[m][i] = mat.values[0]
+    return _one_or_many(
+        {m: SimilarityMatrix(rows, cols, v) for m, v in values.items()},
+        (names[0] if isinstance(measures, str) else names),
+    )
 
 
 def stir_similarity(
@@ -187,6 +248,7 @@ def stir_similarity(
     out_dir: str | Path,
     *,
     n: int = 500,
+    measures: str | Sequence[str] = "linear_cka",
     seed: int = 0,
     seed_images: str = "noise",
     inversion: InversionConfig | None = None,
@@ -196,17 +258,17 @@ def stir_similarity(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     **settings: Any,
-) -> tuple[SimilarityMatrix, dict[str, InvertedDataset]]:
-    """STIR(m2 | m1) = CKA(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
+) -> tuple[SimilarityMatrix | dict[str, SimilarityMatrix], dict[str, InvertedDataset]]:
+    """STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
     noise seeds (``seed_images="data"`` for data seeds). Entry (row m1, column m2). The
     inverted sets are stored under ``out_dir/<m1>``; ``inversion`` and ``settings`` are
     as in :func:`invsim.store.invert_dataset`."""
     cache = cache or RepresentationCache()
     cfg = (inversion or InversionConfig()).replace(**settings)
-    names = list(models)
-    values = np.empty((len(names), len(names)))
+    names, wanted = list(models), _names(measures, False)
+    values = {m: np.empty((len(names), len(names))) for m in wanted}
     stored: dict[str, InvertedDataset] = {}
-    kw = {"layer": cfg.layer, "batch_size": batch_size, "device": device}
+    kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
         inv = invert_dataset(
             models[m1],
@@ -225,7 +287,14 @@ def stir_similarity(
         originals = dataset_images(dataset, inv.target_index.tolist())
         original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            a = cache.get(models[m2], originals, original_id, **kw)
-            b = cache.get(models[m2], inv.images, inv.id, **kw)
-            values[i, j] = _cka_over({"x": a, "x_inv": b}, debiased=False)["x", "x_inv"]
-    return SimilarityMatrix(names, names, values), stored
+            pair = {}
+            for layer in [cfg.layer] + ([LOGITS] if _needs_logits(wanted) else []):
+                pair[layer] = {
+                    "x": cache.get(models[m2], originals, original_id, layer=layer, **kw),
+                    "x_inv": cache.get(models[m2], inv.images, inv.id, layer=layer, **kw),
+                }
+            found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"])
+            for m in wanted:
+                values[m][i, j] = found[m]["x", "x_inv"]
+    result = {m: SimilarityMatrix(names, names, v) for m, v in values.items()}
+    return _one_or_many(result, measures), stored

@@ -41,6 +41,7 @@ from invsim.experiment.matrices import (
 from invsim.experiment.summary import (
     confound_headline,
     inversion_diagnostics,
+    panel_summary,
     robustness_summary,
     summarize,
     write_matrix_csv,
@@ -96,7 +97,7 @@ def train_once(path: Path, train: Callable[[], None], *, device: str | None = No
 
 def _shape_kwargs(m: ModelConfig) -> dict[str, Any]:
     keys = ("num_classes", "in_channels", "image_size", "mean", "std")
-    return {k: getattr(m, k) for k in keys if getattr(m, k) is not None}
+    return {**m.arch_kwargs, **{k: getattr(m, k) for k in keys if getattr(m, k) is not None}}
 
 
 def _trainer(cfg: ExperimentConfig, m: ModelConfig, eval_ds: Dataset, path: Path, quiet: bool):
@@ -166,7 +167,7 @@ def invert_models(
     cfg: ExperimentConfig, zoo: Zoo, eval_ds: Dataset, *, quiet: bool = False
 ) -> dict[str, InvertedDataset]:
     """Each row model's inverted data set, stored under ``out/inverted/<name>``."""
-    if "inverted" not in cfg.measures:
+    if "inverted" not in cfg.regimes:
         return {}
     inverted = {}
     for m in cfg.models:
@@ -200,27 +201,28 @@ def compute_matrices(
     *,
     cache: RepresentationCache,
     quiet: bool = False,
-) -> dict[str, SimilarityMatrix]:
-    """One matrix per regime the config asks for (natural, inverted, STIR)."""
-    layer, device = cfg.inversion.layer, cfg.device
-    matrices: dict[str, SimilarityMatrix] = {}
-    if "natural" in cfg.measures:
+) -> dict[str, dict[str, SimilarityMatrix]]:
+    """regime -> measure -> matrix, for the regimes and measures the config asks for."""
+    kw = {
+        "measures": cfg.measures,
+        "layer": cfg.inversion.layer,
+        "cache": cache,
+        "device": cfg.device,
+    }
+    out: dict[str, dict[str, SimilarityMatrix]] = {}
+    if "natural" in cfg.regimes:
         log("natural similarity", quiet=quiet)
-        matrices["natural"] = natural_similarity(
-            zoo.models, eval_ds, n=cfg.data.natural_n, layer=layer, cache=cache, device=device
-        )
+        out["natural"] = natural_similarity(zoo.models, eval_ds, n=cfg.data.natural_n, **kw)
     if inverted:
         log("inverted similarity", quiet=quiet)
-        matrices["inverted"] = inverted_similarity(
-            zoo.models, inverted, layer=layer, cache=cache, device=device
-        )
-    if "stir" in cfg.measures:
+        out["inverted"] = inverted_similarity(zoo.models, inverted, **kw)
+    if "stir" in cfg.regimes:
         log("STIR", quiet=quiet)
-        st = cfg.stir
-        settings = cfg.inversion.settings()
+        st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
-        matrices["stir"], _ = stir_similarity(
+        del kw["layer"]
+        out["stir"], _ = stir_similarity(
             zoo.models,
             eval_ds,
             Path(cfg.out) / "stir",
@@ -229,25 +231,31 @@ def compute_matrices(
             seed_images=st.seed_images or "data",
             inversion=settings,
             shard_size=cfg.inversion.shard_size,
-            cache=cache,
-            device=device,
+            **kw,
         )
-    return matrices
+    return out
 
 
 def summarise(
-    zoo: Zoo, matrices: Mapping[str, SimilarityMatrix], inverted: Mapping[str, InvertedDataset]
+    zoo: Zoo,
+    panels: Mapping[str, Mapping[str, SimilarityMatrix]],
+    inverted: Mapping[str, InvertedDataset],
 ) -> dict[str, Any]:
-    """results.json's body: matrices, summaries, robustness trend, inversion diagnostics,
-    the models."""
+    """results.json's body. ``matrices[regime]`` is the primary measure's (the first
+    listed); ``measures[measure][regime]`` holds every measure's; ``summary`` and
+    ``robustness`` are the primary measure's, ``panel`` the per-measure table."""
+    measures = list(next(iter(panels.values()))) if panels else []
+    primary = {regime: by[measures[0]] for regime, by in panels.items()} if measures else {}
     results: dict[str, Any] = {
-        "matrices": {k: m.to_dict() for k, m in matrices.items()},
-        "summary": {k: summarize(m) for k, m in matrices.items()},
+        "matrices": {k: _labelled(m, measures[0]) for k, m in primary.items()},
+        "measures": {m: {k: _labelled(by[m], m) for k, by in panels.items()} for m in measures},
+        "summary": {k: summarize(m) for k, m in primary.items()},
+        "panel": {m: panel_summary(panels, m, zoo.eps) for m in measures},
         "inversion": {k: inversion_diagnostics(zoo.models[k], v) for k, v in inverted.items()},
     }
     if len(set(zoo.eps.values())) > 1:
         results["robustness"] = {
-            k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in matrices.items()
+            k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in primary.items()
         }
     results["models"] = {
         n: {
@@ -260,6 +268,10 @@ def summarise(
         for n, m in zoo.models.items()
     }
     return results
+
+
+def _labelled(matrix: SimilarityMatrix, measure: str) -> dict[str, Any]:
+    return {**matrix.to_dict(), "measure": measure}
 
 
 def provenance(cfg: ExperimentConfig, cache: RepresentationCache, seconds: float) -> dict:
@@ -288,8 +300,11 @@ def write_outputs(out: Path, results: Mapping[str, Any], *, report: bool = True)
     """results.json, one CSV per regime and (with ``report``) the report; rank 0 only."""
     if is_main():
         atomic_write(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
-        for key, m in results["matrices"].items():
-            write_matrix_csv(SimilarityMatrix.from_dict(m), out / f"{key}.csv")
+        for regime in results["matrices"]:
+            by_measure = {
+                m: SimilarityMatrix.from_dict(r[regime]) for m, r in results["measures"].items()
+            }
+            write_matrix_csv(by_measure, out / f"{regime}.csv")
         if report:
             from invsim.report import write_report
 
@@ -315,7 +330,7 @@ def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:
             "out": str(Path(cfg.out) / "confound"),
             "seed": seed,
             "device": cfg.device,
-            "measures": ["natural", "inverted"],
+            "regimes": ["natural", "inverted"],
             "data": {
                 "dataset": "confound",
                 "options": {"variant": "both", "seed": seed},

@@ -25,6 +25,7 @@ from invsim.similarity import SimilarityMatrix
 
 __all__ = [
     "confound_headline",
+    "panel_summary",
     "headline",
     "inversion_diagnostics",
     "robustness_summary",
@@ -105,13 +106,37 @@ def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> 
     }
 
 
-def write_matrix_csv(matrix: SimilarityMatrix, path: Path) -> None:
-    """Long format: row, column, value."""
+def write_matrix_csv(
+    matrices: SimilarityMatrix | Mapping[str, SimilarityMatrix], path: Path
+) -> None:
+    """Long format: row, column, measure, value (one matrix, or measure -> matrix)."""
+    if isinstance(matrices, SimilarityMatrix):
+        matrices = {"linear_cka": matrices}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "column", "value"])
-        for r, c, v in matrix.long():
-            w.writerow([r, c, f"{v:.10g}"])
+        w.writerow(["row", "column", "measure", "value"])
+        for name, matrix in matrices.items():
+            for r, c, v in matrix.long():
+                w.writerow([r, c, name, f"{v:.10g}"])
+
+
+def panel_summary(
+    panels: Mapping[str, Mapping[str, SimilarityMatrix]], measure: str, eps: Mapping[str, float]
+) -> dict[str, Any]:
+    """The paper's question under one measure: the natural and inverted off-diagonal
+    means, and the Spearman correlation of inverted similarity with robustness."""
+    from invsim.similarity import get_measure
+
+    spec = get_measure(measure)
+    out: dict[str, Any] = {"higher_is_similar": spec.higher_is_similar}
+    for regime, by in panels.items():
+        out[f"{regime}_offdiag_mean"] = summarize(by[measure])["offdiag_mean"]
+    if "inverted" in panels and len(set(eps.values())) > 1:
+        arch = {k: "all" for k in eps}
+        out["inverted_robustness_spearman"] = robustness_summary(
+            panels["inverted"][measure], eps, arch
+        )["spearman"]
+    return out
 
 
 def headline(results: Mapping[str, Any]) -> str:

@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from invsim.report.figures import confound_examples, heatmaps, image_grid, robustness_plot
+from invsim.report.figures import (
+    confound_examples,
+    heatmaps,
+    image_grid,
+    measure_panel,
+    robustness_plot,
+)
 from invsim.similarity import SimilarityMatrix
 
 __all__ = ["write_report"]
@@ -30,6 +36,12 @@ EXPLAIN = {
         "Each model's mean CKA to all other models, against the adversarial training eps, one "
         "line per architecture. Jones et al. find that similarity across architectures rises "
         "with robustness on inverted data; the Spearman correlation is in each title."
+    ),
+    "measures": (
+        "The paper's question under each measure: is similarity on inverted data far lower "
+        "than on natural images, and does it rise with robustness? One row of small "
+        "multiples per measure, natural and inverted side by side, each on the measure's "
+        "own range."
     ),
     "grids": (
         "For each model: seeds (top), targets (middle) and the inverted images (bottom): the "
@@ -113,7 +125,7 @@ def _header(results: dict) -> list[str]:
         [key, s["offdiag_mean"], s["offdiag_median"], s.get("asymmetry", "")]
         for key, s in results["summary"].items()
     ]
-    head = ["measure", "off-diagonal mean", "off-diagonal median", "asymmetry"]
+    head = ["regime", "off-diagonal mean", "off-diagonal median", "asymmetry"]
     parts.append("<h2>Summary</h2>" + _table(rows, head))
     return parts
 
@@ -122,8 +134,9 @@ def _matrices(out: Path, results: dict) -> list[str]:
     mats = {k: SimilarityMatrix.from_dict(v) for k, v in results["matrices"].items()}
     parts = []
     pair = {k: mats[k] for k in ("natural", "inverted") if k in mats}
+    label = next(iter(results["matrices"].values()), {}).get("measure", "linear_cka")
     if pair:
-        p = heatmaps(pair, out / "figures" / "heatmaps.png")
+        p = heatmaps(pair, out / "figures" / "heatmaps.png", label=label.replace("_", " "))
         parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{_img(p)}")
     if "stir" in mats:
         p = heatmaps({"stir": mats["stir"]}, out / "figures" / "stir.png")
@@ -135,6 +148,42 @@ def _matrices(out: Path, results: dict) -> list[str]:
         p = robustness_plot(results["robustness"], out / "figures" / "robustness.png")
         parts.append(f"<h2>Similarity and robustness</h2><p>{EXPLAIN['robustness']}</p>{_img(p)}")
     return parts
+
+
+def _measures(out: Path, results: dict) -> list[str]:
+    """Every measure: the small multiples and the table of the paper's question."""
+    from invsim.similarity import MEASURES
+
+    by_measure = results.get("measures") or {}
+    if len(by_measure) < 2:
+        return []
+    panels: dict[str, dict[str, SimilarityMatrix]] = {}
+    for name, regimes in by_measure.items():
+        for regime, m in regimes.items():
+            panels.setdefault(regime, {})[name] = SimilarityMatrix.from_dict(m)
+    ranges = {k: MEASURES[k].range for k in by_measure if k in MEASURES}
+    p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges)
+    rows = []
+    for name, s in results["panel"].items():
+        rho = s.get("inverted_robustness_spearman")
+        arrow = "higher" if s["higher_is_similar"] else "lower"
+        rows.append(
+            [
+                name,
+                s.get("natural_offdiag_mean", ""),
+                s.get("inverted_offdiag_mean", ""),
+                "" if rho is None else rho,
+                f"{arrow} = more similar",
+            ]
+        )
+    head = [
+        "measure",
+        "natural off-diagonal mean",
+        "inverted off-diagonal mean",
+        "inverted vs robustness (Spearman)",
+        "direction",
+    ]
+    return [f"<h2>Every measure</h2><p>{EXPLAIN['measures']}</p>" + _table(rows, head) + _img(p)]
 
 
 def _inversion(out: Path, results: dict) -> list[str]:
@@ -191,7 +240,8 @@ def write_report(out_dir: str | Path, *, results: dict | None = None) -> Path:
             raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
         results = json.loads(path.read_text())
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    parts = _header(results) + _matrices(out, results) + _inversion(out, results)
+    parts = _header(results) + _matrices(out, results) + _measures(out, results)
+    parts += _inversion(out, results)
     parts += _confound(out, results) + _models(results)
     prov = json.dumps(results["provenance"], indent=2)
     parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")

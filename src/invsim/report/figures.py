@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from invsim.similarity import SimilarityMatrix  # noqa: E402
 
-__all__ = ["confound_examples", "heatmaps", "image_grid", "robustness_plot"]
+__all__ = ["confound_examples", "heatmaps", "image_grid", "measure_panel", "robustness_plot"]
 
 TITLES = {
     "natural": "natural images (symmetric)",
@@ -24,7 +24,13 @@ TITLES = {
 }
 
 
-def heatmaps(matrices: Mapping[str, SimilarityMatrix], path: Path, *, title: str = "") -> Path:
+def heatmaps(
+    matrices: Mapping[str, SimilarityMatrix],
+    path: Path,
+    *,
+    title: str = "",
+    label: str = "linear CKA",
+) -> Path:
     """Side-by-side heatmaps with one shared colour scale, annotated values, model names."""
     keys = list(matrices)
     lo = min(0.0, *(float(m.values.min()) for m in matrices.values()))
@@ -57,10 +63,40 @@ def heatmaps(matrices: Mapping[str, SimilarityMatrix], path: Path, *, title: str
                     fontsize=7,
                     color="white" if v < lo + 0.6 * (1 - lo) else "black",
                 )
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="linear CKA")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def measure_panel(
+    panels: Mapping[str, Mapping[str, SimilarityMatrix]], path: Path, *, ranges=None
+) -> Path:
+    """Small multiples: one row per measure, natural and inverted side by side, each row
+    on its own colour scale (the measure's declared range)."""
+    regimes = [r for r in ("natural", "inverted", "stir") if r in panels]
+    measures = list(panels[regimes[0]])
+    size = max(len(panels[regimes[0]][m].cols) for m in measures)
+    fig, axes = plt.subplots(
+        len(measures),
+        len(regimes),
+        squeeze=False,
+        constrained_layout=True,
+        figsize=(0.45 * size * len(regimes) + 2.5, 0.45 * size * len(measures) + 1.0),
+    )
+    for row, name in zip(axes, measures, strict=True):
+        lo, hi = (ranges or {}).get(name, (None, None))
+        im = None
+        for ax, regime in zip(row, regimes, strict=True):
+            m = panels[regime][name]
+            im = ax.imshow(m.values, vmin=lo, vmax=hi, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks(range(len(m.rows)), m.rows if regime == regimes[0] else [], fontsize=6)
+            ax.set_title(f"{name}: {regime}", fontsize=8)
+        fig.colorbar(im, ax=row.tolist(), shrink=0.8)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

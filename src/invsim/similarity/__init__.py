@@ -1,5 +1,11 @@
-"""The CKA family: functions, streaming accumulators and many-model matrices."""
+"""Similarity measures: the CKA family, a registry of measures (linear, CCA family,
+neighbours, RSA, functional), streaming accumulators and many-model matrices.
 
+``MEASURES`` maps each name to a :class:`Measure` with its metadata; ``measure(name, X,
+Y)`` is the functional form. Importing this package registers every built-in measure.
+"""
+
+from invsim.similarity import alignment, neighbors, outputs, rsa  # noqa: F401  (registers)
 from invsim.similarity.functional import (
     center_gram,
     gram_linear,
@@ -9,19 +15,33 @@ from invsim.similarity.functional import (
     linear_cka,
 )
 from invsim.similarity.matrix import SimilarityMatrix, cka_matrix
+from invsim.similarity.registry import (
+    INVARIANCES,
+    MEASURES,
+    Measure,
+    get_measure,
+    measure,
+    register,
+)
 from invsim.similarity.streaming import CrossMoments, LinearCKA, LinearCKAMatrix, MinibatchCKA
 
 __all__ = [
+    "INVARIANCES",
+    "MEASURES",
     "CrossMoments",
     "LinearCKA",
     "LinearCKAMatrix",
+    "Measure",
     "MinibatchCKA",
     "SimilarityMatrix",
     "center_gram",
     "cka_matrix",
+    "get_measure",
     "gram_linear",
     "gram_rbf",
     "hsic",
     "kernel_cka",
     "linear_cka",
+    "measure",
+    "register",
 ]

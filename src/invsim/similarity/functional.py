@@ -19,7 +19,9 @@ import math
 import numpy as np
 import torch
 
+from invsim.similarity import moments
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+from invsim.similarity.registry import Measure, register
 
 __all__ = [
     "center_gram",
@@ -215,3 +217,43 @@ def kernel_cka(
     else:
         raise ValueError(f"kernel must be 'rbf' or 'linear'; got {kernel!r}.")
     return _cka_from_grams(k, l, debiased=debiased)
+
+
+def _debiased_cka(X: ArrayLike, Y: ArrayLike) -> float:
+    return linear_cka(X, Y, debiased=True)
+
+
+def _rbf_cka(X: ArrayLike, Y: ArrayLike, *, threshold: float = 1.0) -> float:
+    return kernel_cka(X, Y, threshold=threshold)
+
+
+_CKA_INVARIANT = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
+register(
+    Measure(
+        "linear_cka",
+        linear_cka,
+        (0.0, 1.0),
+        invariances=_CKA_INVARIANT,
+        from_moments=moments.linear_cka,
+        description="linear CKA (biased HSIC)",
+    )
+)
+register(
+    Measure(
+        "debiased_cka",
+        _debiased_cka,
+        (-1.0, 1.0),
+        invariances=_CKA_INVARIANT,
+        from_moments=moments.debiased_cka,
+        description="linear CKA with the unbiased HSIC; may be negative",
+    )
+)
+register(
+    Measure(
+        "rbf_cka",
+        _rbf_cka,
+        (0.0, 1.0),
+        invariances=_CKA_INVARIANT,
+        description="RBF CKA, bandwidth = median distance (Kornblith et al.)",
+    )
+)

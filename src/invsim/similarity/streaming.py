@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
 from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
 from invsim.similarity.matrix import SimilarityMatrix
+from invsim.similarity.moments import CentredMoments
 
 __all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA"]
 
@@ -166,30 +168,37 @@ class CrossMoments:
         out += [self.RX[key] for key in sorted(self.RX)]
         return out
 
-    def hsic_matrix(self, *, debiased: bool) -> torch.Tensor:
-        """(k, k) matrix of linear HSIC between views, on mean-centred data."""
+    def centred(self) -> CentredMoments:
+        """The moments about the data's own mean, for every measure of
+        :mod:`invsim.similarity.moments`. Raises for too few examples or a constant view."""
         if self.shift is None:
             raise ValueError("no data: call update() before compute().")
         n = int(self.n)
-        check_enough(n, debiased=debiased)
-        centred = self.copy()
+        check_enough(n, debiased=False)
+        c = self.copy()
         mean = [sh + s / n for sh, s in zip(self.shift, self.S, strict=True)]
-        centred.reshift(mean)
+        c.reshift(mean)
         for a in range(self.k):
-            spread = float(centred.R1[a])
+            spread = float(c.R1[a])
             scale = spread + n * float(mean[a] @ mean[a])
             if spread <= 1e-13 * scale:
                 raise ValueError(
                     f"view {a} is constant across all {n} examples (zero variance); CKA is "
                     "undefined for it. A dead layer or a constant input is the usual cause."
                 )
+        G = {key: g.cpu() for key, g in c.G.items()}
+        return CentredMoments(n, G, c.R1.cpu(), c.R2.cpu())
+
+    def hsic_matrix(self, *, debiased: bool) -> torch.Tensor:
+        """(k, k) matrix of linear HSIC between views, on mean-centred data."""
+        if self.shift is not None:
+            check_enough(int(self.n), debiased=debiased)
+        c = self.centred()
         cross = torch.empty(self.k, self.k, dtype=torch.float64)
-        for a, b in centred.G:
-            cross[a, b] = cross[b, a] = torch.linalg.matrix_norm(centred.G[a, b]) ** 2
-        r1 = centred.R1.cpu()
-        return hsic_from_moments(
-            cross, centred.R2.cpu(), r1[:, None], r1[None, :], n, debiased=debiased
-        )
+        for a, b in c.G:
+            cross[a, b] = cross[b, a] = torch.linalg.matrix_norm(c.G[a, b]) ** 2
+        r1 = c.R1
+        return hsic_from_moments(cross, c.R2, r1[:, None], r1[None, :], c.n, debiased=debiased)
 
 
 def _hsic_to_cka(h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
@@ -296,6 +305,32 @@ class LinearCKAMatrix:
         h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
         values = _hsic_to_cka(h, self.names)
         return SimilarityMatrix(self.names, self.names, values.numpy())
+
+    def compute_measures(
+        self, measures: Sequence[str], *, rows: Sequence[str] | None = None
+    ) -> dict[str, SimilarityMatrix]:
+        """Every streaming measure (``Measure.streams``) from this one pass, for the
+        ``rows`` asked (default all) against every column: entry (r, c) is
+        ``measure(Rep_r, Rep_c)`` (an asymmetric measure is computed both ways)."""
+        from invsim.similarity.registry import get_measure
+
+        centred = self.moments.centred()
+        rows = list(rows or self.names)
+        out = {}
+        for name in measures:
+            m = get_measure(name)
+            if m.from_moments is None:
+                raise ValueError(f"measure {name!r} does not stream from moments.")
+            values = np.empty((len(rows), len(self.names)))
+            for i, r in enumerate(rows):
+                a = self.names.index(r)
+                for b, c in enumerate(self.names):
+                    done = m.symmetric and c in rows and rows.index(c) < i
+                    values[i, b] = (
+                        values[rows.index(c), a] if done else m.from_moments(centred, a, b)
+                    )
+            out[name] = SimilarityMatrix(rows, self.names, values)
+        return out
 
 
 class MinibatchCKA:

@@ -1,0 +1,112 @@
+"""The registry of similarity measures: a name -> :class:`Measure` with its metadata.
+
+A *measure* is a similarity index between two representations of the same examples
+(linear CKA, Procrustes, mutual kNN, ...); which data it is computed on (natural,
+inverted, STIR) is the *regime*, never part of the measure. Each measure declares its
+range, whether higher means more similar, whether it is symmetric, the transformations
+it is invariant to (:data:`INVARIANCES`, a test checks each one and shows each
+undeclared one failing), what it reads (the representation or the model's logits) and
+whether it streams from the one-pass cross-moments (``from_moments``).
+
+Adding a measure is one module in ``invsim/similarity/`` that calls :func:`register`,
+plus its tests; the experiment, CLI and report pick it up by name.
+
+Example:
+    >>> import numpy as np
+    >>> from invsim.similarity import MEASURES, measure
+    >>> X = np.random.default_rng(0).normal(size=(100, 5))
+    >>> round(measure("procrustes", X, 2 * X + 1), 6), MEASURES["procrustes"].symmetric
+    (1.0, True)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["INVARIANCES", "MEASURES", "Measure", "get_measure", "measure", "register"]
+
+INVARIANCES = (
+    "orthogonal",  # X -> X Q, Q orthogonal
+    "isotropic_scaling",  # X -> a X, a > 0
+    "translation",  # X -> X + 1 b^T
+    "permutation",  # X -> X P (features reordered)
+    "invertible_linear",  # X -> X A, A invertible
+)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A similarity measure and what it promises.
+
+    ``fn(X, Y, **options) -> float`` is the direct, full-data computation.
+    ``from_moments(centred, a, b, **options)``, when given, computes the same value from
+    :class:`~invsim.similarity.moments.CentredMoments` (one streamed pass, mergeable
+    across processes). ``inputs`` is ``"representation"`` or ``"logits"``.
+    """
+
+    name: str
+    fn: Callable[..., float]
+    range: tuple[float, float]
+    higher_is_similar: bool = True
+    symmetric: bool = True
+    invariances: frozenset[str] = frozenset()
+    inputs: str = "representation"
+    from_moments: Callable[..., float] | None = None
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the value comes from the one-pass, mergeable cross-moments."""
+        return self.from_moments is not None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.invariances) - set(INVARIANCES)
+        if unknown:
+            raise ValueError(f"unknown invariances {sorted(unknown)}; use {INVARIANCES}.")
+        if self.inputs not in ("representation", "logits"):
+            raise ValueError(f"inputs must be 'representation' or 'logits'; got {self.inputs!r}.")
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-ready: everything but the functions."""
+        return {
+            "name": self.name,
+            "range": list(self.range),
+            "higher_is_similar": self.higher_is_similar,
+            "symmetric": self.symmetric,
+            "invariances": sorted(self.invariances),
+            "inputs": self.inputs,
+            "streams": self.streams,
+            "description": self.description,
+        }
+
+
+MEASURES: dict[str, Measure] = {}
+
+
+def register(m: Measure, *, replace: bool = False) -> Measure:
+    """Add ``m`` to :data:`MEASURES` (``replace=True`` to overwrite a name)."""
+    if m.name in MEASURES and not replace:
+        raise ValueError(f"a measure named {m.name!r} is already registered.")
+    MEASURES[m.name] = m
+    return m
+
+
+def get_measure(name: str) -> Measure:
+    """The registered measure ``name``; an unknown name is an error with close matches."""
+    if name in MEASURES:
+        return MEASURES[name]
+    close = difflib.get_close_matches(name, list(MEASURES), n=3, cutoff=0.4)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ValueError(f"unknown measure {name!r}.{hint} Known: {sorted(MEASURES)}.")
+
+
+def measure(name: str, X: Any, Y: Any, **options: Any) -> float:
+    """The measure ``name`` between X (n, d1) and Y (n, d2): the functional form.
+
+    For ``inputs="logits"`` measures, X and Y are the two models' logits (n, classes).
+    """
+    return float(get_measure(name).fn(X, Y, **options))
