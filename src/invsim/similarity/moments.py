@@ -36,6 +36,7 @@ class CentredMoments:
     R1: torch.Tensor  # (k,) sum_i ||x_ai||^2
     R2: torch.Tensor  # (k, k) sum_i ||x_ai||^2 ||x_bi||^2
     _eig: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _canon: dict[tuple, tuple] = field(default_factory=dict)
 
     def cov(self, a: int, b: int) -> torch.Tensor:
         return self.G[a, b] if a <= b else self.G[b, a].T
@@ -59,13 +60,21 @@ class CentredMoments:
             r = min(r, int((share < SVCCA_VARIANCE).sum()) + 1)
         return vecs[:, :r] / vals[:r].sqrt()
 
-    def canonical(self, a: int, b: int, *, keep: str = "rank"):
-        """Canonical correlations (descending) and the SVD factors of the whitened
-        cross-covariance ``T = W_a^T G_ab W_b = U diag(rho) V^T``."""
-        wa, wb = self.whitener(a, keep=keep), self.whitener(b, keep=keep)
-        warn_degenerate_cca(wa.shape[1], wb.shape[1], self.n)
-        u, rho, vh = torch.linalg.svd(wa.T @ self.cov(a, b) @ wb, full_matrices=False)
-        return rho.clamp(max=1.0), u, wa
+    def canonical(self, a: int, b: int, *, keep: str = "rank") -> tuple:
+        """Canonical correlations (descending, min(rank a, rank b) of them) and view a's
+        canonical directions ``W_a U``, from the eigendecomposition of ``T T^T`` with
+        ``T = W_a^T G_ab W_b`` (= U diag(rho^2) U^T). Cached per ordered pair and rule, so
+        mean CCA and PWCCA share one decomposition."""
+        key = (a, b, keep)
+        if key not in self._canon:
+            wa, wb = self.whitener(a, keep=keep), self.whitener(b, keep=keep)
+            warn_degenerate_cca(wa.shape[1], wb.shape[1], self.n)
+            t = wa.T @ self.cov(a, b) @ wb
+            vals, u = torch.linalg.eigh(t @ t.T)
+            r = min(t.shape)
+            rho = vals.flip(0)[:r].clamp(0.0, 1.0).sqrt()
+            self._canon[key] = (rho, wa @ u.flip(1)[:, :r])
+        return self._canon[key]
 
 
 def warn_degenerate_cca(rank_a: int, rank_b: int, n: int) -> None:
@@ -119,10 +128,10 @@ def svcca(c: CentredMoments, a: int, b: int) -> float:
 
 
 def pwcca(c: CentredMoments, a: int, b: int) -> float:
-    rho, u, wa = c.canonical(a, b)
+    rho, directions = c.canonical(a, b)
     # canonical variates h_i = X_c W_a u_i; their inner products with X's neurons are
     # the columns of G_aa W_a U (Morcos et al. 2018's weights, from moments)
-    alpha = (c.cov(a, a) @ wa @ u).abs().sum(dim=0)
+    alpha = (c.cov(a, a) @ directions).abs().sum(dim=0)
     return float((alpha * rho).sum() / alpha.sum())
 
 

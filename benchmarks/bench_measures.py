@@ -1,0 +1,101 @@
+"""The measure panel's cost (not a test). Writes benchmarks/results/measures.json.
+
+- One pass, every moment-based measure: an 8-model matrix at n=10,000, width 512
+  (float32 activations in batches of 1,000), all streaming measures (linear and debiased
+  CKA, Procrustes, mean CCA, SVCCA, PWCCA, regression R² both ways) against linear CKA
+  alone from the same kind of pass. Goal: at most 1.3x.
+- Mutual kNN at n=10,000 (width 512), blockwise: peak memory of a fresh process above
+  its baseline after imports, the two (n, 512) inputs included. Goal: within 1 GB.
+
+    python benchmarks/bench_measures.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "measures.json"
+N, WIDTH, MODELS, BATCH = 10_000, 512, 8, 1_000
+
+KNN_CHILD = f"""
+import torch
+from invsim.similarity import measure
+
+def hwm():  # peak resident memory (kB) since the last reset
+    lines = open("/proc/self/status").read().splitlines()
+    return int(next(x for x in lines if x.startswith("VmHWM")).split()[1])
+
+def rss():
+    lines = open("/proc/self/status").read().splitlines()
+    return int(next(x for x in lines if x.startswith("VmRSS")).split()[1])
+
+base = rss()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current size
+g = torch.Generator().manual_seed(0)
+x = torch.randn({N}, {WIDTH}, generator=g)
+y = x @ torch.randn({WIDTH}, {WIDTH}, generator=g) / 20 + torch.randn({N}, {WIDTH}, generator=g)
+value = measure("mutual_knn", x, y, k=10)
+print(value, (hwm() - base) / 1024)
+"""
+
+
+def representations():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(N, 64, generator=g)
+    return {
+        f"m{i}": (shared @ torch.randn(64, WIDTH, generator=g) + torch.randn(N, WIDTH, generator=g))
+        for i in range(MODELS)
+    }
+
+
+def one_pass(reps, measures):
+    from invsim.similarity import LinearCKAMatrix
+
+    t0 = time.perf_counter()
+    acc = LinearCKAMatrix(list(reps))
+    for start in range(0, N, BATCH):
+        acc.update({k: v[start : start + BATCH] for k, v in reps.items()})
+    acc.compute_measures(measures)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    import torch
+
+    from invsim.similarity import MEASURES
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    reps = representations()
+    streaming = [n for n, m in MEASURES.items() if m.streams]
+    cka, every = [], []
+    for _ in range(3):  # interleaved, so machine noise hits both alike
+        cka.append(one_pass(reps, ["linear_cka"]))
+        every.append(one_pass(reps, streaming))
+    child = subprocess.run([sys.executable, "-c", KNN_CHILD], capture_output=True, text=True,
+                           check=True)  # fmt: skip
+    value, peak_mb = (float(v) for v in child.stdout.split())
+    results = {
+        "moments": {
+            "n": N, "width": WIDTH, "models": MODELS, "measures": streaming,
+            "linear_cka_s": statistics.median(cka), "all_streaming_s": statistics.median(every),
+            "ratio": statistics.median(every) / statistics.median(cka), "goal": 1.3,
+        },
+        "mutual_knn": {"n": N, "width": WIDTH, "k": 10, "value": value,
+                       "peak_extra_mb": peak_mb, "goal_mb": 1024},
+        "machine": f"{os.cpu_count()} cores",
+    }  # fmt: skip
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
