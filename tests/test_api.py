@@ -47,6 +47,10 @@ def test_readme_api_names_are_exported():
         assert name in invsim.__all__ and callable(getattr(invsim, name)), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = invsim.nope
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(invsim.__path__)}
+    assert not submodules & set(invsim._LAZY), "a lazy name would be shadowed by a submodule"
 
 
 def test_catalog_matches_the_zoo_and_torchvision():

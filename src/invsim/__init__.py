@@ -19,14 +19,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (imported on first access)
+# public name -> the module that defines it (imported on first access). A name here must
+# not also be a submodule's name (importing the submodule would shadow it).
 _LAZY: dict[str, str] = {
     # data, models, inversion, store
     "load_dataset": "invsim.data",
     "sample_pairs": "invsim.data.pairs",
     "load_model": "invsim.models",
     "save_model": "invsim.models",
-    "representation": "invsim.representation",
     "extract": "invsim.representation",
     "InversionConfig": "invsim.config",
     "invert_images": "invsim.inversion",
