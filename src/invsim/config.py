@@ -87,6 +87,18 @@ class InversionConfig(_Settings):
     batch_size: int = Field(32, ge=1, description="Examples inverted together.")
     tol: float | None = Field(None, description="Early stopping (off: the paper).")
     patience: int = Field(100, ge=1, description="Iterations between tol checks.")
+    schedule: Literal["paper", "converge"] = Field(
+        "paper",
+        description="paper: fixed step for `iterations`; converge: the step halves when the "
+        "loss stalls and the example stops once it has come to rest (iterations = cap).",
+    )
+    decay_patience: int = Field(
+        10, ge=1, description="converge: steps without a relative gain of decay_tol before halving."
+    )
+    decay_tol: float = Field(0.02, ge=0, description="converge: relative loss gain that counts.")
+    min_step_size: float = Field(
+        1 / 256, gt=0, description="converge: stop once the step is below this."
+    )
     fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
 

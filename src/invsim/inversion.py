@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -35,7 +35,13 @@ from invsim.config import InversionConfig
 from invsim.representation import eval_mode, reader, resolve_layer
 from invsim.steps import _TINY, l2_norm, project
 
-__all__ = ["InversionConfig", "InversionResult", "invert_images", "relative_loss"]
+__all__ = [
+    "InversionConfig",
+    "InversionResult",
+    "acting_settings",
+    "invert_images",
+    "relative_loss",
+]
 
 _D = InversionConfig()  # the paper's defaults, the single source of invert_images' defaults
 
@@ -45,7 +51,9 @@ class InversionResult:
     """``images``: float32 in [0, 1], the seeds' shape. ``loss``: per-example relative
     loss of the returned image. ``initial_loss``: the seed's. ``iterations``: per example,
     the gradient steps taken (fewer than asked only with ``tol``). ``passes``: the
-    forward+backward image evaluations spent in all (the cost). ``config``: the settings."""
+    forward+backward image evaluations spent in all (the cost). ``config``: the settings
+    that act. ``snapshots[B]``: (images, loss) as they would be with ``iterations=B``
+    (each example's best iterate up to step B), for the budgets asked."""
 
     images: torch.Tensor
     loss: torch.Tensor
@@ -53,6 +61,7 @@ class InversionResult:
     iterations: torch.Tensor
     config: dict[str, Any] = field(default_factory=dict)
     passes: int = 0
+    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def relative_loss(rep: torch.Tensor, target_rep: torch.Tensor) -> torch.Tensor:
@@ -108,6 +117,9 @@ class _Slots:
     it: torch.Tensor  # steps taken so far
     limit: torch.Tensor  # steps this example will take (lowered by the stopping rule)
     checkpoint: torch.Tensor  # best loss at the last tol check
+    lr: torch.Tensor  # step size (constant for the paper's schedule)
+    reference: torch.Tensor  # converge: the best loss when it last gained decay_tol
+    stall: torch.Tensor  # converge: steps since then
 
     def select(self, keep: torch.Tensor) -> _Slots:
         return _Slots(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
@@ -124,7 +136,7 @@ class _Slots:
         return len(self.index)
 
 
-def _admit(idx: range, seeds, targets, rep, iterations: int, dev, dtype) -> _Slots:
+def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) -> _Slots:
     """New rows for pairs ``idx``: x at the seed, zero momentum, no best yet."""
     seed = seeds[idx.start : idx.stop].to(dev, dtype)
     with torch.no_grad():
@@ -141,8 +153,11 @@ def _admit(idx: range, seeds, targets, rep, iterations: int, dev, dtype) -> _Slo
         best_loss=inf,
         first_loss=inf.clone(),
         it=torch.zeros(k, dtype=torch.int64, device=dev),
-        limit=torch.full((k,), iterations, dtype=torch.int64, device=dev),
+        limit=torch.full((k,), cfg.iterations, dtype=torch.int64, device=dev),
         checkpoint=inf.clone(),
+        lr=torch.full((k,), cfg.step_size, device=dev, dtype=dtype),
+        reference=inf.clone(),
+        stall=torch.zeros(k, dtype=torch.int64, device=dev),
     )
 
 
@@ -161,7 +176,10 @@ def _step(s: _Slots, grad: torch.Tensor, cfg: InversionConfig, ball_binds: bool)
     # m = momentum * m + (1 - momentum) * g / ||g||, in place
     scale = (1.0 - cfg.momentum) / (l2_norm(grad) + _TINY)
     s.m.mul_(cfg.momentum).addcmul_(grad, scale)
-    x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
+    if cfg.schedule == "paper":
+        x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
+    else:
+        x_new = s.x - s.lr.view((-1,) + (1,) * (s.x.ndim - 1)) * s.m
     if ball_binds:
         s.x = project(x_new, s.seed, eps=cfg.eps, norm="l2")
     else:  # no point of [0, 1]^d is farther than sqrt(d) from the seed
@@ -172,13 +190,30 @@ def _step(s: _Slots, grad: torch.Tensor, cfg: InversionConfig, ball_binds: bool)
 def _stop_rule(s: _Slots, cfg: InversionConfig) -> None:
     """``tol``: every ``patience`` steps, an example whose best loss improved by less than
     ``tol`` since the last check takes no more steps (its current iterate is still
-    evaluated)."""
+    evaluated). ``schedule="converge"``: see :func:`_converge`."""
+    if cfg.schedule == "converge":
+        _converge(s, cfg)
     if cfg.tol is None:
         return
     check = (s.it % cfg.patience == 0) & (s.it < s.limit)
     stalled = check & ((s.checkpoint - s.best_loss) < cfg.tol)
     s.limit = torch.where(stalled, s.it, s.limit)
     s.checkpoint = torch.where(check, s.best_loss, s.checkpoint)
+
+
+def _converge(s: _Slots, cfg: InversionConfig) -> None:
+    """The converging schedule: once the best loss has not gained ``decay_tol``
+    (relative) for ``decay_patience`` steps, the step size halves; once it is below
+    ``min_step_size`` the image has come to rest (each step moves it by at most the step
+    size) and the example takes no more steps."""
+    gained = s.best_loss < s.reference * (1.0 - cfg.decay_tol)
+    s.reference = torch.where(gained, s.best_loss, s.reference)
+    s.stall = torch.where(gained, 0, s.stall + 1)
+    decay = s.stall >= cfg.decay_patience
+    s.lr = torch.where(decay, s.lr * 0.5, s.lr)
+    s.stall = torch.where(decay, 0, s.stall)
+    rest = (s.lr < cfg.min_step_size) & (s.it < s.limit)
+    s.limit = torch.where(rest, s.it, s.limit)
 
 
 def _loss_and_grad(rep, s: _Slots, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -193,13 +228,23 @@ def _loss_and_grad(rep, s: _Slots, need_grad: bool) -> tuple[torch.Tensor, torch
 
 
 class _Outputs:
-    """Per-pair results, filled as examples finish (in any order)."""
+    """Per-pair results, filled as examples finish (in any order), and the snapshots."""
 
-    def __init__(self, shape: torch.Size) -> None:
+    def __init__(self, shape: torch.Size, snapshots: Sequence[int]) -> None:
         n = shape[0]
         self.images = torch.empty(shape, dtype=torch.float32)
         self.loss, self.initial = torch.empty(n), torch.empty(n)
         self.iterations = torch.empty(n, dtype=torch.int64)
+        self.snapshots = {b: (torch.empty(shape), torch.empty(n)) for b in sorted(set(snapshots))}
+
+    def snapshot(self, s: _Slots, final: bool = False) -> None:
+        """Record the best iterate of the rows at a budget now (a finished row: at every
+        budget from its last step on, as a run with that budget would return it)."""
+        for b, (images, loss) in self.snapshots.items():
+            rows = (s.it <= b) if final else (s.it == b) & (s.it < s.limit)
+            if bool(rows.any()):
+                images[s.index[rows.cpu()]] = s.best_x[rows].detach().float().cpu()
+                loss[s.index[rows.cpu()]] = s.best_loss[rows].float().cpu()
 
     def finish(self, s: _Slots, last_loss: torch.Tensor, use_best: bool) -> None:
         i = s.index
@@ -207,11 +252,13 @@ class _Outputs:
         self.loss[i] = (s.best_loss if use_best else last_loss).float().cpu()
         self.initial[i] = s.first_loss.float().cpu()
         self.iterations[i] = s.it.cpu()
+        self.snapshot(s, final=True)
 
 
-def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, callback) -> tuple:
+def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, hooks) -> tuple:
     """The continuously batched loop; returns (outputs, image passes)."""
-    out, n, passes, next_pair = _Outputs(seeds.shape), len(seeds), 0, 0
+    callback, snapshots = hooks
+    out, n, passes, next_pair = _Outputs(seeds.shape, snapshots), len(seeds), 0, 0
     ball_binds = cfg.eps < math.sqrt(seeds[0].numel())
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -229,12 +276,14 @@ def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, call
             free = cfg.batch_size - (len(slots) if slots is not None else 0)
             if free > 0 and next_pair < n:
                 new = range(next_pair, min(n, next_pair + free))
-                fresh = _admit(new, seeds, targets, rep, cfg.iterations, dev, dtype)
+                fresh = _admit(new, seeds, targets, rep, cfg, dev, dtype)
                 slots, next_pair = (fresh if slots is None else slots.cat(fresh)), new.stop
             assert slots is not None
             loss, grad = _loss_and_grad(rep, slots, bool((slots.it < slots.limit).any()))
             passes += len(slots)
             _keep_best(slots, loss)
+            if snapshots:
+                out.snapshot(slots)
             done = slots.it >= slots.limit
             if bool(done.any()):
                 out.finish(slots.select(done), loss[done], cfg.use_best)
@@ -264,12 +313,17 @@ def invert_images(
     batch_size: int = _D.batch_size,
     tol: float | None = _D.tol,
     patience: int = _D.patience,
+    schedule: str = _D.schedule,
+    decay_patience: int = _D.decay_patience,
+    decay_tol: float = _D.decay_tol,
+    min_step_size: float = _D.min_step_size,
     fake_relu: bool = _D.fake_relu,
     amp: bool = _D.amp,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     noise_seed: int = 0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    snapshots: Sequence[int] = (),
 ) -> InversionResult:
     """Invert ``target_images`` through ``model`` starting from ``seed_images``.
 
@@ -281,7 +335,8 @@ def invert_images(
     ``noise_seed``; ``fake_relu`` passes gradients through the last ReLU (robustness
     library option); ``amp`` runs the forward in bfloat16 autocast on CUDA.
     ``callback(iteration, x)`` sees, before each step, the iterates of the examples at
-    that iteration (in pair order); it is for tests and diagnostics.
+    that iteration (in pair order); it is for tests and diagnostics. ``snapshots``
+    (budgets B <= iterations) also returns, per B, what ``iterations=B`` would have.
 
     The input tensors are never modified; the model is put in eval mode (with a warning
     if it was training) and restored afterwards. ``device`` moves the model there (and it
@@ -310,6 +365,10 @@ def invert_images(
             batch_size=batch_size,
             tol=tol,
             patience=patience,
+            schedule=schedule,
+            decay_patience=decay_patience,
+            decay_tol=decay_tol,
+            min_step_size=min_step_size,
             fake_relu=fake_relu,
             amp=amp,
         ),
@@ -328,8 +387,26 @@ def invert_images(
         progress_bar(total, "inverting", progress, unit="it·img") as bar,
     ):
         ref = resolve_layer(model, cfg.layer, example_input=target_images[:1].to(dev))
-        out, passes = _run(model, ref, seeds, target_images, cfg, dev, dtype, bar, callback)
-    config = cfg.model_dump()
+        hooks = (callback, snapshots)
+        out, passes = _run(model, ref, seeds, target_images, cfg, dev, dtype, bar, hooks)
+    return InversionResult(
+        out.images,
+        out.loss,
+        out.initial,
+        out.iterations,
+        acting_settings(cfg),
+        passes,
+        out.snapshots,
+    )
+
+
+def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
+    """The settings that act: ``patience`` only with ``tol``, the decay settings only with
+    ``schedule="converge"`` (and ``schedule`` itself only when it is not the paper's)."""
+    out = cfg.model_dump()
     if cfg.tol is None:
-        config["patience"] = None
-    return InversionResult(out.images, out.loss, out.initial, out.iterations, config, passes)
+        del out["patience"]
+    if cfg.schedule == "paper":
+        for k in ("schedule", "decay_patience", "decay_tol", "min_step_size"):
+            del out[k]
+    return out

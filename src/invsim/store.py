@@ -32,7 +32,7 @@ from invsim._io import atomic_write, json_bytes
 from invsim.config import InversionConfig
 from invsim.data.pairs import check_pairs, sample_pairs
 from invsim.distributed import barrier, init_from_env
-from invsim.inversion import invert_images
+from invsim.inversion import acting_settings, invert_images
 from invsim.models.checkpoints import sha256_file
 
 __all__ = [
@@ -204,11 +204,10 @@ class _Job:
     seed_images: str
 
     def record(self) -> dict[str, Any]:
-        """The ``inversion`` block of dataset.json (``patience`` only when it acts)."""
-        rec = {**self.inversion.model_dump(), "seed_images": self.seed_images}
-        if rec["tol"] is None:
-            del rec["patience"]
-        return rec
+        """The ``inversion`` block of dataset.json: settings that act only (``patience``
+        with ``tol``; the decay settings with ``schedule="converge"``), so a store made
+        before a setting existed keeps its configuration hash."""
+        return acting_settings(self.inversion) | {"seed_images": self.seed_images}
 
     def open(self) -> None:
         """Write dataset.json, or check that the one there has the same configuration."""

@@ -1,0 +1,165 @@
+"""How the inverted matrix drifts with the inversion budget, and the converging schedule
+(not a test). Writes benchmarks/results/convergence.json and docs/convergence.png.
+
+The demo zoo (standard and L2-robust MLP, LeNet, VGG, ResNet; trained as ``invsim demo``
+does, or read from ``--demo-dir``), 256 seed/target pairs of MNIST-5k per model.
+
+- The paper's schedule to 4,000 iterations, one run per model with snapshots at 100,
+  200, 500, 1,000, 2,000, 3,000 and 4,000 iterations: the inverted linear-CKA matrix at
+  each budget, its largest and mean entry change from the previous budget, the median
+  loss and the median distance from the seed.
+- ``schedule="converge"`` with caps 2,000 and 4,000: the largest entry change between
+  the two (goal: at most 0.01), its image passes and wall time against the paper's
+  2,000-iteration schedule (goal: at most 25%), and how its matrix differs from the
+  paper's at 2,000.
+
+    python benchmarks/bench_convergence.py --demo-dir runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from invsim.data import load_dataset
+from invsim.data.pairs import sample_pairs
+from invsim.demo import demo_config
+from invsim.experiment import RepresentationCache
+from invsim.experiment.matrices import panel
+from invsim.experiment.stages import load_models
+from invsim.inversion import invert_images
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "convergence.json"
+FIGURE = ROOT / "docs" / "convergence.png"
+BUDGETS = (100, 200, 500, 1000, 2000, 3000, 4000)
+
+
+def inverted_matrix(models, images_by_row) -> np.ndarray:
+    """Linear CKA, row r on row model r's inverted images (the paper's matrix)."""
+    names = list(models)
+    cache = RepresentationCache()
+    out = np.empty((len(names), len(names)))
+    for i, r in enumerate(names):
+        x = images_by_row[r]
+        reps = {c: cache.get(models[c], x, f"{r}:{id(x)}") for c in names}
+        out[i] = panel(reps, ["linear_cka"], rows=[r])["linear_cka"].values[0]
+    return out
+
+
+def paper_run(models, seeds, targets) -> dict:
+    snaps, seconds = {}, {}
+    for name, model in models.items():
+        times: dict[int, float] = {}
+        t0 = time.perf_counter()
+
+        def clock(it, _x, times=times, t0=t0):
+            if it in BUDGETS:
+                times[it] = time.perf_counter() - t0
+
+        r = invert_images(model, seeds, targets, iterations=max(BUDGETS), batch_size=256,
+                          snapshots=BUDGETS, callback=clock, progress=False)  # fmt: skip
+        times[max(BUDGETS)] = time.perf_counter() - t0
+        snaps[name], seconds[name] = r.snapshots, times
+        print(f"paper {name}: {times[max(BUDGETS)]:.0f} s", flush=True)
+    rows = []
+    previous = None
+    for b in BUDGETS:
+        m = inverted_matrix(models, {k: snaps[k][b][0] for k in models})
+        loss = np.median([float(snaps[k][b][1].median()) for k in models])
+        dist = np.median([float((snaps[k][b][0] - seeds).flatten(1).norm(dim=1).median())
+                          for k in models])  # fmt: skip
+        change = None if previous is None else np.abs(m - previous)
+        rows.append({"iterations": b, "matrix": m.tolist(), "median_loss": float(loss),
+                     "median_distance_from_seed": float(dist),
+                     "max_change_from_previous": None if change is None else float(change.max()),
+                     "mean_change_from_previous": None if change is None else float(change.mean())})  # fmt: skip
+        previous = m
+    paper_2000_s = sum(seconds[k][2000] for k in models)
+    return {"budgets": rows, "paper_2000_seconds": paper_2000_s,
+            "paper_2000_passes": len(models) * len(seeds) * 2001}  # fmt: skip
+
+
+def converge_run(models, seeds, targets, cap: int) -> dict:
+    images, passes, seconds, its, losses = {}, 0, 0.0, [], []
+    for model_name, model in models.items():
+        t0 = time.perf_counter()
+        r = invert_images(model, seeds, targets, iterations=cap, batch_size=256,
+                          schedule="converge", progress=False)  # fmt: skip
+        seconds += time.perf_counter() - t0
+        images[model_name], passes = r.images, passes + r.passes
+        its.append(r.iterations.float())
+        losses.append(float(r.loss.median()))
+    it = torch.cat(its)
+    return {"cap": cap, "matrix": inverted_matrix(models, images).tolist(), "passes": passes,
+            "seconds": seconds, "median_iterations": float(it.median()),
+            "max_iterations": int(it.max()), "median_loss": float(np.median(losses))}  # fmt: skip
+
+
+def figure(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["paper"]["budgets"][1:]
+    b = [r["iterations"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    ax[0].plot(b, [r["max_change_from_previous"] for r in rows], "o-", label="largest")
+    ax[0].plot(b, [r["mean_change_from_previous"] for r in rows], "s-", label="mean")
+    ax[0].axhline(0.01, color="grey", ls=":", label="0.01")
+    ax[0].set(xscale="log", yscale="log", xlabel="iterations (paper schedule)",
+              ylabel="|change| of inverted CKA entries\nsince the previous budget")  # fmt: skip
+    ax[0].legend(fontsize=8)
+    full = results["paper"]["budgets"]
+    ax[1].plot([r["iterations"] for r in full], [r["median_loss"] for r in full], "o-",
+               label="paper")  # fmt: skip
+    c = results["converge"]["cap_2000"]
+    ax[1].plot([c["median_iterations"]], [c["median_loss"]], "r*", ms=12,
+               label="converge (median stop)")  # fmt: skip
+    ax[1].set(xscale="log", yscale="log", xlabel="iterations", ylabel="median relative loss")
+    ax[1].legend(fontsize=8)
+    FIGURE.parent.mkdir(exist_ok=True)
+    fig.savefig(FIGURE, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--demo-dir", default="runs/demo", help="Where the demo's models are.")
+    p.add_argument("--pairs", type=int, default=256)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    cfg = demo_config(args.demo_dir)
+    test = load_dataset("mnist5k", split="test")
+    models = load_models(cfg, test, quiet=True).models
+    s, t = sample_pairs(test.labels, args.pairs, seed=0)
+    seeds, targets = test.images[s], test.images[t]
+    paper = paper_run(models, seeds, targets)
+    conv = {f"cap_{c}": converge_run(models, seeds, targets, c) for c in (2000, 4000)}
+    a, b = (np.array(conv[k]["matrix"]) for k in ("cap_2000", "cap_4000"))
+    p2000 = np.array(next(r["matrix"] for r in paper["budgets"] if r["iterations"] == 2000))
+    c2000 = conv["cap_2000"]
+    results = {
+        "models": list(models), "pairs": args.pairs, "paper": paper, "converge": conv,
+        "converge_cap_change": {"max": float(np.abs(a - b).max()), "goal": 0.01},
+        "converge_cost": {"passes_ratio": c2000["passes"] / paper["paper_2000_passes"],
+                          "seconds_ratio": c2000["seconds"] / paper["paper_2000_seconds"],
+                          "goal": 0.25},
+        "converge_vs_paper_2000": {"max": float(np.abs(a - p2000).max()),
+                                   "mean": float(np.abs(a - p2000).mean())},
+    }  # fmt: skip
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    figure(results)
+    summary = {k: v for k, v in results.items() if k.startswith("converge_")}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
