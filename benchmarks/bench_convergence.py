@@ -74,11 +74,12 @@ def paper_run(models, seeds, targets) -> dict:
         loss = np.median([float(snaps[k][b][1].median()) for k in models])
         dist = np.median([float((snaps[k][b][0] - seeds).flatten(1).norm(dim=1).median())
                           for k in models])  # fmt: skip
-        change = None if previous is None else np.abs(m - previous)
+        change = np.abs(m - (m if previous is None else previous))
+        first = previous is None
         rows.append({"iterations": b, "matrix": m.tolist(), "median_loss": float(loss),
                      "median_distance_from_seed": float(dist),
-                     "max_change_from_previous": None if change is None else float(change.max()),
-                     "mean_change_from_previous": None if change is None else float(change.mean())})  # fmt: skip
+                     "max_change_from_previous": None if first else float(change.max()),
+                     "mean_change_from_previous": None if first else float(change.mean())})  # fmt: skip
         previous = m
     paper_2000_s = sum(seconds[k][2000] for k in models)
     return {"budgets": rows, "paper_2000_seconds": paper_2000_s,
