@@ -76,10 +76,16 @@ def paper_run(models, seeds, targets) -> dict:
                           for k in models])  # fmt: skip
         change = np.abs(m - (m if previous is None else previous))
         first = previous is None
-        rows.append({"iterations": b, "matrix": m.tolist(), "median_loss": float(loss),
-                     "median_distance_from_seed": float(dist),
-                     "max_change_from_previous": None if first else float(change.max()),
-                     "mean_change_from_previous": None if first else float(change.mean())})  # fmt: skip
+        rows.append(
+            {
+                "iterations": b,
+                "matrix": m.tolist(),
+                "median_loss": float(loss),
+                "median_distance_from_seed": float(dist),
+                "max_change_from_previous": None if first else float(change.max()),
+                "mean_change_from_previous": None if first else float(change.mean()),
+            }
+        )
         previous = m
     paper_2000_s = sum(seconds[k][2000] for k in models)
     return {"budgets": rows, "paper_2000_seconds": paper_2000_s,
