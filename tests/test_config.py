@@ -73,3 +73,17 @@ def test_json_schema_for_editors():
     for key in ("inversion", "step_size", "models", "adversarial", "natural_n"):
         assert key in text
     assert schema["required"] == ["out", "data", "models"]
+
+
+def test_schedule_is_a_setting_everywhere():
+    from click.testing import CliRunner
+
+    from invsim.cli import main
+
+    with pytest.raises(ConfigError, match="'inversion.schedule'.*'paper' or 'converge'"):
+        validate({**MINIMAL, "inversion": {"schedule": "fast"}})
+    assert validate({**MINIMAL, "inversion": {"schedule": "converge"}}).inversion.schedule == (
+        "converge")  # fmt: skip
+    result = CliRunner().invoke(main, ["invert", "x", "--out", "o", "--schedule", "fast"])
+    assert result.exit_code == 2 and "'paper', 'converge'" in result.output
+    assert "schedule" in json.dumps(ExperimentConfig.model_json_schema())

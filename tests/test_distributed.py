@@ -70,16 +70,18 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_distributed_inversion_is_an_exact_partition(tmp_path):
+@pytest.mark.parametrize("task", ["invert", "invert-converge"])
+def test_distributed_inversion_is_an_exact_partition(tmp_path, task):
     dist_out = tmp_path / "dist" / "inv"
     dist_out.parent.mkdir()
-    _run_group("invert", dist_out)
+    _run_group(task, dist_out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    kw = {"iterations": 6} if task == "invert" else dist_worker.CONVERGE
     try:
         single = tmp_path / "single"
         invert_dataset(dist_worker.model(), dist_worker.small_set(), 10, single, shard_size=3,
-                       iterations=6, batch_size=3, progress=False)  # fmt: skip
+                       batch_size=3, progress=False, **kw)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert _files(dist_out) == _files(single)  # byte-identical shards, records and manifest

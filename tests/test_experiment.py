@@ -263,3 +263,26 @@ def test_reproduction_configs_are_ready_to_fill_in(name):
     assert len(archs) >= (8 if name.startswith("jones") else 5)
     if name.startswith("klabunde"):
         assert eps == {0, 0.25, 0.5, 1, 3} and {"procrustes", "knn_jaccard"} <= set(cfg.measures)
+
+
+def test_half_budget_drift_is_flagged(tmp_path):
+    from invsim.experiment import run_experiment
+
+    results = run_experiment(_small_config(tmp_path / "run"), quiet=True)
+    d = results["drift"]
+    assert d["half_iterations"] == 10 and d["threshold"] == 0.02
+    inverted = {
+        k: store.InvertedDataset(tmp_path / "run" / "inverted" / k) for k in ("mlp", "mlp-r")
+    }
+    models = {
+        k: load_model(str(tmp_path / "run" / "models" / f"{k}.safetensors")) for k in inverted
+    }
+    half = {
+        k: type("Half", (), {"images": v.half_images, "id": f"h{k}"})() for k, v in inverted.items()
+    }
+    want = np.abs(inverted_similarity(models, half).values
+                  - np.array(results["matrices"]["inverted"]["values"]))  # fmt: skip
+    assert d["max_change"] == pytest.approx(float(want.max()), abs=1e-9)
+    assert len(d["moved"]) == int((want > 0.02).sum()) > 0
+    assert all(m["change"] > 0.02 for m in d["moved"])
+    assert "Not settled" in (tmp_path / "run" / "report.html").read_text()

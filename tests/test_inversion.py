@@ -197,12 +197,18 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
     assert not torch.equal(plain.images, fake.images)
 
 
-def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test):
+@pytest.mark.parametrize(
+    "rule",
+    [{"tol": 0.03, "patience": 10},
+     {"schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}],
+    ids=["tol", "converge"],
+)  # fmt: skip
+def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):
     # float64, so that per-example results can be compared exactly across batch shapes
     model = _small_cnn(torch.float64)
     s, t = sample_pairs(mnist_test.labels, 10, seed=3)
     seeds, targets = mnist_test.images[s].double(), mnist_test.images[t].double()
-    kw = {"iterations": 60, "tol": 0.03, "patience": 10, "progress": False}
+    kw = {"iterations": 60, "progress": False, **rule}
     batched = invert_images(model, seeds, targets, batch_size=4, **kw)
     alone = [invert_images(model, seeds[i : i + 1], targets[i : i + 1], batch_size=1, **kw)
              for i in range(10)]  # fmt: skip

@@ -53,9 +53,13 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkeypatch):
+CONVERGE = {**KW, "iterations": 80, "schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}
+
+
+@pytest.mark.parametrize("settings", [KW, CONVERGE], ids=["paper", "converge"])
+def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkeypatch, settings):
     whole = tmp_path / "whole"
-    invert_dataset(model, small_data, 10, whole, **KW)
+    invert_dataset(model, small_data, 10, whole, **settings)
 
     killed = tmp_path / "killed"
     real = store._write_shard
@@ -69,7 +73,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
 
     monkeypatch.setattr(store, "_write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        invert_dataset(model, small_data, 10, killed, **KW)
+        invert_dataset(model, small_data, 10, killed, **settings)
     monkeypatch.setattr(store, "_write_shard", real)
     with pytest.raises(StoreError, match="incomplete: 1 of 3 shards"):
         InvertedDataset(killed)
@@ -82,9 +86,15 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
         return real_invert(*args, **kwargs)
 
     monkeypatch.setattr(store, "invert_images", counting)
-    invert_dataset(model, small_data, 10, killed, **KW)
+    resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
     assert _files(killed) == _files(whole)
+    if settings is CONVERGE:  # examples stopped at different iterations, before the cap
+        assert len(set(resumed.iterations.tolist())) > 1 and int(resumed.iterations.max()) < 80
+    # the cost is recorded: one evaluation per step plus the last iterate, per pair
+    assert resumed.passes == int(resumed.iterations.sum()) + 10
+    assert json.loads((killed / "dataset.json").read_text())["passes"] == resumed.passes
+    assert resumed.half_images is not None and resumed.half_images.shape == resumed.images.shape
 
 
 def test_different_arguments_are_refused(tmp_path, model, small_data):

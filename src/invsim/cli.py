@@ -68,11 +68,11 @@ def _field_options(model: type, names: list[str], prefix: str = "") -> Callable:
                 )
             )
             continue
-        kind = next(
-            t
-            for t in (bool, int, float, str)
-            if t in (field.annotation, *typing.get_args(field.annotation))
-        )
+        args = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            kind = click.Choice(args)
+        else:
+            kind = next(t for t in (bool, int, float, str) if t in (field.annotation, *args))
         decorators.append(
             click.option(
                 flag,

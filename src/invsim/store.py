@@ -46,7 +46,7 @@ __all__ = [
 
 FORMAT = "invsim-inverted/1"
 # provenance that does not change the data: recorded, but not part of the config hash
-_NOT_HASHED = ("versions", "checkpoint")
+_NOT_HASHED = ("versions", "checkpoint", "passes")
 
 
 class StoreError(ValueError):
@@ -243,6 +243,7 @@ class _Job:
             sl = slice(s * self.shard_size, min(self.n_pairs, (s + 1) * self.shard_size))
             targets = dataset_images(self.dataset, target_idx[sl])
             seeds = "noise" if noise else dataset_images(self.dataset, seed_idx[sl])
+            half = self.inversion.iterations // 2
             result = invert_images(
                 self.model,
                 seeds,
@@ -251,6 +252,7 @@ class _Job:
                 device=device,
                 progress=progress,
                 noise_seed=self.seed * 1_000_003 + s,
+                snapshots=(half,),
             )
             tensors = {
                 "images": result.images.float().contiguous(),
@@ -261,11 +263,15 @@ class _Job:
                 "loss": result.loss.float().contiguous(),
                 "initial_loss": result.initial_loss.float().contiguous(),
                 "iterations": result.iterations.contiguous(),
+                # the images a run with half the budget returns: the drift check
+                "half_images": result.snapshots[half][0].float().contiguous(),
             }
-            _write_shard(self.out, s, tensors, self.config_hash)
+            _write_shard(self.out, s, tensors, self.config_hash, result.passes)
 
 
-def _write_shard(out: Path, s: int, tensors: dict[str, torch.Tensor], config_hash: str) -> None:
+def _write_shard(
+    out: Path, s: int, tensors: dict[str, torch.Tensor], config_hash: str, passes: int
+) -> None:
     from safetensors.torch import save
 
     data = save(tensors, metadata={"invsim": json.dumps({"shard": s, "config_hash": config_hash})})
@@ -276,6 +282,7 @@ def _write_shard(out: Path, s: int, tensors: dict[str, torch.Tensor], config_has
         "file": f"shards/{name}.safetensors",
         "sha256": hashlib.sha256(data).hexdigest(),
         "n": int(tensors["images"].shape[0]),
+        "passes": int(passes),
         "config_hash": config_hash,
     }
     atomic_write(out / "shards" / f"{name}.json", json_bytes(record))
@@ -310,10 +317,18 @@ def merge_manifest(out_dir: str | Path) -> InvertedDataset | None:
         if not rec_path.exists():
             return None
         records.append(json.loads(rec_path.read_text()))
-    manifest = {"config_hash": cfg["config_hash"], "n": n_pairs, "shards": records}
+    passes = sum(r.get("passes", 0) for r in records)
+    manifest = {
+        "config_hash": cfg["config_hash"],
+        "n": n_pairs,
+        "passes": passes,
+        "shards": records,
+    }
     path = out / "manifest.json"
     if not path.exists() or json.loads(path.read_text()) != manifest:
         atomic_write(path, json_bytes(manifest))
+    if cfg.get("passes") != passes:  # the cost, beside the provenance (not hashed)
+        atomic_write(out / "dataset.json", json_bytes({**cfg, "passes": passes}))
     return InvertedDataset(out)
 
 
@@ -323,7 +338,9 @@ class InvertedDataset(Dataset):
     On open it checks the manifest against ``dataset.json`` and every shard's sha256,
     naming any corrupt or missing shard. Whole tensors: ``images`` (float32),
     ``target_labels``, ``seed_labels``, ``seed_index``, ``target_index``, ``loss``,
-    ``initial_loss``; ``config`` is the provenance and ``id`` identifies the set.
+    ``initial_loss``, ``iterations``, ``half_images`` (the images half the budget gave,
+    for the drift check); ``passes`` is the image evaluations spent; ``config`` is the
+    provenance and ``id`` identifies the set.
     """
 
     def __init__(self, out_dir: str | Path, *, verify: bool = True):
@@ -374,6 +391,9 @@ class InvertedDataset(Dataset):
         self.loss: torch.Tensor = cat["loss"]
         self.initial_loss: torch.Tensor = cat["initial_loss"]
         self.iterations: torch.Tensor = cat["iterations"]
+        # what half the budget returned (None for sets stored before invsim kept it)
+        self.half_images: torch.Tensor | None = cat.get("half_images")
+        self.passes: int = int(manifest.get("passes", 0))
         self.labels = self.target_labels
         self.id = f"inverted:{self.config['config_hash']}"
 

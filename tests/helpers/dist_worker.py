@@ -27,6 +27,9 @@ def small_set():
                               id="random-40")  # fmt: skip
 
 
+CONVERGE = {"iterations": 60, "schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}
+
+
 def model():
     from invsim.models import load_model
 
@@ -60,9 +63,10 @@ def main() -> None:
                                for k, v in mat.compute_measures(streaming).items()}}  # fmt: skip
         with open(f"{out}/cka-{rank}.json", "w") as f:
             json.dump(result, f)
-    elif task == "invert":
-        ds = invert_dataset(model(), small_set(), 10, out, shard_size=3, iterations=6,
-                            batch_size=3, progress=False)  # fmt: skip
+    elif task in ("invert", "invert-converge"):
+        kw = {"iterations": 6} if task == "invert" else CONVERGE
+        ds = invert_dataset(model(), small_set(), 10, out, shard_size=3, batch_size=3,
+                            progress=False, **kw)  # fmt: skip
         with open(f"{out}/../rank-{rank}.json", "w") as f:
             json.dump({"n": len(ds)}, f)
     dist.barrier()

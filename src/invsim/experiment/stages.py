@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,54 @@ def compute_matrices(
     return out
 
 
+DRIFT_THRESHOLD = 0.02
+
+
+def drift(
+    cfg: ExperimentConfig,
+    zoo: Zoo,
+    inverted: Mapping[str, InvertedDataset],
+    full: SimilarityMatrix,
+    *,
+    cache: RepresentationCache,
+) -> dict[str, Any] | None:
+    """The inverted matrix (primary measure) at half the inversion budget, from the
+    stored half-budget images (no extra inversion): the cells that moved more than
+    ``DRIFT_THRESHOLD`` in the second half have not settled."""
+    if not inverted or any(v.half_images is None for v in inverted.values()):
+        return None
+    halves = {
+        k: SimpleNamespace(images=v.half_images, id=f"{v.id}:half") for k, v in inverted.items()
+    }
+    half = inverted_similarity(
+        zoo.models,
+        halves,
+        measures=cfg.measures[0],
+        layer=cfg.inversion.layer,
+        cache=cache,
+        device=cfg.device,
+    )
+    change = np.abs(full.values - half.values)
+    moved = [
+        {
+            "row": r,
+            "column": c,
+            "value": float(full.values[i, j]),
+            "half_budget_value": float(half.values[i, j]),
+            "change": float(change[i, j]),
+        }
+        for i, r in enumerate(full.rows)
+        for j, c in enumerate(full.cols)
+        if change[i, j] > DRIFT_THRESHOLD
+    ]
+    return {
+        "half_iterations": cfg.inversion.iterations // 2,
+        "threshold": DRIFT_THRESHOLD,
+        "max_change": float(change.max()),
+        "moved": moved,
+    }
+
+
 def summarise(
     zoo: Zoo,
     panels: Mapping[str, Mapping[str, SimilarityMatrix]],
@@ -381,6 +430,10 @@ def run_experiment(
     cache = RepresentationCache(out / "cache")
     matrices = compute_matrices(cfg, zoo, eval_ds, inverted, cache=cache, quiet=quiet)
     results = summarise(zoo, matrices, inverted)
+    if "inverted" in matrices:
+        moved = drift(cfg, zoo, inverted, matrices["inverted"][cfg.measures[0]], cache=cache)
+        if moved is not None:
+            results["drift"] = moved
     if cfg.confound is not None:
         results["confound"] = _confound(cfg, quiet)
     results["provenance"] = provenance(cfg, cache, time.perf_counter() - t0)

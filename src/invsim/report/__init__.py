@@ -135,9 +135,23 @@ def _matrices(out: Path, results: dict) -> list[str]:
     parts = []
     pair = {k: mats[k] for k in ("natural", "inverted") if k in mats}
     label = next(iter(results["matrices"].values()), {}).get("measure", "linear_cka")
+    marks, note = {}, ""
+    moved = (results.get("drift") or {}).get("moved", [])
+    if moved and "inverted" in mats:
+        inv = mats["inverted"]
+        marks["inverted"] = [(inv.rows.index(m["row"]), inv.cols.index(m["column"])) for m in moved]
+        d = results["drift"]
+        note = (
+            f'<p class="warn">Not settled: {len(moved)} inverted entries (red frames) moved '
+            f"by more than {d['threshold']} between {d['half_iterations']} iterations and the "
+            f"full budget (largest change {d['max_change']:.3f}); more iterations or "
+            '<code>schedule="converge"</code> would change them.</p>'
+        )
     if pair:
-        p = heatmaps(pair, out / "figures" / "heatmaps.png", label=label.replace("_", " "))
-        parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{_img(p)}")
+        p = heatmaps(
+            pair, out / "figures" / "heatmaps.png", label=label.replace("_", " "), marks=marks
+        )
+        parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{note}{_img(p)}")
     if "stir" in mats:
         p = heatmaps({"stir": mats["stir"]}, out / "figures" / "stir.png")
         parts.append(

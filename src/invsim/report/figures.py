@@ -30,8 +30,10 @@ def heatmaps(
     *,
     title: str = "",
     label: str = "linear CKA",
+    marks: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> Path:
-    """Side-by-side heatmaps with one shared colour scale, annotated values, model names."""
+    """Side-by-side heatmaps with one shared colour scale, annotated values, model names;
+    ``marks[key]`` cells get a red frame (e.g. entries that have not settled)."""
     keys = list(matrices)
     lo = min(0.0, *(float(m.values.min()) for m in matrices.values()))
     size = max(len(m.cols) for m in matrices.values())
@@ -63,6 +65,8 @@ def heatmaps(
                     fontsize=7,
                     color="white" if v < lo + 0.6 * (1 - lo) else "black",
                 )
+        for i, j in (marks or {}).get(key, []):
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
