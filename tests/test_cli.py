@@ -170,7 +170,9 @@ def test_train_invert_similarity_commands(tmp_path):
     assert model.exists()
     base = ["invert", str(model), "--data", "digits", "--pairs", "12", "--iterations", "5",
             "--shard-size", "4", "--out"]  # fmt: skip
-    invsim(*base, str(tmp_path / "inv"))
+    proc = invsim(*base, str(tmp_path / "inv"))
+    assert "median loss" in proc.stdout and "90th percentile" in proc.stdout
+    assert "did not converge" in proc.stdout  # 5 iterations: the summary warns
     for i in (0, 1, 2):
         invsim(*base, str(tmp_path / "sliced"), "--num-shards", "3", "--shard-index", str(i))
     invsim("invert", "--merge", "--out", str(tmp_path / "sliced"))
@@ -185,3 +187,30 @@ def test_train_invert_similarity_commands(tmp_path):
     assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(1.0)
     assert "natural (linear_cka):" in proc.stdout and "natural (procrustes):" in proc.stdout
     assert "built-in" in invsim("models").stdout
+
+
+def test_unconverged_rows_are_flagged_everywhere(tmp_path):
+    from invsim.config import validate
+    from invsim.experiment import run_experiment
+
+    cfg = validate({
+        "out": str(tmp_path / "run"), "seed": 0,
+        "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
+        "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
+                   {"name": "b", "spec": "lenet", "train": {"epochs": 1}}],
+        "inversion": {"iterations": 5, "batch_size": 8},
+    })  # fmt: skip
+    results = run_experiment(cfg, quiet=True)
+    for name in ("a", "b"):
+        d = results["diagnostics"][name]
+        assert d["converged"] is False and d["median_loss"] > 0.1
+        assert d["p90_loss"] >= d["median_loss"] and 0 <= d["target_accuracy"] <= 1
+    assert {w["model"] for w in results["warnings"] if w["kind"] == "not_converged"} == {"a", "b"}
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    url = (tmp_path / "run" / "report.html").resolve().as_uri()
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    marked = re.search(r'data-rows-not-converged="(\d+)"', dom.stdout)
+    assert marked and int(marked.group(1)) == 2, dom.stderr[-2000:]
+    assert 'id="not-converged"' in dom.stdout

@@ -289,7 +289,10 @@ def invert(
     if ds is None:
         click.echo(f"slice done; run `invsim invert --merge --out {out}` when all are done.")
         return
+    from invsim.experiment.summary import diagnostics_line, inversion_diagnostics
+
     click.echo(repr(ds))
+    click.echo(diagnostics_line(Path(out).name, inversion_diagnostics(net, ds)))
 
 
 def _name_value(specs: tuple[str, ...]) -> dict[str, str]:

@@ -45,6 +45,7 @@ from invsim.experiment.summary import (
     panel_summary,
     robustness_summary,
     summarize,
+    warnings_of,
     write_matrix_csv,
 )
 from invsim.models import load_model
@@ -434,6 +435,10 @@ def run_experiment(
         moved = drift(cfg, zoo, inverted, matrices["inverted"][cfg.measures[0]], cache=cache)
         if moved is not None:
             results["drift"] = moved
+    results["diagnostics"] = results["inversion"]
+    results["warnings"] = warnings_of(results)
+    for w in results["warnings"]:
+        log(w["message"], quiet=quiet)
     if cfg.confound is not None:
         results["confound"] = _confound(cfg, quiet)
     results["provenance"] = provenance(cfg, cache, time.perf_counter() - t0)

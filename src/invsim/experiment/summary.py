@@ -24,7 +24,10 @@ from invsim.representation import eval_mode, logits
 from invsim.similarity import SimilarityMatrix
 
 __all__ = [
+    "CONVERGED_LOSS",
     "confound_headline",
+    "diagnostics_line",
+    "warnings_of",
     "panel_summary",
     "headline",
     "inversion_diagnostics",
@@ -80,19 +83,74 @@ def robustness_summary(
     return {"per_model": per_model, "spearman": rho}
 
 
-def inversion_diagnostics(model: torch.nn.Module, inverted: Any) -> dict[str, float]:
-    """Median losses, and how often the model classifies an inverted image as its target."""
+CONVERGED_LOSS = 0.1  # the convergence criterion: median relative loss at most this
+
+
+def inversion_diagnostics(model: torch.nn.Module, inverted: Any) -> dict[str, Any]:
+    """How far to trust an inverted data set: loss quantiles (median, 90th percentile),
+    the fraction of images with relative loss at most ``CONVERGED_LOSS``, how often the
+    model classifies an inverted image as its target's label, and ``converged``: the
+    median relative loss is at most ``CONVERGED_LOSS`` (docs/trust.md says why)."""
     dev = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model, warn=False):
         pred = torch.cat(
             [logits(model(x.to(dev))).argmax(1).cpu() for x in inverted.images.split(256)]
         )
+    loss = inverted.loss.double()
+    median = float(loss.median())
     return {
-        "median_loss": float(inverted.loss.median()),
+        "median_loss": median,
+        "p90_loss": float(torch.quantile(loss, 0.9)),
         "median_initial_loss": float(inverted.initial_loss.median()),
+        "fraction_converged": float((loss <= CONVERGED_LOSS).double().mean()),
         "target_accuracy": float((pred == inverted.target_labels).float().mean()),
+        "converged": median <= CONVERGED_LOSS,
         "n": len(inverted),
     }
+
+
+def diagnostics_line(name: str, d: dict[str, Any]) -> str:
+    """One line for the terminal, with the warning when the inversion did not converge."""
+    line = (
+        f"{name}: median loss {d['median_loss']:.4f} (90th percentile {d['p90_loss']:.4f}; "
+        f"seeds {d['median_initial_loss']:.3f}), {100 * d['fraction_converged']:.0f}% of "
+        f"images at most {CONVERGED_LOSS}, "
+        f"classified as the target {100 * d['target_accuracy']:.0f}%"
+    )
+    if not d["converged"]:
+        line += (
+            f"\nWARNING: {name}'s inversions did not converge (median relative loss "
+            f"{d['median_loss']:.3f} > {CONVERGED_LOSS}): its inverted data are still close to "
+            "the seeds, so its row measures near-natural similarity. Use more iterations or "
+            'schedule="converge", and check the step size.'
+        )
+    return line
+
+
+def warnings_of(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's warnings: rows whose inversions did not converge, entries not settled."""
+    out = []
+    for name, d in results.get("inversion", {}).items():
+        if not d.get("converged", True):
+            out.append(
+                {
+                    "kind": "not_converged",
+                    "model": name,
+                    "median_loss": d["median_loss"],
+                    "message": diagnostics_line(name, d).split("\n", 1)[1],
+                }
+            )
+    drift = results.get("drift") or {}
+    if drift.get("moved"):
+        out.append(
+            {
+                "kind": "not_settled",
+                "cells": len(drift["moved"]),
+                "message": f"WARNING: {len(drift['moved'])} inverted entries moved by more "
+                f"than {drift['threshold']} in the second half of the budget.",
+            }
+        )
+    return out
 
 
 def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> dict[str, float]:

@@ -62,11 +62,15 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
 
 
-def _table(rows: list[list[Any]], head: list[str]) -> str:
+def _table(rows: list[list[Any]], head: list[str], classes: list[str] | None = None) -> str:
     def cell(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
 
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    classes = classes or [""] * len(rows)
+    body = "".join(
+        (f'<tr class="{c}">' if c else "<tr>") + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>"
+        for r, c in zip(rows, classes, strict=True)
+    )
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{body}</table>"
 
 
@@ -147,9 +151,22 @@ def _matrices(out: Path, results: dict) -> list[str]:
             f"full budget (largest change {d['max_change']:.3f}); more iterations or "
             '<code>schedule="converge"</code> would change them.</p>'
         )
+    bad = [n for n, d in results.get("inversion", {}).items() if not d.get("converged", True)]
+    flagged = {"inverted": [mats["inverted"].rows.index(n) for n in bad]} if bad else {}
+    if bad:
+        note += (
+            f'<p class="warn" id="not-converged">Not converged: the inversions of {", ".join(bad)} '
+            "did not converge (median relative loss above 0.1), so their inverted data are "
+            "still close to the seeds and their rows (hatched, marked '!') measure "
+            "near-natural similarity.</p>"
+        )
     if pair:
         p = heatmaps(
-            pair, out / "figures" / "heatmaps.png", label=label.replace("_", " "), marks=marks
+            pair,
+            out / "figures" / "heatmaps.png",
+            label=label.replace("_", " "),
+            marks=marks,
+            flagged_rows=flagged,
         )
         parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{note}{_img(p)}")
     if "stir" in mats:
@@ -176,7 +193,8 @@ def _measures(out: Path, results: dict) -> list[str]:
         for regime, m in regimes.items():
             panels.setdefault(regime, {})[name] = SimilarityMatrix.from_dict(m)
     ranges = {k: MEASURES[k].range for k in by_measure if k in MEASURES}
-    p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges)
+    bad = [n for n, d in results.get("inversion", {}).items() if not d.get("converged", True)]
+    p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges, flagged=bad)
     rows = []
     for name, s in results["panel"].items():
         rho = s.get("inverted_robustness_spearman")
@@ -204,13 +222,32 @@ def _inversion(out: Path, results: dict) -> list[str]:
     if not results.get("inversion"):
         return []
     rows = [
-        [n, q["median_initial_loss"], q["median_loss"], q["target_accuracy"], q["n"]]
+        [
+            n,
+            q["median_initial_loss"],
+            q["median_loss"],
+            q.get("p90_loss", ""),
+            q["target_accuracy"],
+            q["n"],
+            "yes" if q.get("converged", True) else "NO",
+        ]
         for n, q in results["inversion"].items()
     ]
-    head = ["model", "median seed loss", "median final loss", "classified as target", "pairs"]
+    head = [
+        "model",
+        "median seed loss",
+        "median final loss",
+        "90th percentile loss",
+        "classified as target",
+        "pairs",
+        "converged",
+    ]
     grids = _grids(out, results)
+    classes = [
+        "" if q.get("converged", True) else "not-converged" for q in results["inversion"].values()
+    ]
     return [
-        "<h2>Inversion quality</h2>" + _table(rows, head),
+        "<h2>Inversion quality</h2>" + _table(rows, head, classes),
         f"<h2>Seeds, targets, inverted images</h2><p>{EXPLAIN['grids']}</p>"
         + "".join(_img(g) for g in grids),
     ]
@@ -272,6 +309,7 @@ img{max-width:100%;display:block;margin:1em 0;border:1px solid #ddd}
 img.broken{border:3px solid red}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}
 .warn{background:#fff4d6;padding:.5em;border-left:4px solid #e0a800}
+tr.not-converged td{background:#ffe0b3;font-weight:bold}
 pre{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em;font-size:12px}
 </style></head><body>
 {{BODY}}
@@ -284,6 +322,8 @@ window.addEventListener("load", function () {
     else { imgs[i].className = "broken"; }
   }
   document.body.setAttribute("data-images-total", imgs.length);
+  var bad = document.querySelectorAll("tr.not-converged");
+  document.body.setAttribute("data-rows-not-converged", bad.length);
   document.body.setAttribute("data-images-loaded", ok);
 });
 </script>

@@ -31,9 +31,12 @@ def heatmaps(
     title: str = "",
     label: str = "linear CKA",
     marks: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    flagged_rows: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """Side-by-side heatmaps with one shared colour scale, annotated values, model names;
-    ``marks[key]`` cells get a red frame (e.g. entries that have not settled)."""
+    ``marks[key]`` cells get a red frame (e.g. entries that have not settled);
+    ``flagged_rows[key]`` rows are hatched and their labels marked (e.g. rows whose
+    inversions did not converge)."""
     keys = list(matrices)
     lo = min(0.0, *(float(m.values.min()) for m in matrices.values()))
     size = max(len(m.cols) for m in matrices.values())
@@ -65,6 +68,24 @@ def heatmaps(
                     fontsize=7,
                     color="white" if v < lo + 0.6 * (1 - lo) else "black",
                 )
+        flagged = (flagged_rows or {}).get(key, [])
+        for i in flagged:
+            ax.add_patch(
+                plt.Rectangle(
+                    (-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=2, hatch="//"
+                )
+            )
+        if flagged:
+            ax.set_yticks(
+                range(len(m.rows)),
+                [
+                    ("! " + r + " (not converged)") if i in flagged else r
+                    for i, r in enumerate(m.rows)
+                ],
+                fontsize=8,
+            )
+            for i in flagged:
+                ax.get_yticklabels()[i].set_color("darkorange")
         for i, j in (marks or {}).get(key, []):
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
@@ -76,10 +97,15 @@ def heatmaps(
 
 
 def measure_panel(
-    panels: Mapping[str, Mapping[str, SimilarityMatrix]], path: Path, *, ranges=None
+    panels: Mapping[str, Mapping[str, SimilarityMatrix]],
+    path: Path,
+    *,
+    ranges=None,
+    flagged: Sequence[str] = (),
 ) -> Path:
     """Small multiples: one row per measure, natural and inverted side by side, each row
-    on its own colour scale (the measure's declared range)."""
+    on its own colour scale (the measure's declared range). Rows of the inverted
+    matrices named in ``flagged`` (inversions that did not converge) are hatched."""
     regimes = [r for r in ("natural", "inverted", "stir") if r in panels]
     measures = list(panels[regimes[0]])
     size = max(len(panels[regimes[0]][m].cols) for m in measures)
@@ -99,6 +125,13 @@ def measure_panel(
             ax.set_xticks([])
             ax.set_yticks(range(len(m.rows)), m.rows if regime == regimes[0] else [], fontsize=6)
             ax.set_title(f"{name}: {regime}", fontsize=8)
+            for r in flagged if regime == "inverted" else ():
+                i = m.rows.index(r)
+                ax.add_patch(
+                    plt.Rectangle(
+                        (-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=1.5, hatch="//"
+                    )
+                )
         fig.colorbar(im, ax=row.tolist(), shrink=0.8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
