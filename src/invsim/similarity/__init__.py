@@ -6,6 +6,7 @@ Y)`` is the functional form. Importing this package registers every built-in mea
 """
 
 from invsim.similarity import alignment, neighbors, outputs, rsa  # noqa: F401  (registers)
+from invsim.similarity.calibration import Calibrated, calibrate
 from invsim.similarity.functional import (
     center_gram,
     gram_linear,
@@ -26,6 +27,7 @@ from invsim.similarity.registry import (
 from invsim.similarity.streaming import CrossMoments, LinearCKA, LinearCKAMatrix, MinibatchCKA
 
 __all__ = [
+    "Calibrated",
     "INVARIANCES",
     "MEASURES",
     "CrossMoments",
@@ -34,6 +36,7 @@ __all__ = [
     "Measure",
     "MinibatchCKA",
     "SimilarityMatrix",
+    "calibrate",
     "center_gram",
     "cka_matrix",
     "get_measure",

@@ -1,0 +1,96 @@
+"""calibrate(): the interval covers at its level, the null is the value for unrelated
+representations, p-values are uniform under the null, bad input is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from invsim.similarity import calibrate, linear_cka
+
+
+def _batched_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA of many data sets at once: x (S, n, d1), y (S, n, d2)."""
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    xy, xx, yy = (torch.linalg.matrix_norm(a.transpose(1, 2) @ b) for a, b in
+                  ((x, y), (x, x), (y, y)))  # fmt: skip
+    return xy**2 / (xx * yy)
+
+
+def test_interval_covers_at_its_level():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 8, generator=g, dtype=torch.float64)
+
+    def draw(n, sets=1):
+        x = torch.randn(sets, n, 10, generator=g, dtype=torch.float64)
+        return x, x @ a + 2.5 * torch.randn(sets, n, 8, generator=g, dtype=torch.float64)
+
+    population = float(_batched_cka(*draw(200_000)))  # the value at n -> infinity
+    xs, ys = draw(300, sets=200)
+    covered = [
+        calibrate(x, y, n_boot=200, n_perm=0, seed=i) for i, (x, y) in enumerate(zip(xs, ys))
+    ]
+    rate = np.mean([c.ci_low <= population <= c.ci_high for c in covered])
+    assert 0.90 <= rate <= 0.99, rate
+    # the estimator is biased upwards at this n: the interval must not simply centre on it
+    assert np.mean([c.value for c in covered]) > population
+
+
+def test_null_is_the_value_for_unrelated_representations():
+    g = torch.Generator().manual_seed(1)
+    n, draws = 40, 200
+    x = torch.randn(draws, n, 10, generator=g, dtype=torch.float64)
+    y = torch.randn(draws, n, 8, generator=g, dtype=torch.float64)
+    results = [
+        calibrate(a, b, n_boot=1, n_perm=200, seed=i)
+        for i, (a, b) in enumerate(zip(x, y, strict=True))
+    ]
+    # what biased CKA averages for independent data at this n and these widths
+    many = _batched_cka(torch.randn(4000, n, 10, generator=g, dtype=torch.float64),
+                        torch.randn(4000, n, 8, generator=g, dtype=torch.float64))  # fmt: skip
+    expected, se = float(many.mean()), float(many.std() / np.sqrt(len(many)))
+    null_means = np.array([r.null_mean for r in results])
+    spread = null_means.std() / np.sqrt(draws)
+    assert abs(null_means.mean() - expected) < 4 * (se + spread), (null_means.mean(), expected)
+    assert expected > 0.15  # the bias the null exposes: far from 0 at n=40
+    p = np.array([r.p_value for r in results])
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+
+
+def test_deterministic_dtype_free_and_a_strong_signal():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(120, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a = calibrate(x, y, seed=3)
+    assert a == calibrate(x, y, seed=3)
+    b = calibrate(x.float().numpy(), y.float().numpy(), seed=3)
+    assert b.value == pytest.approx(a.value, abs=1e-6) and b.p_value == a.p_value
+    assert a.value == pytest.approx(linear_cka(x, y)) and a.p_value == pytest.approx(1 / 201)
+    assert a.ci_low <= a.value <= a.ci_high and a.null_mean < 0.2
+
+
+def test_other_measures_use_the_same_rule():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    c = calibrate(x, x + 0.3 * torch.randn(60, 4, generator=g, dtype=torch.float64),
+                  measure="procrustes", n_boot=50, n_perm=50)  # fmt: skip
+    assert c.ci_low < c.value < c.ci_high and c.p_value == pytest.approx(1 / 51)
+    assert c.null_mean < c.value
+
+
+def test_bad_input_is_named():
+    x = torch.randn(30, 4)
+    with pytest.raises(ValueError, match="n_boot must be an integer >= 1; got 0"):
+        calibrate(x, x, n_boot=0)
+    with pytest.raises(ValueError, match=r"ci must lie in \(0, 1\).*got 1.5"):
+        calibrate(x, x, ci=1.5)
+    with pytest.raises(ValueError, match="X has 30 examples but Y has 20"):
+        calibrate(x, x[:20])
+    with pytest.raises(ValueError, match="debiased CKA needs at least 4 examples; got n=3"):
+        calibrate(x[:3], x[:3], measure="debiased_cka")
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        calibrate(bad, x)
