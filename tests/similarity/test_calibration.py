@@ -29,9 +29,8 @@ def test_interval_covers_at_its_level():
 
     population = float(_batched_cka(*draw(200_000)))  # the value at n -> infinity
     xs, ys = draw(300, sets=200)
-    covered = [
-        calibrate(x, y, n_boot=200, n_perm=0, seed=i) for i, (x, y) in enumerate(zip(xs, ys))
-    ]
+    pairs = enumerate(zip(xs, ys, strict=True))
+    covered = [calibrate(x, y, n_boot=200, n_perm=0, seed=i) for i, (x, y) in pairs]
     rate = np.mean([c.ci_low <= population <= c.ci_high for c in covered])
     assert 0.90 <= rate <= 0.99, rate
     # the estimator is biased upwards at this n: the interval must not simply centre on it
