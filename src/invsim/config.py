@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "AdversarialConfig",
+    "CalibrationConfig",
     "ConfigError",
     "ConfoundConfig",
     "DataConfig",
@@ -175,6 +176,17 @@ class StirConfig(_Settings):
     seed_images: Literal["noise"] | None = "noise"
 
 
+class CalibrationConfig(_Settings):
+    """Intervals and nulls for every cell (:func:`invsim.similarity.calibrate`)."""
+
+    n_boot: int = Field(200, ge=1, description="Poisson-bootstrap replicates per cell.")
+    n_perm: int = Field(200, ge=0, description="Permutations per cell for the null.")
+    ci: float = Field(0.95, gt=0, lt=1, description="Interval level.")
+    measures: list[str] = Field(
+        default_factory=lambda: ["linear_cka"], description="Measures to calibrate."
+    )
+
+
 class ConfoundConfig(_Settings):
     epochs: int = 4
     pairs: int = 300
@@ -197,8 +209,12 @@ class ExperimentConfig(_Settings):
         description="Which data the matrices are computed on: natural, inverted, stir.",
     )
     measures: list[str] = Field(
-        default_factory=lambda: ["linear_cka"],
+        default_factory=lambda: ["linear_cka", "debiased_cka"],
         description="Similarity measures (invsim.similarity.MEASURES); the first is primary.",
+    )
+    calibration: CalibrationConfig | None = Field(
+        default_factory=CalibrationConfig,
+        description="Bootstrap intervals and permutation nulls per cell (null: none).",
     )
     stir: StirConfig = Field(default_factory=StirConfig)
     confound: ConfoundConfig | None = None

@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from invsim._io import atomic_write
-from invsim.config import InversionConfig
+from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
-from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, get_measure
+from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
@@ -114,10 +114,13 @@ def panel(
     logits: Mapping[str, torch.Tensor] | None = None,
     rows: Sequence[str] | None = None,
     chunk: int = 1024,
+    calibration: CalibrationConfig | None = None,
+    seed: int = 0,
 ) -> dict[str, SimilarityMatrix]:
     """Every measure between the representations ``reps`` (name -> (n, d), the same
     examples), for the ``rows`` asked (default: all) against every column. Functional
-    measures read ``logits`` (name -> (n, classes)) instead."""
+    measures read ``logits`` (name -> (n, classes)) instead. With ``calibration``, the
+    measures it names get per-cell ``ci_low``, ``ci_high``, ``null_mean``, ``p_value``."""
     names, rows = list(reps), list(rows or reps)
     found = {m: get_measure(m) for m in measures}
     out: dict[str, SimilarityMatrix] = {}
@@ -140,7 +143,38 @@ def panel(
                     values[rows.index(c), names.index(r)] if mirror else (spec.fn(data[r], data[c]))
                 )
         out[name] = SimilarityMatrix(rows, names, values)
+    if calibration is not None:
+        for name in [m for m in calibration.measures if m in out]:
+            data = reps if found[name].inputs == "representation" else (logits or {})
+            out[name].stats = _calibrated(data, rows, names, name, calibration, seed)
     return {m: out[m] for m in measures}
+
+
+def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> dict:
+    """Per-cell interval and null (a symmetric measure's mirrored cells are reused)."""
+    symmetric = get_measure(name).symmetric
+    stats = {k: np.empty((len(rows), len(cols))) for k in SimilarityMatrix.STATS}
+    done: dict[tuple[str, str], Any] = {}
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            key = (c, r) if symmetric and (c, r) in done else (r, c)
+            if key not in done:
+                cell_seed = seed * 1_000_003 + cols.index(key[0]) * len(cols) + cols.index(key[1])
+                done[key] = calibrate(
+                    data[key[0]],
+                    data[key[1]],
+                    measure=name,
+                    n_boot=cal.n_boot,
+                    n_perm=cal.n_perm,
+                    ci=cal.ci,
+                    seed=cell_seed,
+                )
+            for k in SimilarityMatrix.STATS:
+                v = getattr(done[key], k)
+                stats[k][i, j] = np.nan if v is None else v
+    if cal.n_perm == 0:
+        del stats["null_mean"], stats["p_value"]
+    return stats
 
 
 def _one_or_many(result: dict[str, SimilarityMatrix], measures: str | Sequence[str]):
@@ -175,6 +209,8 @@ def natural_similarity(
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    calibration: CalibrationConfig | None = None,
+    seed: int = 0,
 ) -> SimilarityMatrix:
     """The ``measures`` (default linear CKA; ``debiased=True``: debiased CKA) on the first
     ``n`` images of ``dataset``, the same images for every pair.
@@ -197,7 +233,7 @@ def natural_similarity(
     logit = None
     if _needs_logits(names):
         logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
-    result = panel(reps, names, logits=logit)
+    result = panel(reps, names, logits=logit, calibration=calibration, seed=seed)
     if isinstance(measures, str):
         return result[names[0]]
     return result
@@ -213,6 +249,8 @@ def inverted_similarity(
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    calibration: CalibrationConfig | None = None,
+    seed: int = 0,
 ) -> SimilarityMatrix | dict[str, SimilarityMatrix]:
     """Asymmetric matrix: row r, column c = measure(Rep_r(X_r), Rep_c(X_r)) on row model
     r's inverted data set X_r. Rows are the models in ``inverted``, columns all
@@ -225,6 +263,7 @@ def inverted_similarity(
         raise ValueError(f"inverted data sets for unknown models {missing}; known: {cols}.")
     names = _names(measures, debiased)
     values = {m: np.empty((len(rows), len(cols))) for m in names}
+    stats: dict[str, dict[str, np.ndarray]] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, r in enumerate(rows):
         data = inverted[r]
@@ -234,10 +273,13 @@ def inverted_similarity(
             logit = {
                 c: cache.get(models[c], data.images, data.id, layer=LOGITS, **kw) for c in cols
             }
-        for m, mat in panel(reps, names, logits=logit, rows=[r]).items():
+        found = panel(reps, names, logits=logit, rows=[r], calibration=calibration, seed=seed + i)
+        for m, mat in found.items():
             values[m][i] = mat.values[0]
+            for k, v in mat.stats.items():
+                stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
     return _one_or_many(
-        {m: SimilarityMatrix(rows, cols, v) for m, v in values.items()},
+        {m: SimilarityMatrix(rows, cols, v, stats.get(m, {})) for m, v in values.items()},
         (names[0] if isinstance(measures, str) else names),
     )
 
@@ -257,6 +299,7 @@ def stir_similarity(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    calibration: CalibrationConfig | None = None,
     **settings: Any,
 ) -> tuple[SimilarityMatrix | dict[str, SimilarityMatrix], dict[str, InvertedDataset]]:
     """STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
@@ -267,6 +310,7 @@ def stir_similarity(
     cfg = (inversion or InversionConfig()).replace(**settings)
     names, wanted = list(models), _names(measures, False)
     values = {m: np.empty((len(names), len(names))) for m in wanted}
+    stats: dict[str, dict[str, np.ndarray]] = {}
     stored: dict[str, InvertedDataset] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
@@ -293,8 +337,19 @@ def stir_similarity(
                     "x": cache.get(models[m2], originals, original_id, layer=layer, **kw),
                     "x_inv": cache.get(models[m2], inv.images, inv.id, layer=layer, **kw),
                 }
-            found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"])
+            found = panel(
+                pair[cfg.layer],
+                wanted,
+                logits=pair.get(LOGITS),
+                rows=["x"],
+                calibration=calibration,
+                seed=seed + i * len(names) + j,
+            )
             for m in wanted:
                 values[m][i, j] = found[m]["x", "x_inv"]
-    result = {m: SimilarityMatrix(names, names, v) for m, v in values.items()}
+                col = found[m].cols.index("x_inv")
+                for k, v in found[m].stats.items():
+                    grid = stats.setdefault(m, {}).setdefault(k, np.empty(values[m].shape))
+                    grid[i, j] = v[0, col]
+    result = {m: SimilarityMatrix(names, names, v, stats.get(m, {})) for m, v in values.items()}
     return _one_or_many(result, measures), stored

@@ -210,14 +210,17 @@ def compute_matrices(
         "layer": cfg.inversion.layer,
         "cache": cache,
         "device": cfg.device,
+        "calibration": cfg.calibration,
     }
     out: dict[str, dict[str, SimilarityMatrix]] = {}
     if "natural" in cfg.regimes:
         log("natural similarity", quiet=quiet)
-        out["natural"] = natural_similarity(zoo.models, eval_ds, n=cfg.data.natural_n, **kw)
+        out["natural"] = natural_similarity(
+            zoo.models, eval_ds, n=cfg.data.natural_n, seed=cfg.seed, **kw
+        )
     if inverted:
         log("inverted similarity", quiet=quiet)
-        out["inverted"] = inverted_similarity(zoo.models, inverted, **kw)
+        out["inverted"] = inverted_similarity(zoo.models, inverted, seed=cfg.seed, **kw)
     if "stir" in cfg.regimes:
         log("STIR", quiet=quiet)
         st, settings = cfg.stir, cfg.inversion.settings()

@@ -167,15 +167,19 @@ def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> 
 def write_matrix_csv(
     matrices: SimilarityMatrix | Mapping[str, SimilarityMatrix], path: Path
 ) -> None:
-    """Long format: row, column, measure, value (one matrix, or measure -> matrix)."""
+    """Long format: row, column, measure, value, and beside the value its interval and
+    null (``ci_low``, ``ci_high``, ``null_mean``, ``p_value``; empty where not computed)."""
     if isinstance(matrices, SimilarityMatrix):
         matrices = {"linear_cka": matrices}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "column", "measure", "value"])
-        for name, matrix in matrices.items():
-            for r, c, v in matrix.long():
-                w.writerow([r, c, name, f"{v:.10g}"])
+        w.writerow(["row", "column", "measure", "value", *SimilarityMatrix.STATS])
+        for name, m in matrices.items():
+            for i, r in enumerate(m.rows):
+                for j, c in enumerate(m.cols):
+                    extra = [m.stat(k, i, j) for k in SimilarityMatrix.STATS]
+                    cells = ["" if v is None else f"{v:.10g}" for v in extra]
+                    w.writerow([r, c, name, f"{m.values[i, j]:.10g}", *cells])
 
 
 def panel_summary(

@@ -30,7 +30,10 @@ EXPLAIN = {
         "CKA between model r and model c on <em>model r's inverted data set</em> (images that "
         "keep only the features model r uses); it is asymmetric. Natural CKA over-states "
         "similarity when features co-occur in images; lower values on the right mean the "
-        "models rely on different features."
+        "models rely on different features. Under each value: half the width of its 95% "
+        "basic Poisson-bootstrap interval over examples; results.json and the CSVs also hold "
+        "each cell's permutation null (the value for unrelated representations at this n "
+        "and these widths) and p-value."
     ),
     "robustness": (
         "Each model's mean CKA to all other models, against the adversarial training eps, one "

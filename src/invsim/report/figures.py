@@ -59,10 +59,13 @@ def heatmaps(
         for i in range(len(m.rows)):
             for j in range(len(m.cols)):
                 v = m.values[i, j]
+                half = None
+                if "ci_low" in m.stats:
+                    half = (m.stats["ci_high"][i, j] - m.stats["ci_low"][i, j]) / 2
                 ax.text(
                     j,
                     i,
-                    f"{v:.2f}",
+                    f"{v:.2f}" if half is None else f"{v:.2f}\n±{half:.2f}",
                     ha="center",
                     va="center",
                     fontsize=7,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,9 @@ class SimilarityMatrix:
     rows: list[str]
     cols: list[str]
     values: np.ndarray
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+
+    STATS = ("ci_low", "ci_high", "null_mean", "p_value")
 
     def __post_init__(self) -> None:
         self.rows, self.cols = list(self.rows), list(self.cols)
@@ -45,11 +48,15 @@ class SimilarityMatrix:
         return float(self.values[self.rows.index(r), self.cols.index(c)])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
+        """rows, cols, values and, where computed, ``ci_low``, ``ci_high``, ``null_mean``
+        and ``p_value`` arrays of the same shape."""
+        out = {"rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
+        return out | {k: np.asarray(v).tolist() for k, v in self.stats.items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimilarityMatrix:
-        return cls(d["rows"], d["cols"], np.asarray(d["values"], dtype=np.float64))
+        stats = {k: np.asarray(d[k], dtype=np.float64) for k in cls.STATS if k in d}
+        return cls(d["rows"], d["cols"], np.asarray(d["values"], dtype=np.float64), stats)
 
     def long(self) -> list[tuple[str, str, float]]:
         """Long format: (row, column, value) for every entry."""
@@ -58,6 +65,10 @@ class SimilarityMatrix:
             for i, r in enumerate(self.rows)
             for j, c in enumerate(self.cols)
         ]
+
+    def stat(self, name: str, i: int, j: int) -> float | None:
+        """``stats[name][i, j]``, or None when that statistic was not computed."""
+        return float(self.stats[name][i, j]) if name in self.stats else None
 
     def __repr__(self) -> str:
         width = max(len(c) for c in self.cols + self.rows) + 1
