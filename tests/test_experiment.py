@@ -288,3 +288,23 @@ def test_half_budget_drift_is_flagged(tmp_path, monkeypatch):
     assert all(m["change"] > 0.001 for m in d["moved"])
     assert any(w["kind"] == "not_settled" for w in results["warnings"])
     assert "Not settled" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_claim_statistics_properties():
+    from invsim.experiment.summary import claim_statistics
+
+    names = list("abcdefgh")
+    eps = dict(zip(names, [0, 0.1, 0.2, 0.5, 1, 2, 3, 5], strict=True))
+    trend = np.array([[1.0 if r == c else 0.1 * (i + j) / 14 for j, c in enumerate(names)]
+                      for i, r in enumerate(names)])  # fmt: skip
+    inv = SimilarityMatrix(names, names, trend)  # symmetric, similarity rising with eps
+    s = claim_statistics(SimilarityMatrix(names, names, trend + 0.5 - 0.5 * np.eye(8)), inv, eps)
+    rob = s["robustness_spearman"]
+    assert rob["value"] == pytest.approx(1.0) and rob["p_value"] < 0.01
+    assert rob["ci_low"] <= 1.0 <= rob["ci_high"] + 1e-12
+    assert s["asymmetry"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    gap = s["natural_minus_inverted"]
+    assert gap["value"] == pytest.approx(0.5) and gap["ci_low"] == pytest.approx(0.5)
+    assert gap["p_value"] < 0.01
+    same = claim_statistics(inv, inv, eps)["natural_minus_inverted"]
+    assert same["value"] == 0 and same["p_value"] == 1.0

@@ -40,6 +40,7 @@ from invsim.experiment.matrices import (
     stir_similarity,
 )
 from invsim.experiment.summary import (
+    claim_statistics,
     confound_headline,
     inversion_diagnostics,
     panel_summary,
@@ -323,6 +324,11 @@ def summarise(
     return results
 
 
+def primary_of(panels, regime: str, cfg: ExperimentConfig) -> SimilarityMatrix | None:
+    """The primary measure's matrix of ``regime``, or None when it was not computed."""
+    return panels[regime][cfg.measures[0]] if regime in panels else None
+
+
 def _labelled(matrix: SimilarityMatrix, measure: str) -> dict[str, Any]:
     return {**matrix.to_dict(), "measure": measure}
 
@@ -438,6 +444,12 @@ def run_experiment(
         moved = drift(cfg, zoo, inverted, matrices["inverted"][cfg.measures[0]], cache=cache)
         if moved is not None:
             results["drift"] = moved
+    results["statistics"] = claim_statistics(
+        primary_of(matrices, "natural", cfg),
+        primary_of(matrices, "inverted", cfg),
+        zoo.eps,
+        seed=cfg.seed,
+    )
     results["diagnostics"] = results["inversion"]
     results["warnings"] = warnings_of(results)
     for w in results["warnings"]:

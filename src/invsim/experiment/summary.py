@@ -25,6 +25,7 @@ from invsim.similarity import SimilarityMatrix
 
 __all__ = [
     "CONVERGED_LOSS",
+    "claim_statistics",
     "confound_headline",
     "diagnostics_line",
     "warnings_of",
@@ -212,7 +213,13 @@ def headline(results: Mapping[str, Any]) -> str:
             f"(asymmetry {s['inverted'].get('asymmetry', float('nan')):.3f})"
         )
     rob = results.get("robustness", {}).get("inverted")
-    if rob and rob["spearman"] is not None:
+    trend = results.get("statistics", {}).get("robustness_spearman")
+    if trend and trend["ci_low"] is not None:
+        lines.append(
+            f"inverted similarity vs robustness: Spearman {trend['value']:.2f} "
+            f"[{trend['ci_low']:.2f}, {trend['ci_high']:.2f}], p={trend['p_value']:.3f}"
+        )
+    elif rob and rob["spearman"] is not None:
         lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
     c = results.get("confound", {}).get("headline")
     if c:
@@ -225,3 +232,89 @@ def headline(results: Mapping[str, Any]) -> str:
     if losses:
         lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
     return "\n".join(lines)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation of x with each row of y (ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    rx = rankdata(x) - (len(x) + 1) / 2
+    ry = rankdata(y, axis=-1) - (y.shape[-1] + 1) / 2
+    denom = np.sqrt((rx @ rx) * (ry * ry).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ry @ rx) / denom
+
+
+def claim_statistics(
+    natural: SimilarityMatrix | None,
+    inverted: SimilarityMatrix | None,
+    eps: Mapping[str, float],
+    *,
+    n_boot: int = 2000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Intervals and p-values for the paper's three claims, on the primary measure.
+
+    - ``robustness_spearman``: Spearman correlation of each model's mean inverted
+      similarity with its eps; percentile interval from resampling models, p-value from
+      permuting eps over models (two-sided).
+    - ``asymmetry``: mean |S - S^T| of the inverted matrix; percentile interval from
+      resampling model pairs.
+    - ``natural_minus_inverted``: the mean over off-diagonal cells of natural minus
+      inverted similarity; percentile interval from resampling cells, p-value from random
+      sign flips of the paired differences (two-sided).
+
+    The units resampled are models, pairs and cells: these intervals speak of this zoo,
+    not of architectures in general (each cell's own interval is in the matrices).
+    """
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    out: dict[str, Any] = {}
+    if inverted is not None and len(set(eps.values())) > 1:
+        names = [r for r in inverted.rows if r in eps]
+        per = robustness_summary(inverted, eps, {k: "all" for k in eps})["per_model"]
+        x = np.array([eps[n] for n in names])
+        y = np.array([per[n]["mean_similarity"] for n in names])
+        rho = float(_spearman(x, y[None])[0])
+        idx = rng.integers(0, len(names), size=(n_boot, len(names)))
+        boot = np.array([_spearman(x[i], y[i][None])[0] for i in idx])
+        boot = boot[np.isfinite(boot)]  # resamples with a constant eps have no correlation
+        perm = _spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
+        out["robustness_spearman"] = {
+            "value": rho,
+            "ci_low": float(np.percentile(boot, lo_q)) if len(boot) else None,
+            "ci_high": float(np.percentile(boot, hi_q)) if len(boot) else None,
+            "p_value": float((1 + np.sum(np.abs(perm) >= abs(rho) - 1e-12)) / (1 + n_perm)),
+        }
+    if inverted is not None:
+        common = [r for r in inverted.rows if r in inverted.cols]
+        gaps = np.array(
+            [
+                abs(inverted[a, b] - inverted[b, a])
+                for i, a in enumerate(common)
+                for b in common[i + 1 :]
+            ]
+        )
+        if len(gaps):
+            boot = gaps[rng.integers(0, len(gaps), size=(n_boot, len(gaps)))].mean(1)
+            out["asymmetry"] = {
+                "value": float(gaps.mean()),
+                "ci_low": float(np.percentile(boot, lo_q)),
+                "ci_high": float(np.percentile(boot, hi_q)),
+            }
+    if natural is not None and inverted is not None:
+        d = np.array(
+            [natural[r, c] - inverted[r, c] for r in inverted.rows for c in inverted.cols if r != c]
+        )
+        if len(d):
+            boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+            flips = (rng.choice([-1.0, 1.0], size=(n_perm, len(d))) * d).mean(1)
+            out["natural_minus_inverted"] = {
+                "value": float(d.mean()),
+                "ci_low": float(np.percentile(boot, lo_q)),
+                "ci_high": float(np.percentile(boot, hi_q)),
+                "p_value": float((1 + np.sum(np.abs(flips) >= abs(d.mean()))) / (1 + n_perm)),
+            }
+    return out

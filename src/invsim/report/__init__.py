@@ -134,6 +134,29 @@ def _header(results: dict) -> list[str]:
     ]
     head = ["regime", "off-diagonal mean", "off-diagonal median", "asymmetry"]
     parts.append("<h2>Summary</h2>" + _table(rows, head))
+    stats = results.get("statistics") or {}
+    if stats:
+        label = {
+            "robustness_spearman": "inverted similarity vs robustness (Spearman)",
+            "asymmetry": "asymmetry of the inverted matrix",
+            "natural_minus_inverted": "natural minus inverted (off-diagonal mean)",
+        }
+        rows = [
+            [
+                label.get(k, k),
+                *(
+                    ("" if v.get(f) is None else v[f])
+                    for f in ("value", "ci_low", "ci_high", "p_value")
+                ),
+            ]
+            for k, v in stats.items()
+        ]
+        parts.append(
+            "<h2>The paper's claims, with their uncertainty</h2><p>95% percentile intervals "
+            "from resampling models, model pairs or cells; p-values from permuting eps over "
+            "models or flipping the signs of paired differences.</p>"
+            + _table(rows, ["claim", "value", "ci low", "ci high", "p-value"])
+        )
     return parts
 
 
