@@ -1,0 +1,56 @@
+"""What per-cell intervals and nulls cost (not a test). Writes
+benchmarks/results/calibration.json.
+
+An 8-model matrix on n=1,000 examples with widths 64 to 512: linear CKA alone (one pass
+of moments) against the same matrix with B=200 Poisson-bootstrap replicates and 200
+permutations per cell (:func:`invsim.similarity.calibrate`, as the pipeline runs it).
+Goal: at most 3x.
+
+    python benchmarks/bench_calibration.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from invsim.config import CalibrationConfig
+from invsim.experiment.matrices import panel
+
+RESULTS = Path(__file__).parent / "results" / "calibration.json"
+N, WIDTHS = 1000, (64, 96, 128, 192, 256, 320, 384, 512)
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(N, 32, generator=g)
+    reps = {
+        f"m{i}": shared @ torch.randn(32, w, generator=g) + torch.randn(N, w, generator=g)
+        for i, w in enumerate(WIDTHS)
+    }
+    t0 = time.perf_counter()
+    plain = panel(reps, ["linear_cka"])["linear_cka"]
+    plain_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cal = panel(reps, ["linear_cka"], calibration=CalibrationConfig())["linear_cka"]
+    cal_s = time.perf_counter() - t0
+    assert (abs(cal.values - plain.values) < 1e-10).all()
+    width = cal.stats["ci_high"] - cal.stats["ci_low"]
+    results = {
+        "n": N, "widths": list(WIDTHS), "n_boot": 200, "n_perm": 200,
+        "plain_s": plain_s, "calibrated_s": cal_s, "ratio": cal_s / plain_s, "goal": 3.0,
+        "median_interval_width": float(torch.tensor(width).median()),
+        "machine": f"{os.cpu_count()} cores",
+    }  # fmt: skip
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
