@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cka.py
 	$(BIN)/python benchmarks/bench_inversion.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_startup.py
+	$(BIN)/python benchmarks/bench_measures.py
+	$(BIN)/python benchmarks/bench_calibration.py
+	$(BIN)/python benchmarks/bench_passes.py
+	$(BIN)/python benchmarks/bench_convergence.py --demo-dir runs/demo   # trains the demo zoo if missing
 
 readme-figures: $(STAMP)
 	$(BIN)/python scripts/readme_figures.py
