@@ -43,7 +43,7 @@ def main() -> None:
     confound_examples(docs / "confound-examples.png")
     results = run_demo(args.demo_dir, quick=args.quick, quiet=False)
     out = Path(args.demo_dir)
-    for name in ("heatmaps.png", "robustness.png", "confound-heatmaps.png"):
+    for name in ("heatmaps.png", "robustness.png", "confound-heatmaps.png", "measures.png"):
         shutil.copy(out / "figures" / name, docs / f"demo-{name}")
     rows = [
         "| model | arch | eps | clean acc | robust acc | median inversion loss |",
@@ -57,6 +57,23 @@ def main() -> None:
             f"| {name} | {m['arch']} | {m['eps']:g} | {tr.get('clean_acc', 0):.3f} | "
             f"{'' if rob is None else f'{rob:.3f}'} | {q.get('median_loss', 0):.3f} |"
         )
+    panel = [
+        "| measure | natural off-diagonal mean | inverted off-diagonal mean | "
+        "inverted vs robustness (Spearman) |",
+        "|---|---|---|---|",
+    ]
+    for name, m in results["panel"].items():
+        rho = m.get("inverted_robustness_spearman")
+        arrow = "" if m["higher_is_similar"] else " (lower = more similar)"
+        panel.append(
+            f"| {name}{arrow} | {m['natural_offdiag_mean']:.3f} | "
+            f"{m['inverted_offdiag_mean']:.3f} | {'' if rho is None else f'{rho:.2f}'} |"
+        )
+    claims = []
+    for key, c in results.get("statistics", {}).items():
+        p_value = "" if c.get("p_value") is None else f", p = {c['p_value']:.3f}"
+        interval = "" if c["ci_low"] is None else f" [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+        claims.append(f"- {key.replace('_', ' ')}: {c['value']:.3f}{interval}{p_value}")
     dev = results["provenance"]["deviations_from_paper"]
     body = "\n".join(
         [
@@ -71,7 +88,18 @@ def main() -> None:
             "",
             *rows,
             "",
+            "The paper's question under every measure of the demo (robustness ladder eps 0 "
+            "and 1 per architecture):",
+            "",
+            *panel,
+            "",
+            "With their uncertainty (95% intervals from resampling models, pairs or cells):",
+            "",
+            *claims,
+            "",
             "![demo heatmaps](docs/demo-heatmaps.png)",
+            "",
+            "![every measure, natural and inverted](docs/demo-measures.png)",
             "",
             "![similarity against robustness](docs/demo-robustness.png)",
             "",
