@@ -308,3 +308,27 @@ def test_claim_statistics_properties():
     assert gap["p_value"] < 0.01
     same = claim_statistics(inv, inv, eps)["natural_minus_inverted"]
     assert same["value"] == 0 and same["p_value"] == 1.0
+
+
+def test_matrix_calibration_matches_calibrate():
+    from invsim.config import CalibrationConfig
+    from invsim.experiment.matrices import panel
+    from invsim.similarity import calibrate
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(150, 6, generator=g, dtype=torch.float64)
+    reps = {"a": base, "b": base @ torch.randn(6, 9, generator=g, dtype=torch.float64),
+            "c": torch.randn(150, 12, generator=g, dtype=torch.float64)}  # fmt: skip
+    m = panel(reps, ["linear_cka"], calibration=CalibrationConfig(n_boot=100, n_perm=300))
+    m = m["linear_cka"]
+    for r in reps:
+        for c in reps:
+            i, j = m.rows.index(r), m.cols.index(c)
+            one = calibrate(reps[r], reps[c], n_boot=100, n_perm=300)
+            assert m.stats["ci_low"][i, j] <= m.stats["ci_high"][i, j]
+            if r == c:
+                assert m.stats["ci_low"][i, j] == pytest.approx(1.0)  # CKA(X, X) = 1 always
+            # the matrix shares its permutations across cells: the same null within MC error
+            assert m.stats["null_mean"][i, j] == pytest.approx(one.null_mean, abs=0.02)
+    assert m.stats["p_value"][0, 1] == pytest.approx(1 / 301)  # b is a linear map of a
+    assert m.stats["p_value"][0, 2] > 0.01  # c is unrelated to a
