@@ -44,8 +44,8 @@ def test_inversion_defaults_have_one_source():
         assert cli[name] == field.default, name
         assert getattr(yaml_defaults, name) == field.default, name
     # and nothing else travels as an inversion setting
-    runtime = {"model", "seed_images", "target_images", "device", "progress", "noise_seed", "snapshots",
-               "callback"}  # fmt: skip
+    runtime = {"model", "seed_images", "target_images", "device", "progress", "noise_seed",
+               "snapshots", "callback"}  # fmt: skip
     assert set(signature) - runtime == set(InversionConfig.model_fields)
 
 
