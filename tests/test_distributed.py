@@ -134,8 +134,10 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[label] = json.loads((tmp_path / label / "results.json").read_text())
     for key in ("natural", "inverted"):
-        a = np.array(results["one"]["matrices"][key]["values"])
-        b = np.array(results["two"]["matrices"][key]["values"])
-        assert np.allclose(a, b, atol=1e-6), (a, b)
+        # the values and, for the same seed, the bootstrap intervals and permutation nulls
+        for stat in ("values", "ci_low", "ci_high", "null_mean", "p_value"):
+            a = np.array(results["one"]["matrices"][key][stat])
+            b = np.array(results["two"]["matrices"][key][stat])
+            assert np.allclose(a, b, atol=1e-6), (key, stat, a, b)
     for p in (tmp_path / "one" / "inverted").rglob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "two" / p.relative_to(tmp_path / "one")).read_bytes()
