@@ -354,26 +354,8 @@ def invert_images(
         >>> r.images.shape, bool((r.loss < r.initial_loss).all())
         (torch.Size([4, 1, 28, 28]), True)
     """
-    cfg = InversionConfig.checked(
-        dict(
-            layer=layer,
-            step_size=step_size,
-            iterations=iterations,
-            momentum=momentum,
-            eps=eps,
-            use_best=use_best,
-            batch_size=batch_size,
-            tol=tol,
-            patience=patience,
-            schedule=schedule,
-            decay_patience=decay_patience,
-            decay_tol=decay_tol,
-            min_step_size=min_step_size,
-            fake_relu=fake_relu,
-            amp=amp,
-        ),
-        where="invert_images",
-    )
+    settings = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
+    cfg = InversionConfig.checked(settings, where="invert_images")
     seeds = _seed_tensor(seed_images, target_images, noise_seed)
     if device is not None:
         model = model.to(device)

@@ -69,6 +69,10 @@ def glyphs(num_classes: int, size: int, *, salt: int) -> np.ndarray:
     return np.ascontiguousarray(big[:, :size, :size])
 
 
+_PARAMETERS = ("variant", "n", "split", "image_size", "channels", "num_classes", "glyph_size",
+               "jitter", "noise", "contrast", "agree", "seed")  # fmt: skip
+
+
 def _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast) -> np.ndarray:
     """Noisy background, glyph A top-left and glyph B bottom-right, each at its contrast."""
     n, glyph_size, margin = len(cls_a), glyph_a.shape[-1], 1 + jitter
@@ -138,20 +142,8 @@ def make_confound(
 
     images = _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast)
     x = torch.from_numpy(np.clip(images, 0.0, 1.0))[:, None].repeat(1, channels, 1, 1)
-    params = {
-        "variant": variant,
-        "n": n,
-        "split": split,
-        "image_size": image_size,
-        "channels": channels,
-        "num_classes": num_classes,
-        "glyph_size": glyph_size,
-        "jitter": jitter,
-        "noise": noise,
-        "contrast": list(contrast),
-        "agree": agree,
-        "seed": seed,
-    }
+    params = {k: v for k, v in locals().items() if k in _PARAMETERS}  # n, agree resolved
+    params["contrast"] = list(contrast)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     ds = TensorImageDataset(
         x,

@@ -322,6 +322,15 @@ def inverted_similarity(
     )
 
 
+def _put(values, stats, found: Mapping[str, SimilarityMatrix], i: int, j: int) -> None:
+    """Copy STIR's (x, x_inv) entry of each measure, with its statistics, into cell (i, j)."""
+    for m, mat in found.items():
+        col = mat.cols.index("x_inv")
+        values[m][i, j] = mat.values[0, col]
+        for k, v in mat.stats.items():
+            stats.setdefault(m, {}).setdefault(k, np.empty(values[m].shape))[i, j] = v[0, col]
+
+
 def stir_similarity(
     models: Mapping[str, nn.Module],
     dataset: Dataset,
@@ -352,42 +361,24 @@ def stir_similarity(
     stored: dict[str, InvertedDataset] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
-        inv = invert_dataset(
-            models[m1],
-            dataset,
-            n,
-            Path(out_dir) / m1,
-            inversion=cfg,
-            seed=seed,
-            seed_images=seed_images,
-            shard_size=shard_size,
-            device=device,
-            progress=progress,
-        )
+        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=cfg, seed=seed,
+                             seed_images=seed_images, shard_size=shard_size, device=device,
+                             progress=progress)  # fmt: skip
         assert inv is not None
         stored[m1] = inv
         originals = dataset_images(dataset, inv.target_index.tolist())
         original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            pair = {}
-            for layer in [cfg.layer] + ([LOGITS] if _needs_logits(wanted) else []):
-                pair[layer] = {
+            layers = [cfg.layer] + ([LOGITS] if _needs_logits(wanted) else [])
+            pair = {
+                layer: {
                     "x": cache.get(models[m2], originals, original_id, layer=layer, **kw),
                     "x_inv": cache.get(models[m2], inv.images, inv.id, layer=layer, **kw),
                 }
-            found = panel(
-                pair[cfg.layer],
-                wanted,
-                logits=pair.get(LOGITS),
-                rows=["x"],
-                calibration=calibration,
-                seed=seed + i * len(names) + j,
-            )
-            for m in wanted:
-                values[m][i, j] = found[m]["x", "x_inv"]
-                col = found[m].cols.index("x_inv")
-                for k, v in found[m].stats.items():
-                    grid = stats.setdefault(m, {}).setdefault(k, np.empty(values[m].shape))
-                    grid[i, j] = v[0, col]
+                for layer in layers
+            }
+            found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"],
+                          calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
+            _put(values, stats, found, i, j)
     result = {m: SimilarityMatrix(names, names, v, stats.get(m, {})) for m, v in values.items()}
     return _one_or_many(result, measures), stored

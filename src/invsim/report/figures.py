@@ -24,6 +24,25 @@ TITLES = {
 }
 
 
+def _annotate(ax, m: SimilarityMatrix, lo: float) -> None:
+    """Each cell's value, and under it half the width of its interval when there is one."""
+    for i in range(len(m.rows)):
+        for j in range(len(m.cols)):
+            v = m.values[i, j]
+            half = None
+            if "ci_low" in m.stats:
+                half = (m.stats["ci_high"][i, j] - m.stats["ci_low"][i, j]) / 2
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}" if half is None else f"{v:.2f}\n±{half:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < lo + 0.6 * (1 - lo) else "black",
+            )
+
+
 def heatmaps(
     matrices: Mapping[str, SimilarityMatrix],
     path: Path,
@@ -56,21 +75,7 @@ def heatmaps(
         ax.set_title(TITLES.get(key, key), fontsize=10)
         ax.set_xlabel("column model", fontsize=8)
         ax.set_ylabel("row model", fontsize=8)
-        for i in range(len(m.rows)):
-            for j in range(len(m.cols)):
-                v = m.values[i, j]
-                half = None
-                if "ci_low" in m.stats:
-                    half = (m.stats["ci_high"][i, j] - m.stats["ci_low"][i, j]) / 2
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.2f}" if half is None else f"{v:.2f}\n±{half:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if v < lo + 0.6 * (1 - lo) else "black",
-                )
+        _annotate(ax, m, lo)
         flagged = (flagged_rows or {}).get(key, [])
         for i in flagged:
             ax.add_patch(
