@@ -219,3 +219,14 @@ def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, 
     assert torch.allclose(batched.loss, torch.cat([r.loss for r in alone]))
     # the cost is the work actually done: one evaluation per step plus the last iterate
     assert batched.passes == sum(stops) + 10 == sum(r.passes for r in alone)
+
+
+def test_channels_last_is_a_layout_not_a_result(mnist_pairs):
+    model = _small_cnn(torch.float64)
+    seeds, targets, _ = (t.double() for t in mnist_pairs)
+    plain = invert_images(model, seeds, targets, iterations=15, progress=False)
+    fast = invert_images(model, seeds, targets, iterations=15, channels_last=True, progress=False)
+    assert torch.allclose(plain.images, fast.images, atol=1e-6)
+    assert torch.allclose(plain.loss, fast.loss, atol=1e-8)
+    assert all(p.is_contiguous() for p in model.parameters())  # the layout is restored
+    assert "channels_last" not in plain.config and fast.config["channels_last"] is True

@@ -102,6 +102,9 @@ class InversionConfig(_Settings):
     )
     fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
+    channels_last: bool = Field(
+        False, description="Channels-last memory format (faster convolutions on CPU)."
+    )
 
 
 class AdversarialConfig(_Settings):

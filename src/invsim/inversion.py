@@ -139,6 +139,8 @@ class _Slots:
 def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) -> _Slots:
     """New rows for pairs ``idx``: x at the seed, zero momentum, no best yet."""
     seed = seeds[idx.start : idx.stop].to(dev, dtype)
+    if cfg.channels_last and seed.ndim == 4:
+        seed = seed.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         target_rep = rep(targets[idx.start : idx.stop].to(dev, dtype))
     k = len(seed)
@@ -319,6 +321,7 @@ def invert_images(
     min_step_size: float = _D.min_step_size,
     fake_relu: bool = _D.fake_relu,
     amp: bool = _D.amp,
+    channels_last: bool = _D.channels_last,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     noise_seed: int = 0,
@@ -366,6 +369,7 @@ def invert_images(
     total = len(seeds) * cfg.iterations
     with (
         eval_mode(model, what="inversion"),
+        memory_format(model, cfg.channels_last),
         progress_bar(total, "inverting", progress, unit="it·img") as bar,
     ):
         ref = resolve_layer(model, cfg.layer, example_input=target_images[:1].to(dev))
@@ -382,12 +386,28 @@ def invert_images(
     )
 
 
+@contextlib.contextmanager
+def memory_format(model: nn.Module, channels_last: bool):
+    """With ``channels_last``, the model's 4-d weights in channels-last layout for the
+    block (bench_passes.py: 1.4-1.9x faster convolutions on CPU), restored afterwards."""
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
     """The settings that act: ``patience`` only with ``tol``, the decay settings only with
     ``schedule="converge"`` (and ``schedule`` itself only when it is not the paper's)."""
     out = cfg.model_dump()
     if cfg.tol is None:
         del out["patience"]
+    if not cfg.channels_last:  # a layout, not a setting of the method; absent from old records
+        del out["channels_last"]
     if cfg.schedule == "paper":
         for k in ("schedule", "decay_patience", "decay_tol", "min_step_size"):
             del out[k]
