@@ -158,8 +158,9 @@ def invert_dataset(
         >>> len(out), out.images.dtype
         (6, torch.float32)
     """
-    cfg = (inversion or InversionConfig()).replace(**settings) if settings else inversion
-    cfg = cfg or InversionConfig()
+    cfg = inversion or InversionConfig()
+    if settings:
+        cfg = cfg.replace(**settings)
     if seed_images not in ("data", "noise"):
         raise ValueError(f"seed_images must be 'data' or 'noise'; got {seed_images!r}.")
     job = _Job(model, dataset, n_pairs, Path(out_dir), cfg, seed, shard_size, seed_images)

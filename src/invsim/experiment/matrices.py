@@ -34,6 +34,7 @@ from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
+from invsim.similarity.calibration import cka_null_matrix
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
@@ -152,7 +153,7 @@ def panel(
 
 def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> dict:
     """Per-cell interval and null (a symmetric measure's mirrored cells are reused).
-    Linear CKA's null shares its permutations across the matrix (see ``_shared_null``)."""
+    Linear CKA's null shares its permutations across the matrix (``cka_null_matrix``)."""
     symmetric = get_measure(name).symmetric
     shared = name == "linear_cka" and cal.n_perm and len(next(iter(data.values()))) <= 4000
     stats = {k: np.empty((len(rows), len(cols))) for k in SimilarityMatrix.STATS}
@@ -175,7 +176,7 @@ def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> di
                 v = getattr(done[key], k)
                 stats[k][i, j] = np.nan if v is None else v
     if shared:
-        null = _shared_null(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
+        null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
         values = np.array(
             [[done[(r, c) if (r, c) in done else (c, r)].value for c in cols] for r in rows]
         )
@@ -184,35 +185,6 @@ def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> di
     if cal.n_perm == 0:
         del stats["null_mean"], stats["p_value"]
     return stats
-
-
-def _shared_null(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
-    """Linear CKA of every (row, column) pair with the row side's examples permuted, the
-    same permutations for every pair: each permutation reorders each row model's centred
-    Gram matrix once, and one matrix product gives the whole row of statistics. The
-    permuted statistics are computed in float32 (a null distribution needs no more)."""
-
-    def gram(x: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float64)
-        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0)
-        return (x @ x.T).float()
-
-    grams = {m: gram(data[m]) for m in dict.fromkeys([*rows, *cols])}
-    norms = {m: g.norm() for m, g in grams.items()}
-    flat = torch.stack([grams[c].flatten() for c in cols])  # (cols, n^2)
-    scale = torch.outer(
-        torch.stack([norms[r] for r in rows]), torch.stack([norms[c] for c in cols])
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    n = grams[rows[0]].shape[0]
-    out = torch.empty(len(rows), len(cols), n_perm, dtype=torch.float64)
-    flat_rows = [grams[r].flatten() for r in rows]
-    for b in range(n_perm):
-        p = torch.randperm(n, generator=g)
-        where = (p[:, None] * n + p[None, :]).flatten()  # (P K P^T)_ij = K_{p_i p_j}
-        permuted = torch.stack([f.take(where) for f in flat_rows])
-        out[:, :, b] = (permuted @ flat.T).double() / scale
-    return out.numpy()
 
 
 def _one_or_many(result: dict[str, SimilarityMatrix], measures: str | Sequence[str]):

@@ -35,7 +35,7 @@ import torch
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough
 from invsim.similarity.registry import get_measure
 
-__all__ = ["Calibrated", "calibrate", "poisson_weights"]
+__all__ = ["Calibrated", "calibrate", "cka_null_matrix", "permutations", "poisson_weights"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,40 @@ def _generic(name, x, y, w: torch.Tensor | None, perms: torch.Tensor | None):
     return torch.tensor([spec.fn(x, y[p]) for p in perms], dtype=torch.float64)
 
 
+def permutations(n: int, n_perm: int, seed: int) -> torch.Tensor:
+    """(n_perm, n) permutations of the examples, deterministic for ``seed``; the same for
+    :func:`calibrate` and :func:`cka_null_matrix`."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(n_perm)])
+
+
+def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
+    """Linear CKA of every (row, column) pair with the row side's examples permuted, the
+    same permutations for every pair: each permutation reorders each row model's centred
+    Gram matrix once, and one matrix product gives the whole row of statistics. The
+    permuted statistics are computed in float32 (a null distribution needs no more)."""
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float64)
+        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0)
+        return (x @ x.T).float()
+
+    grams = {m: gram(data[m]) for m in dict.fromkeys([*rows, *cols])}
+    norms = {m: g.norm() for m, g in grams.items()}
+    flat = torch.stack([grams[c].flatten() for c in cols])  # (cols, n^2)
+    scale = torch.outer(
+        torch.stack([norms[r] for r in rows]), torch.stack([norms[c] for c in cols])
+    )
+    n = grams[rows[0]].shape[0]
+    out = torch.empty(len(rows), len(cols), n_perm, dtype=torch.float64)
+    flat_rows = [grams[r].flatten() for r in rows]
+    for b, p in enumerate(permutations(n, n_perm, seed)):
+        where = (p[:, None] * n + p[None, :]).flatten()  # (P K P^T)_ij = K_{p_i p_j}
+        permuted = torch.stack([f.take(where) for f in flat_rows])
+        out[:, :, b] = (permuted @ flat.T).double() / scale
+    return out.numpy()
+
+
 def calibrate(
     X: ArrayLike,
     Y: ArrayLike,
@@ -152,8 +186,7 @@ def calibrate(
     q_lo, q_hi = np.quantile(reps.numpy(), [alpha / 2, 1 - alpha / 2])
     lo, hi = 2 * value - float(q_hi), 2 * value - float(q_lo)
     if n_perm:
-        g = torch.Generator().manual_seed(seed + 1)
-        perms = torch.stack([torch.randperm(n, generator=g) for _ in range(n_perm)])
+        perms = permutations(n, n_perm, seed)
         null = _cka_null(x, y, perms) if fast else _generic(measure, x, y, None, perms)
         null_mean = float(null.mean())
         extreme = (null >= value) if spec.higher_is_similar else (null <= value)
