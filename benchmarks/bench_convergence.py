@@ -52,7 +52,7 @@ def inverted_matrix(models, images_by_row) -> np.ndarray:
     return out
 
 
-def paper_run(models, seeds, targets) -> dict:
+def paper_run(models, seeds, targets, channels_last: bool) -> dict:
     snaps, seconds = {}, {}
     for name, model in models.items():
         times: dict[int, float] = {}
@@ -63,7 +63,8 @@ def paper_run(models, seeds, targets) -> dict:
                 times[it] = time.perf_counter() - t0
 
         r = invert_images(model, seeds, targets, iterations=max(BUDGETS), batch_size=256,
-                          snapshots=BUDGETS, callback=clock, progress=False)  # fmt: skip
+                          snapshots=BUDGETS, callback=clock, progress=False,
+                          channels_last=channels_last)  # fmt: skip
         times[max(BUDGETS)] = time.perf_counter() - t0
         snaps[name], seconds[name] = r.snapshots, times
         print(f"paper {name}: {times[max(BUDGETS)]:.0f} s", flush=True)
@@ -92,12 +93,13 @@ def paper_run(models, seeds, targets) -> dict:
             "paper_2000_passes": len(models) * len(seeds) * 2001}  # fmt: skip
 
 
-def converge_run(models, seeds, targets, cap: int) -> dict:
+def converge_run(models, seeds, targets, cap: int, channels_last: bool) -> dict:
     images, passes, seconds, its, losses = {}, 0, 0.0, [], []
     for model_name, model in models.items():
         t0 = time.perf_counter()
         r = invert_images(model, seeds, targets, iterations=cap, batch_size=256,
-                          schedule="converge", progress=False)  # fmt: skip
+                          schedule="converge", progress=False,
+                          channels_last=channels_last)  # fmt: skip
         seconds += time.perf_counter() - t0
         images[model_name], passes = r.images, passes + r.passes
         its.append(r.iterations.float())
@@ -140,6 +142,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--demo-dir", default="runs/demo", help="Where the demo's models are.")
     p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--channels-last", action="store_true",
+                   help="Channels-last layout (same method, faster CPU convolutions).")  # fmt: skip
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = demo_config(args.demo_dir)
@@ -147,13 +151,15 @@ def main() -> None:
     models = load_models(cfg, test, quiet=True).models
     s, t = sample_pairs(test.labels, args.pairs, seed=0)
     seeds, targets = test.images[s], test.images[t]
-    paper = paper_run(models, seeds, targets)
-    conv = {f"cap_{c}": converge_run(models, seeds, targets, c) for c in (2000, 4000)}
+    paper = paper_run(models, seeds, targets, args.channels_last)
+    conv = {f"cap_{c}": converge_run(models, seeds, targets, c, args.channels_last)
+            for c in (2000, 4000)}  # fmt: skip
     a, b = (np.array(conv[k]["matrix"]) for k in ("cap_2000", "cap_4000"))
     p2000 = np.array(next(r["matrix"] for r in paper["budgets"] if r["iterations"] == 2000))
     c2000 = conv["cap_2000"]
     results = {
-        "models": list(models), "pairs": args.pairs, "paper": paper, "converge": conv,
+        "models": list(models), "pairs": args.pairs, "channels_last": args.channels_last,
+        "paper": paper, "converge": conv,
         "converge_cap_change": {"max": float(np.abs(a - b).max()), "goal": 0.01},
         "converge_cost": {"passes_ratio": c2000["passes"] / paper["paper_2000_passes"],
                           "seconds_ratio": c2000["seconds"] / paper["paper_2000_seconds"],
