@@ -328,7 +328,14 @@ def test_matrix_calibration_matches_calibrate():
             assert m.stats["ci_low"][i, j] <= m.stats["ci_high"][i, j]
             if r == c:
                 assert m.stats["ci_low"][i, j] == pytest.approx(1.0)  # CKA(X, X) = 1 always
-            # the matrix shares its permutations across cells: the same null within MC error
-            assert m.stats["null_mean"][i, j] == pytest.approx(one.null_mean, abs=0.02)
-    assert m.stats["p_value"][0, 1] == pytest.approx(1 / 301)  # b is a linear map of a
+            # every cell shares the bootstrap weights: a cell is calibrate() of its pair
+            for k in ("ci_low", "ci_high", "null_mean", "p_value"):
+                assert m.stats[k][i, j] == pytest.approx(getattr(one, k), rel=1e-5, abs=1e-12)
+    assert m.stats["p_value"][0, 1] < 1e-12  # b is a linear map of a
     assert m.stats["p_value"][0, 2] > 0.01  # c is unrelated to a
+    mc = panel(reps, ["linear_cka"],
+               calibration=CalibrationConfig(n_boot=100, n_perm=300, null="permutation"))  # fmt: skip
+    mc = mc["linear_cka"]
+    assert mc.stats["p_value"][0, 1] == pytest.approx(1 / 301)
+    # the permutation null's Monte-Carlo mean agrees with the exact one
+    assert np.allclose(mc.stats["null_mean"], m.stats["null_mean"], atol=0.02)

@@ -183,7 +183,14 @@ class CalibrationConfig(_Settings):
     """Intervals and nulls for every cell (:func:`invsim.similarity.calibrate`)."""
 
     n_boot: int = Field(200, ge=1, description="Poisson-bootstrap replicates per cell.")
-    n_perm: int = Field(200, ge=0, description="Permutations per cell for the null.")
+    n_perm: int = Field(
+        200, ge=0, description="Permutations per cell for a permutation null; 0: no null."
+    )
+    null: Literal["moments", "permutation"] = Field(
+        "moments",
+        description="Linear CKA's null: exact permutation moments (mean exact, p-value from "
+        "a Pearson III fit) or n_perm random permutations. Other measures always permute.",
+    )
     ci: float = Field(0.95, gt=0, lt=1, description="Interval level.")
     measures: list[str] = Field(
         default_factory=lambda: ["linear_cka"], description="Measures to calibrate."

@@ -37,13 +37,14 @@ def test_interval_covers_at_its_level():
     assert np.mean([c.value for c in covered]) > population
 
 
-def test_null_is_the_value_for_unrelated_representations():
+@pytest.mark.parametrize("null", ["moments", "permutation"])
+def test_null_is_the_value_for_unrelated_representations(null):
     g = torch.Generator().manual_seed(1)
     n, draws = 40, 200
     x = torch.randn(draws, n, 10, generator=g, dtype=torch.float64)
     y = torch.randn(draws, n, 8, generator=g, dtype=torch.float64)
     results = [
-        calibrate(a, b, n_boot=1, n_perm=200, seed=i)
+        calibrate(a, b, n_boot=1, n_perm=200, seed=i, null=null)
         for i, (a, b) in enumerate(zip(x, y, strict=True))
     ]
     # what biased CKA averages for independent data at this n and these widths
@@ -65,8 +66,11 @@ def test_deterministic_dtype_free_and_a_strong_signal():
     a = calibrate(x, y, seed=3)
     assert a == calibrate(x, y, seed=3)
     b = calibrate(x.float().numpy(), y.float().numpy(), seed=3)
-    assert b.value == pytest.approx(a.value, abs=1e-6) and b.p_value == a.p_value
-    assert a.value == pytest.approx(linear_cka(x, y)) and a.p_value == pytest.approx(1 / 201)
+    assert b.value == pytest.approx(a.value, abs=1e-6)
+    assert b.p_value == pytest.approx(a.p_value, rel=1e-3)
+    assert a.value == pytest.approx(linear_cka(x, y)) and a.p_value < 1e-12 and a.null == "moments"
+    mc = calibrate(x, y, seed=3, null="permutation")
+    assert mc.p_value == pytest.approx(1 / 201) and mc.null == "permutation"
     assert a.ci_low <= a.value <= a.ci_high and a.null_mean < 0.2
 
 
@@ -85,6 +89,8 @@ def test_bad_input_is_named():
         calibrate(x, x, n_boot=0)
     with pytest.raises(ValueError, match=r"ci must lie in \(0, 1\).*got 1.5"):
         calibrate(x, x, ci=1.5)
+    with pytest.raises(ValueError, match="null must be one of .*got 'exact'"):
+        calibrate(x, x, null="exact")
     with pytest.raises(ValueError, match="X has 30 examples but Y has 20"):
         calibrate(x, x[:20])
     with pytest.raises(ValueError, match="debiased CKA needs at least 4 examples; got n=3"):

@@ -33,8 +33,14 @@ from invsim._io import atomic_write
 from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
-from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
-from invsim.similarity.calibration import cka_null_matrix
+from invsim.similarity import (
+    LinearCKAMatrix,
+    SimilarityMatrix,
+    calibrate,
+    get_measure,
+    linear_cka,
+)
+from invsim.similarity.calibration import GRAM_LIMIT, cka_calibration, cka_null_matrix
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
@@ -152,36 +158,35 @@ def panel(
 
 
 def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> dict:
-    """Per-cell interval and null (a symmetric measure's mirrored cells are reused).
-    Linear CKA's null shares its permutations across the matrix (``cka_null_matrix``)."""
+    """Per-cell interval and null, every cell with the same bootstrap weights (so a cell
+    equals :func:`calibrate` of its pair). Linear CKA goes through the Gram matrices once
+    for the whole matrix (:func:`cka_calibration`); other measures cell by cell, reusing
+    a symmetric measure's mirrored cells."""
+    n = len(next(iter(data.values())))
+    if name == "linear_cka" and n <= GRAM_LIMIT:
+        moments = cal.null == "moments" and cal.n_perm > 0
+        stats = cka_calibration(data, rows, cols, n_boot=cal.n_boot, ci=cal.ci, seed=seed,
+                                null=moments)  # fmt: skip
+        del stats["value"]
+        if cal.null == "permutation" and cal.n_perm:
+            null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
+            values = np.array([[linear_cka(data[r], data[c]) for c in cols] for r in rows])
+            stats["null_mean"] = null.mean(axis=2)
+            stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
+        return stats
     symmetric = get_measure(name).symmetric
-    shared = name == "linear_cka" and cal.n_perm and len(next(iter(data.values()))) <= 4000
     stats = {k: np.empty((len(rows), len(cols))) for k in SimilarityMatrix.STATS}
     done: dict[tuple[str, str], Any] = {}
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             key = (c, r) if symmetric and (c, r) in done else (r, c)
             if key not in done:
-                cell_seed = seed * 1_000_003 + cols.index(key[0]) * len(cols) + cols.index(key[1])
-                done[key] = calibrate(
-                    data[key[0]],
-                    data[key[1]],
-                    measure=name,
-                    n_boot=cal.n_boot,
-                    n_perm=0 if shared else cal.n_perm,
-                    ci=cal.ci,
-                    seed=cell_seed,
-                )
+                done[key] = calibrate(data[key[0]], data[key[1]], measure=name,
+                                      n_boot=cal.n_boot, n_perm=cal.n_perm, ci=cal.ci,
+                                      seed=seed, null=cal.null)  # fmt: skip
             for k in SimilarityMatrix.STATS:
                 v = getattr(done[key], k)
                 stats[k][i, j] = np.nan if v is None else v
-    if shared:
-        null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
-        values = np.array(
-            [[done[(r, c) if (r, c) in done else (c, r)].value for c in cols] for r in rows]
-        )
-        stats["null_mean"] = null.mean(axis=2)
-        stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
     if cal.n_perm == 0:
         del stats["null_mean"], stats["p_value"]
     return stats

@@ -8,12 +8,20 @@
   too; the basic interval reflects the bias back and covers at its level (tested by
   simulation).
 - **Null**: the same measure with the example order of Y permuted: the value expected
-  from unrelated representations at this n and these widths. ``null_mean`` is the mean
-  over ``n_perm`` permutations; ``p_value`` = (1 + #{null >= value}) / (1 + n_perm) (<=
-  for measures where lower is more similar).
+  from unrelated representations at this n and these widths.
+  - ``null="moments"`` (linear CKA, n <= ``GRAM_LIMIT``; the default): the mean over
+    *all* n! permutations, exactly, and the p-value from a Pearson type III fit to the
+    permutation distribution's exact mean, variance and skewness
+    (:mod:`invsim.similarity.null`). ``n_perm`` only switches it on (> 0) or off (0).
+  - ``null="permutation"`` (every other measure, and linear CKA on request or above
+    ``GRAM_LIMIT``): ``null_mean`` is the mean over ``n_perm`` random permutations and
+    ``p_value`` = (1 + #{null >= value}) / (1 + n_perm) (<= where lower is more
+    similar).
 
-Linear CKA takes a fast path through the Gram matrices (every replicate and permutation
-is a few matrix products); other measures resample and recompute.
+Linear CKA takes a fast path through the Gram matrices: each model's Gram matrix is made
+once, every replicate of every cell is a few matrix products, and a whole matrix of
+cells (:func:`cka_calibration`) shares the models' work and one set of weights. Other
+measures resample and recompute.
 
 Example:
     >>> import torch
@@ -33,9 +41,22 @@ import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough
+from invsim.similarity.null import double_centre, null_moments, pattern_sums, pearson3_sf
 from invsim.similarity.registry import get_measure
 
-__all__ = ["Calibrated", "calibrate", "cka_null_matrix", "permutations", "poisson_weights"]
+__all__ = [
+    "GRAM_LIMIT",
+    "NULLS",
+    "Calibrated",
+    "calibrate",
+    "cka_calibration",
+    "cka_null_matrix",
+    "permutations",
+    "poisson_weights",
+]
+
+GRAM_LIMIT = 4000  # examples; above it n x n Gram matrices per model cost too much memory
+NULLS = ("moments", "permutation")
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class Calibrated:
     n_boot: int
     n_perm: int
     ci: float
+    null: str | None = None  # how the null was made: "moments", "permutation" or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,13 +87,87 @@ def poisson_weights(n: int, n_boot: int, seed: int) -> torch.Tensor:
     return torch.poisson(torch.ones(n_boot, n, dtype=torch.float64), generator=g)
 
 
-def _weighted_hsic(k: torch.Tensor, l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: E741
-    """Biased HSIC (up to a factor common to the CKA ratio) of the examples weighted by
-    each row of ``w``: sum_ij w_i w_j K_ij Lc_ij, with L centred by the weighted mean."""
-    a, b = w @ k, w @ l
+def _centred(x: ArrayLike) -> torch.Tensor:
+    x = torch.as_tensor(x).reshape(len(x), -1).double()
+    return x - x.mean(0)
+
+
+def _trace_cubed(x: torch.Tensor) -> float | None:
+    """tr(K^3) of the centred Gram K = x x^T in feature space, when that is cheaper than
+    the n^3 product (None: let the caller take that)."""
+    if x.shape[1] >= x.shape[0]:
+        return None
+    x = x.float()  # the sums of the null tolerate float32 here (tested against enumeration)
+    c = x.T @ x
+    return float(((c @ c) * c).double().sum())
+
+
+def cka_calibration(
+    data, rows, cols, *, n_boot: int, ci: float, seed: int, null: bool = True
+) -> dict[str, np.ndarray]:
+    """Linear CKA's basic bootstrap interval and exact-moment permutation null for every
+    (row, column) cell of the representations ``data`` (name -> (n, d), n <=
+    ``GRAM_LIMIT``), as (rows, cols) arrays ``value``, ``ci_low``, ``ci_high`` and, with
+    ``null``, ``null_mean`` and ``p_value``. Every cell uses the same Poisson weights
+    (:func:`poisson_weights` of ``seed``), so a cell equals :func:`calibrate` of its pair.
+
+    Each model's centred Gram matrix is made once (float32 for the replicates; centred
+    again in float64 for the value and the null)."""
+    models = list(dict.fromkeys([*rows, *cols]))
+    x = {m: _centred(data[m]) for m in models}
+    grams = {m: (x[m].float() @ x[m].float().T) for m in models}
+    a = {m: double_centre(grams[m]) for m in models}
+    flat = np.stack([a[m].ravel() for m in models])
+    inner = flat @ flat.T  # <K_r, K_c> for every pair of models, float64
+    del flat
+    at = {m: i for i, m in enumerate(models)}
+    observed = np.array([[inner[at[r], at[c]] for c in cols] for r in rows])
+    norm = np.sqrt(np.diag(inner))
+    scale = np.outer(norm[[at[r] for r in rows]], norm[[at[c] for c in cols]])
+    out = {"value": observed / scale}
+    n = len(x[models[0]])
+    reps = _replicates(grams, rows, cols, poisson_weights(n, n_boot, seed))
+    q = np.nanquantile(reps, [(1 - ci) / 2, (1 + ci) / 2], axis=2)
+    out["ci_low"], out["ci_high"] = 2 * out["value"] - q[1], 2 * out["value"] - q[0]
+    if null:
+        trace = {m: float(np.trace(a[m])) for m in models}
+        sums = {m: pattern_sums(a[m], tr3=_trace_cubed(x[m]), centred=True) for m in models}
+        stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
+        _, var, skew = null_moments(*stacks, n)
+        expected = np.outer([trace[r] for r in rows], [trace[c] for c in cols]) / (n - 1)
+        z = np.divide(observed - expected, np.sqrt(var), out=np.full_like(var, -np.inf),
+                      where=var > 0)  # fmt: skip
+        out["null_mean"], out["p_value"] = expected / scale, pearson3_sf(z, skew)
+    return out
+
+
+def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
+    """(rows, cols, B) linear CKA of every cell under each row of example weights ``w``:
+    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean."""
+    w = w.float()
     s = w.sum(dim=1)
-    total = ((w @ (k * l)) * w).sum(dim=1)
-    return total - 2 * (w * a * b).sum(dim=1) / s + (w * a).sum(1) * (w * b).sum(1) / s**2
+    wk = {m: w @ k for m, k in grams.items()}
+    quad = {m: (wk[m] * w).sum(1) for m in grams}  # w^T K w
+
+    def hsic(a: str, b: str) -> torch.Tensor:
+        total = ((w @ (grams[a] * grams[b])) * w).sum(1)
+        return total - 2 * (w * wk[a] * wk[b]).sum(1) / s + quad[a] * quad[b] / s**2
+
+    own = {m: hsic(m, m) for m in dict.fromkeys([*rows, *cols])}
+    cells: dict[tuple[str, str], torch.Tensor] = {}
+    for r in rows:
+        for c in cols:
+            if r == c:  # CKA(X, X) = 1 under any weights
+                cells[(r, c)] = torch.ones_like(s)
+            elif (c, r) not in cells:
+                cells[(r, c)] = hsic(r, c) / (own[r] * own[c]).sqrt()
+    return (
+        torch.stack(
+            [torch.stack([cells.get((r, c), cells.get((c, r))) for c in cols]) for r in rows]
+        )
+        .double()
+        .numpy()
+    )
 
 
 def _weighted_scatter(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -82,17 +178,11 @@ def _weighted_scatter(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torc
 
 
 def _cka_replicates(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Linear CKA of every weighted replicate: in feature space (d x d scatters) when the
-    widths are small next to n, else through the n x n Gram matrices."""
+    """Linear CKA of every weighted replicate in feature space (d x d scatters), for data
+    sets too large for :func:`cka_calibration`'s n x n Gram matrices."""
     x, y = x - x.mean(0), y - y.mean(0)  # translation-free; less cancellation below
-    n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
-    if d1 * d2 + d1 * d1 + d2 * d2 < 3 * n:  # flops per replicate: n d^2 against n^2
-        sxy, sxx, syy = (_weighted_scatter(a, b, w) for a, b in ((x, y), (x, x), (y, y)))
-        kl, kk, ll = ((m**2).sum(dim=(1, 2)) for m in (sxy, sxx, syy))
-    else:
-        k = x @ x.T
-        l = y @ y.T  # noqa: E741
-        kl, kk, ll = _weighted_hsic(k, l, w), _weighted_hsic(k, k, w), _weighted_hsic(l, l, w)
+    sxy, sxx, syy = (_weighted_scatter(a, b, w) for a, b in ((x, y), (x, x), (y, y)))
+    kl, kk, ll = ((m**2).sum(dim=(1, 2)) for m in (sxy, sxx, syy))
     return kl / (kk * ll).sqrt()
 
 
@@ -152,6 +242,13 @@ def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
     return out.numpy()
 
 
+def _basic_interval(value: float, reps: torch.Tensor, ci: float) -> tuple[float, float]:
+    reps = reps[torch.isfinite(reps)]
+    alpha = 1 - ci
+    q_lo, q_hi = np.quantile(reps.numpy(), [alpha / 2, 1 - alpha / 2])
+    return 2 * value - float(q_hi), 2 * value - float(q_lo)
+
+
 def calibrate(
     X: ArrayLike,
     Y: ArrayLike,
@@ -161,34 +258,44 @@ def calibrate(
     n_perm: int = 200,
     seed: int = 0,
     ci: float = 0.95,
+    null: str = "moments",
 ) -> Calibrated:
     """``measure(X, Y)`` with a basic Poisson-bootstrap ``ci`` interval over examples and
-    a permutation null (see the module doc). Deterministic for ``seed``; any float dtype;
-    bad input raises the measure's own ValueErrors."""
+    a permutation null (see the module doc; ``n_perm=0``: no null). Deterministic for
+    ``seed``; any float dtype; bad input raises the measure's own ValueErrors."""
     if not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be an integer >= 1; got {n_boot!r}.")
     if not isinstance(n_perm, int) or n_perm < 0:
         raise ValueError(f"n_perm must be an integer >= 0; got {n_perm!r}.")
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), e.g. 0.95; got {ci!r}.")
+    if null not in NULLS:
+        raise ValueError(f"null must be one of {NULLS}; got {null!r}.")
     spec = get_measure(measure)
     value = float(spec.fn(X, Y))  # the measure's own checks of X and Y
     x, y = as_matrix(X, "X"), as_matrix(Y, "Y")
     n = x.shape[0]
     if measure == "debiased_cka":
         check_enough(n, debiased=True, what="CKA's permutation null")
-    fast = measure == "linear_cka"
+    gram = measure == "linear_cka" and n <= GRAM_LIMIT
+    method = None if not n_perm else "moments" if gram and null == "moments" else "permutation"
     null_mean = p_value = None
-    w = poisson_weights(n, n_boot, seed)
-    reps = _cka_replicates(x, y, w) if fast else _generic(measure, x, y, w, None)
-    reps = reps[torch.isfinite(reps)]
-    alpha = 1 - ci
-    q_lo, q_hi = np.quantile(reps.numpy(), [alpha / 2, 1 - alpha / 2])
-    lo, hi = 2 * value - float(q_hi), 2 * value - float(q_lo)
-    if n_perm:
+    if gram:
+        cell = cka_calibration({"X": x, "Y": y}, ["X"], ["Y"], n_boot=n_boot, ci=ci, seed=seed,
+                               null=method == "moments")  # fmt: skip
+        lo, hi = float(cell["ci_low"][0, 0]), float(cell["ci_high"][0, 0])
+        if method == "moments":
+            null_mean, p_value = float(cell["null_mean"][0, 0]), float(cell["p_value"][0, 0])
+    else:
+        w = poisson_weights(n, n_boot, seed)
+        linear = measure == "linear_cka"
+        reps = _cka_replicates(x, y, w) if linear else _generic(measure, x, y, w, None)
+        lo, hi = _basic_interval(value, reps, ci)
+    if method == "permutation":
         perms = permutations(n, n_perm, seed)
-        null = _cka_null(x, y, perms) if fast else _generic(measure, x, y, None, perms)
-        null_mean = float(null.mean())
-        extreme = (null >= value) if spec.higher_is_similar else (null <= value)
+        fast = measure == "linear_cka"
+        draws = _cka_null(x, y, perms) if fast else _generic(measure, x, y, None, perms)
+        null_mean = float(draws.mean())
+        extreme = (draws >= value) if spec.higher_is_similar else (draws <= value)
         p_value = float((1 + int(extreme.sum())) / (1 + n_perm))
-    return Calibrated(value, lo, hi, null_mean, p_value, measure, n, n_boot, n_perm, ci)
+    return Calibrated(value, lo, hi, null_mean, p_value, measure, n, n_boot, n_perm, ci, method)
