@@ -116,22 +116,24 @@ def cka_calibration(
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: _centred(data[m]) for m in models}
     grams = {m: (x[m].float() @ x[m].float().T) for m in models}
-    a = {m: double_centre(grams[m]) for m in models}
-    flat = np.stack([a[m].ravel() for m in models])
-    inner = flat @ flat.T  # <K_r, K_c> for every pair of models, float64
-    del flat
+    n = len(x[models[0]])
+    flat = torch.empty(len(models), n * n, dtype=torch.float64)
+    for i, m in enumerate(models):  # centred again in float64 for the value and the null
+        flat[i] = double_centre(grams[m]).flatten()
+    a = {m: flat[i].view(n, n) for i, m in enumerate(models)}
+    inner = (flat @ flat.T).numpy()  # <K_r, K_c> for every pair of models, float64
     at = {m: i for i, m in enumerate(models)}
     observed = np.array([[inner[at[r], at[c]] for c in cols] for r in rows])
     norm = np.sqrt(np.diag(inner))
     scale = np.outer(norm[[at[r] for r in rows]], norm[[at[c] for c in cols]])
     out = {"value": observed / scale}
-    n = len(x[models[0]])
     reps = _replicates(grams, rows, cols, poisson_weights(n, n_boot, seed))
     q = np.nanquantile(reps, [(1 - ci) / 2, (1 + ci) / 2], axis=2)
     out["ci_low"], out["ci_high"] = 2 * out["value"] - q[1], 2 * out["value"] - q[0]
     if null:
-        trace = {m: float(np.trace(a[m])) for m in models}
-        sums = {m: pattern_sums(a[m], tr3=_trace_cubed(x[m]), centred=True) for m in models}
+        trace = {m: float(torch.trace(a[m])) for m in models}
+        sums = {m: pattern_sums(a[m], _trace_cubed(x[m]), centred=True, overwrite=True)
+                for m in models}  # fmt: skip
         stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
         _, var, skew = null_moments(*stacks, n)
         expected = np.outer([trace[r] for r in rows], [trace[c] for c in cols]) / (n - 1)
@@ -139,6 +141,18 @@ def cka_calibration(
                       where=var > 0)  # fmt: skip
         out["null_mean"], out["p_value"] = expected / scale, pearson3_sf(z, skew)
     return out
+
+
+def _quadratic_forms(w: torch.Tensor, h: torch.Tensor, depth: int = 2) -> torch.Tensor:
+    """w_b^T H w_b for every row of ``w``, H symmetric: the off-diagonal block once, twice
+    weighted, and the diagonal blocks recursively (0.6x the products of ``w @ H``)."""
+    if depth == 0 or h.shape[0] < 128:
+        return ((w @ h) * w).sum(1)
+    m = h.shape[0] // 2
+    w1, w2 = w[:, :m], w[:, m:]
+    off = ((w1 @ h[:m, m:]) * w2).sum(1)
+    first = _quadratic_forms(w1, h[:m, :m], depth - 1)
+    return first + _quadratic_forms(w2, h[m:, m:], depth - 1) + 2 * off
 
 
 def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
@@ -150,7 +164,7 @@ def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
     quad = {m: (wk[m] * w).sum(1) for m in grams}  # w^T K w
 
     def hsic(a: str, b: str) -> torch.Tensor:
-        total = ((w @ (grams[a] * grams[b])) * w).sum(1)
+        total = _quadratic_forms(w, grams[a] * grams[b])
         return total - 2 * (w * wk[a] * wk[b]).sum(1) / s + quad[a] * quad[b] / s**2
 
     own = {m: hsic(m, m) for m in dict.fromkeys([*rows, *cols])}

@@ -102,8 +102,10 @@ def _plan(labels: tuple[int, ...]) -> tuple:
     if len(edges) == 3 and blocks == 3 and set(edges.values()) == {1}:
         return ("tr3",)
     letters = "abcdef"
-    subs = [letters[u] + letters[v] for u, v in edges]
-    keys: list = list(edges.values())
+    subs, keys = [], []
+    for (u, v), m in edges.items():  # A∘A∘A as the two operands A∘A and A
+        subs += [letters[u] + letters[v]] * (1 + m // 3)
+        keys += [2, 1] if m == 3 else [m]
     for b in np.flatnonzero(loops):
         subs.append(letters[b])
         keys.append(("diag", int(loops[b])))
@@ -118,7 +120,7 @@ def _evaluate(plan: tuple, parts: dict, n: int) -> float:
         return parts["tr3"]
     subs, keys, isolated = plan
     operands = [parts[k] for k in keys]
-    value = float(np.einsum(subs, *operands, optimize="greedy")) if keys else 1.0
+    value = float(torch.einsum(subs, *operands)) if keys else 1.0
     return value * float(n) ** isolated
 
 
@@ -129,10 +131,9 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
     return x @ x.T
 
 
-def double_centre(gram: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``gram`` as float64 with every row and column summing to zero."""
-    t = torch.as_tensor(gram)
-    a = t.to(torch.float64, copy=True).numpy()
+def double_centre(gram: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``gram`` as a new float64 tensor with every row and column summing to zero."""
+    a = torch.as_tensor(gram).to(torch.float64, copy=True)
     rows, cols, total = a.mean(1), a.mean(0), a.mean()
     a -= cols
     a -= rows[:, None]
@@ -141,27 +142,32 @@ def double_centre(gram: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def pattern_sums(
-    gram: torch.Tensor | np.ndarray, tr3: float | None = None, *, centred: bool = False
+    gram: torch.Tensor | np.ndarray,
+    tr3: float | None = None,
+    *,
+    centred: bool = False,
+    overwrite: bool = False,
 ) -> list[np.ndarray]:
     """For k = 1..3, the sums of the trace-free part of a centred Gram matrix K over every
     equality pattern of 2k indices (see the module doc). ``tr3``: tr(K^3), when the
     caller has a cheaper way to it (else one n^3 product); ``centred``: K's rows and
-    columns already sum to zero in float64 (see :func:`double_centre`)."""
+    columns already sum to zero in float64 (see :func:`double_centre`); ``overwrite``: a
+    centred float64 ``gram`` may be used as scratch space."""
     n = gram.shape[0]
-    a = np.asarray(gram, dtype=np.float64) if centred else double_centre(gram)
-    t1 = float(np.trace(a))
+    a = torch.as_tensor(gram, dtype=torch.float64) if centred else double_centre(gram)
+    t1 = float(torch.trace(a))
     c = t1 / (n - 1)
-    a = a + c / n  # minus c (I - 11^T/n): trace-free, so the statistic's mean moves to 0
-    a[np.diag_indices(n)] -= c
+    # minus c (I - 11^T/n): trace-free, so the statistic's mean moves to 0
+    a = a.add_(c / n) if overwrite and centred else a + c / n
+    a.diagonal().sub_(c)
     square = a * a
     if tr3 is None:
         shifted_tr3 = float(((a @ a) * a).sum())
     else:  # tr((K - cH)^3) with KH = K, H^2 = H, tr H = n - 1
         t2 = float(square.sum()) + 2 * c * t1 - c**2 * (n - 1)  # ||K||^2
         shifted_tr3 = tr3 - 3 * c * t2 + 3 * c**2 * t1 - c**3 * (n - 1)
-    d = np.diag(a)
-    parts = {1: a, 2: square, 3: square * a, **{("diag", m): d**m for m in (1, 2, 3)}}
-    parts["tr3"] = shifted_tr3
+    d = a.diagonal()
+    parts = {1: a, 2: square, **{("diag", m): d**m for m in (1, 2, 3)}, "tr3": shifted_tr3}
     out = []
     for k in range(1, ORDER + 1):
         labels, mobius = _lattice(k)
