@@ -35,6 +35,8 @@ class CrossMoments:
     raw sums suffer when activations have large means.
     """
 
+    FLUSH_ROWS = 16384  # low-precision products are summed over at most this many rows
+
     def __init__(self, k: int, *, product_dtype: torch.dtype = torch.float64) -> None:
         self.k = k
         self.product_dtype = product_dtype
@@ -45,6 +47,8 @@ class CrossMoments:
         self.R1 = torch.zeros(k, dtype=torch.float64)
         self.R2 = torch.zeros(k, k, dtype=torch.float64)
         self.RX: dict[tuple[int, int], torch.Tensor] = {}
+        self._pending: dict[tuple[int, int], torch.Tensor] = {}  # G's low-precision part
+        self._pending_rows = 0
 
     @property
     def dims(self) -> list[int] | None:
@@ -52,9 +56,9 @@ class CrossMoments:
 
     def _init(self, shift: list[torch.Tensor]) -> None:
         dev = shift[0].device
-        self.shift = [s.clone() for s in shift]
+        self.shift = [s.double() for s in shift]
         self.n = self.n.to(dev)
-        self.S = [torch.zeros_like(s) for s in shift]
+        self.S = [torch.zeros_like(s) for s in self.shift]
         self.G = {
             (a, b): torch.zeros(shift[a].numel(), shift[b].numel(), dtype=torch.float64, device=dev)
             for a in range(self.k)
@@ -62,34 +66,54 @@ class CrossMoments:
         }
         self.R1 = self.R1.to(dev)
         self.R2 = self.R2.to(dev)
-        self.RX = {(a, b): torch.zeros_like(shift[b]) for a in range(self.k) for b in range(self.k)}
+        self.RX = {
+            (a, b): torch.zeros_like(self.shift[b]) for a in range(self.k) for b in range(self.k)
+        }
 
     def update(self, views: Sequence[torch.Tensor]) -> None:
-        """Add a batch: ``views[a]`` is an (m, d_a) float64 tensor."""
+        """Add a batch: ``views[a]`` is an (m, d_a) float tensor (float64, or any float
+        dtype with a lower ``product_dtype``, which the batch is then computed in)."""
         if self.shift is None:
-            self._init([v.mean(dim=0) for v in views])
+            self._init([v.double().mean(dim=0) for v in views])
         assert self.shift is not None
-        xs = [v - s for v, s in zip(views, self.shift, strict=True)]
-        r = torch.stack([(x * x).sum(dim=1) for x in xs])  # (k, m)
+        low = self.product_dtype != torch.float64
+        dtype = self.product_dtype if low else torch.float64
+        xs = [(v - s.to(v.dtype)).to(dtype) for v, s in zip(views, self.shift, strict=True)]
+        r = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in xs]).square()  # (k, m)
         self.n += xs[0].shape[0]
         for a in range(self.k):
             self.S[a] += xs[a].sum(dim=0)
             for b in range(a, self.k):
-                if self.product_dtype == torch.float64:
+                if low:  # shifted data are well conditioned; products in a faster dtype,
+                    # summed in place over a few batches, then added to the float64 sums
+                    if (a, b) not in self._pending:
+                        self._pending[a, b] = torch.zeros_like(self.G[a, b], dtype=dtype)
+                    self._pending[a, b].addmm_(xs[a].T, xs[b])
+                else:
                     self.G[a, b].addmm_(xs[a].T, xs[b])
-                else:  # shifted data are well conditioned; products in a faster dtype
-                    low = [x.to(self.product_dtype) for x in (xs[a], xs[b])]
-                    self.G[a, b] += (low[0].T @ low[1]).to(torch.float64)
-            for b in range(self.k):
-                self.RX[a, b].addmv_(xs[b].T, r[a])
+        for b in range(self.k):
+            rx = r @ xs[b]  # (k, d_b): sum_i r_a[i] x_b[i] for every a
+            for a in range(self.k):
+                self.RX[a, b] += rx[a]
         self.R1 += r.sum(dim=1)
-        self.R2 += r @ r.T
+        self.R2 += (r @ r.T).double()
+        self._pending_rows += xs[0].shape[0]
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the low-precision partial products into the float64 sums."""
+        for key, part in self._pending.items():
+            self.G[key] += part
+            part.zero_()
+        self._pending_rows = 0
 
     def _g(self, a: int, b: int) -> torch.Tensor:
         return self.G[a, b] if a <= b else self.G[b, a].T
 
     def reshift(self, new_shift: Sequence[torch.Tensor]) -> None:
         """Re-express all moments about ``new_shift`` (exact algebra, no data needed)."""
+        self._flush()
         assert self.shift is not None
         n = self.n
         d = [old - new for old, new in zip(self.shift, new_shift, strict=True)]
@@ -117,20 +141,16 @@ class CrossMoments:
                     + 2 * self._g(b, a) @ d[a]
                     + c[a] * self.S[b]
                 )
-        G = {}
+        G = {}  # g + S_a d_b^T + d_a S_b^T + n d_a d_b^T, as two rank-one updates
         for (a, b), g in self.G.items():
-            G[a, b] = (
-                g
-                + torch.outer(self.S[a], d[b])
-                + torch.outer(d[a], self.S[b])
-                + n * torch.outer(d[a], d[b])
-            )
+            G[a, b] = torch.addr(g, self.S[a] + n * d[a], d[b]).addr_(d[a], self.S[b])
         self.R1 = self.R1 + 2 * t + n * c
         self.S = [s + n * dd for s, dd in zip(self.S, d, strict=True)]
         self.R2, self.RX, self.G = R2, RX, G
         self.shift = [s.clone() for s in new_shift]
 
     def copy(self) -> CrossMoments:
+        self._flush()
         out = CrossMoments(self.k, product_dtype=self.product_dtype)
         out.n = self.n.clone()
         out.shift = None if self.shift is None else [s.clone() for s in self.shift]
@@ -163,6 +183,7 @@ class CrossMoments:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """All state tensors in a fixed order (for all-reduce after a common ``reshift``)."""
+        self._flush()
         out = [self.n, *self.S, self.R1, self.R2]
         out += [self.G[key] for key in sorted(self.G)]
         out += [self.RX[key] for key in sorted(self.RX)]
@@ -175,7 +196,10 @@ class CrossMoments:
             raise ValueError("no data: call update() before compute().")
         n = int(self.n)
         check_enough(n, debiased=False)
-        c = self.copy()
+        self._flush()
+        c = CrossMoments(self.k, product_dtype=self.product_dtype)
+        c.__dict__.update(self.__dict__)  # shared tensors: reshift rebinds, never writes them
+        c._pending = {}
         mean = [sh + s / n for sh, s in zip(self.shift, self.S, strict=True)]
         c.reshift(mean)
         for a in range(self.k):
@@ -239,7 +263,8 @@ class LinearCKA:
         self.moments = CrossMoments(2, product_dtype=product_dtype)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        x, y = paired_batch(x_batch, y_batch)
+        low = self.moments.product_dtype != torch.float64  # keep float32 input as it is
+        x, y = paired_batch(x_batch, y_batch, dtype=None if low else torch.float64)
         dims = self.moments.dims
         if dims is not None and dims != [x.shape[1], y.shape[1]]:
             raise ValueError(
