@@ -60,21 +60,47 @@ class CentredMoments:
             r = min(r, int((share < SVCCA_VARIANCE).sum()) + 1)
         return vecs[:, :r] / vals[:r].sqrt()
 
-    def canonical(self, a: int, b: int, *, keep: str = "rank") -> tuple:
-        """Canonical correlations (descending, min(rank a, rank b) of them) and view a's
-        canonical directions ``W_a U``, from the eigendecomposition of ``T T^T`` with
-        ``T = W_a^T G_ab W_b`` (= U diag(rho^2) U^T). Cached per ordered pair and rule, so
-        mean CCA and PWCCA share one decomposition."""
-        key = (a, b, keep)
+    def canonical(self, a: int, b: int, *, keep: str = "rank", directions: bool = True):
+        """Canonical correlations (descending, min(rank a, rank b) of them) and, with
+        ``directions``, view a's canonical directions ``W_a U``: from the eigendecomposition
+        of the smaller of ``T T^T`` and ``T^T T``, ``T = W_a^T G_ab W_b``. One
+        decomposition serves both orders of a pair (the other side's directions are
+        ``T^T u / rho``, or their own decomposition where some rho is too small for that),
+        and mean CCA and PWCCA share it."""
+        key = (min(a, b), max(a, b), keep)
         if key not in self._canon:
-            wa, wb = self.whitener(a, keep=keep), self.whitener(b, keep=keep)
-            warn_degenerate_cca(wa.shape[1], wb.shape[1], self.n)
-            t = wa.T @ self.cov(a, b) @ wb
-            vals, u = torch.linalg.eigh(t @ t.T)
-            r = min(t.shape)
-            rho = vals.flip(0)[:r].clamp(0.0, 1.0).sqrt()
-            self._canon[key] = (rho, wa @ u.flip(1)[:, :r])
-        return self._canon[key]
+            self._canon[key] = self._decompose(key[0], key[1], keep, directions)
+        rho, dirs = self._canon[key]
+        if not directions:
+            return rho, None
+        if dirs is None:  # values were cached without directions: decompose again
+            self._canon[key] = self._decompose(key[0], key[1], keep, True)
+            rho, dirs = self._canon[key]
+        return rho, dirs[0 if a == key[0] else 1]
+
+    def _decompose(self, a: int, b: int, keep: str, directions: bool) -> tuple:
+        wa, wb = self.whitener(a, keep=keep), self.whitener(b, keep=keep)
+        if a == b:  # a view against itself: T = I
+            rho = torch.ones(wa.shape[1], dtype=wa.dtype)
+            return rho, (wa, wa) if directions else None
+        warn_degenerate_cca(wa.shape[1], wb.shape[1], self.n)
+        t = wa.T @ self.cov(a, b) @ wb
+        flip = t.shape[0] > t.shape[1]  # decompose the smaller Gram matrix of T
+        small = t.T @ t if flip else t @ t.T
+        r = min(t.shape)
+        if not directions:
+            vals = torch.linalg.eigvalsh(small)
+            return vals.flip(0)[:r].clamp(0.0, 1.0).sqrt(), None
+        vals, u = torch.linalg.eigh(small)
+        rho = vals.flip(0)[:r].clamp(0.0, 1.0).sqrt()
+        u = u.flip(1)[:, :r]  # singular vectors of T on the smaller side
+        if float(rho[-1]) > 1e-6:  # the other side's: T^T u / rho, accurate here
+            other = ((t if flip else t.T) @ u) / rho
+        else:
+            big = t @ t.T if flip else t.T @ t
+            other = torch.linalg.eigh(big)[1].flip(1)[:, :r]
+        ua, ub = (other, u) if flip else (u, other)
+        return rho, (wa @ ua, wb @ ub)
 
 
 def warn_degenerate_cca(rank_a: int, rank_b: int, n: int) -> None:
@@ -115,7 +141,12 @@ def debiased_cka(c: CentredMoments, a: int, b: int) -> float:
 
 
 def procrustes(c: CentredMoments, a: int, b: int) -> float:
-    nuclear = torch.linalg.svdvals(c.cov(a, b)).sum()
+    cov = c.cov(a, b)
+    if a == b:  # a scatter matrix: its nuclear norm is its trace
+        nuclear = torch.trace(cov)
+    else:  # singular values from the smaller Gram matrix's eigenvalues
+        small = cov @ cov.T if cov.shape[0] <= cov.shape[1] else cov.T @ cov
+        nuclear = torch.linalg.eigvalsh(small).clamp(min=0).sqrt().sum()
     return float(nuclear / (torch.trace(c.cov(a, a)) * torch.trace(c.cov(b, b))).sqrt())
 
 
@@ -124,7 +155,7 @@ def mean_cca(c: CentredMoments, a: int, b: int) -> float:
 
 
 def svcca(c: CentredMoments, a: int, b: int) -> float:
-    return float(c.canonical(a, b, keep="svcca")[0].mean())
+    return float(c.canonical(a, b, keep="svcca", directions=False)[0].mean())
 
 
 def pwcca(c: CentredMoments, a: int, b: int) -> float:
