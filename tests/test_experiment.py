@@ -333,9 +333,8 @@ def test_matrix_calibration_matches_calibrate():
                 assert m.stats[k][i, j] == pytest.approx(getattr(one, k), rel=1e-5, abs=1e-12)
     assert m.stats["p_value"][0, 1] < 1e-12  # b is a linear map of a
     assert m.stats["p_value"][0, 2] > 0.01  # c is unrelated to a
-    mc = panel(reps, ["linear_cka"],
-               calibration=CalibrationConfig(n_boot=100, n_perm=300, null="permutation"))  # fmt: skip
-    mc = mc["linear_cka"]
+    permuted = CalibrationConfig(n_boot=100, n_perm=300, null="permutation")
+    mc = panel(reps, ["linear_cka"], calibration=permuted)["linear_cka"]
     assert mc.stats["p_value"][0, 1] == pytest.approx(1 / 301)
     # the permutation null's Monte-Carlo mean agrees with the exact one
     assert np.allclose(mc.stats["null_mean"], m.stats["null_mean"], atol=0.02)

@@ -70,6 +70,26 @@ def test_streaming_equals_direct(name):
             assert got[r, c] == pytest.approx(measure(name, reps[r], reps[c]), abs=1e-8), (r, c)
 
 
+def test_pwcca_both_orders_with_a_zero_canonical_correlation():
+    # one direction of Y is exactly uncorrelated with X (equal widths, so every canonical
+    # direction is defined): the shared decomposition cannot divide by rho there, and
+    # takes the other side's own decomposition instead
+    x, y = _data(n=200, d1=5, d2=4, seed=3)
+    x = x[:, :4]
+    xc = x - x.mean(0)
+    z = torch.randn(200, 1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z - xc @ torch.linalg.lstsq(xc, z).solution  # residual: orthogonal to X
+    y = torch.cat([y[:, :3], z], dim=1)
+    acc = LinearCKAMatrix(["x", "y"])
+    acc.update({"x": x, "y": y})
+    assert float(acc.moments.centred().canonical(0, 1)[0][-1]) < 1e-6
+    got = acc.compute_measures(["pwcca", "mean_cca"])
+    for name in ("pwcca", "mean_cca"):
+        assert got[name]["x", "y"] == pytest.approx(measure(name, x, y), abs=1e-8)
+        assert got[name]["y", "x"] == pytest.approx(measure(name, y, x), abs=1e-8)
+
+
 @pytest.mark.parametrize("name", sorted(MEASURES))
 def test_declared_invariances_hold_and_the_others_fail(name):
     spec = get_measure(name)

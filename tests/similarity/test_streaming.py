@@ -84,6 +84,24 @@ def test_float32_large_mean_stream_is_stable():
     assert acc.compute() == pytest.approx(linear_cka(X.double(), Y.double()), abs=1e-6)
 
 
+def test_float32_products_sum_every_batch_and_merge(monkeypatch):
+    from invsim.similarity.streaming import CrossMoments
+
+    monkeypatch.setattr(CrossMoments, "FLUSH_ROWS", 250)  # flushes mid-stream and not
+    X, Y = _data(7, n=1000, mean=3.0)
+    fast, other = LinearCKA(product_dtype=torch.float32), LinearCKA(product_dtype=torch.float32)
+    for i, (xb, yb) in enumerate(zip(X.float().split(90), Y.float().split(90), strict=True)):
+        (fast if i < 7 else other).update(xb, yb)
+    assert other.moments._pending_rows > 0  # unflushed float32 sums travel with a merge
+    fast.merge(other)
+    for debiased in (False, True):
+        want = linear_cka(X, Y, debiased=debiased)
+        assert fast.compute(debiased=debiased) == pytest.approx(want, abs=1e-6)
+    # the float32 state is flushed before it is read: all-reduce sees every batch
+    states = fast.moments.state_tensors()
+    assert float(states[0]) == 1000 and fast.moments._pending_rows == 0
+
+
 def test_matrix_accumulator_equals_cka_matrix():
     X, Y = _data(5, mean=1.0)
     Z = torch.tanh(X[:, :4])

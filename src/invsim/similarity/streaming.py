@@ -241,8 +241,11 @@ class LinearCKA:
 
     Equal to :func:`invsim.linear_cka` on the concatenated batches (to ~1e-10 in
     float64) for any split. ``compute(debiased=...)`` can give both forms from one pass.
-    ``product_dtype=torch.float32`` runs the d x d products of each (shifted) batch in
-    float32, accumulating in float64: about twice as fast, accurate to ~1e-6 instead.
+    ``product_dtype=torch.float32`` keeps float32 input as it is and runs the d x d
+    products of each (shifted) batch in float32, summed in place over up to
+    ``CrossMoments.FLUSH_ROWS`` rows and then into float64 sums: about twice as fast
+    (1.2x the bare float32 matrix products), accurate to ~1e-6 (3e-9 measured at
+    n=50,000, d=2,048).
 
     Example:
         >>> import torch
