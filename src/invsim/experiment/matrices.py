@@ -41,6 +41,7 @@ from invsim.similarity import (
     linear_cka,
 )
 from invsim.similarity.calibration import GRAM_LIMIT, cka_calibration, cka_null_matrix
+from invsim.similarity.matrix import each_cell
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
@@ -142,14 +143,9 @@ def panel(
         if spec.streams:
             continue
         data = reps if spec.inputs == "representation" else (logits or {})
-        values = np.empty((len(rows), len(names)))
-        for i, r in enumerate(rows):
-            for j, c in enumerate(names):
-                mirror = spec.symmetric and c in rows and rows.index(c) < i
-                values[i, j] = (
-                    values[rows.index(c), names.index(r)] if mirror else (spec.fn(data[r], data[c]))
-                )
-        out[name] = SimilarityMatrix(rows, names, values)
+        values = each_cell(rows, names, lambda r, c, f=spec.fn, d=data: f(d[r], d[c]),
+                           symmetric=spec.symmetric)  # fmt: skip
+        out[name] = SimilarityMatrix(rows, names, np.array(values, dtype=float))
     if calibration is not None:
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
@@ -174,19 +170,18 @@ def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> di
             stats["null_mean"] = null.mean(axis=2)
             stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
         return stats
-    symmetric = get_measure(name).symmetric
-    stats = {k: np.empty((len(rows), len(cols))) for k in SimilarityMatrix.STATS}
-    done: dict[tuple[str, str], Any] = {}
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            key = (c, r) if symmetric and (c, r) in done else (r, c)
-            if key not in done:
-                done[key] = calibrate(data[key[0]], data[key[1]], measure=name,
-                                      n_boot=cal.n_boot, n_perm=cal.n_perm, ci=cal.ci,
-                                      seed=seed, null=cal.null)  # fmt: skip
-            for k in SimilarityMatrix.STATS:
-                v = getattr(done[key], k)
-                stats[k][i, j] = np.nan if v is None else v
+    cells = each_cell(
+        rows,
+        cols,
+        lambda r, c: calibrate(data[r], data[c], measure=name, n_boot=cal.n_boot,
+                               n_perm=cal.n_perm, ci=cal.ci, seed=seed, null=cal.null),
+        symmetric=get_measure(name).symmetric,
+    )  # fmt: skip
+    stats = {
+        k: np.array([[np.nan if getattr(x, k) is None else getattr(x, k) for x in row]
+                     for row in cells])
+        for k in SimilarityMatrix.STATS
+    }  # fmt: skip
     if cal.n_perm == 0:
         del stats["null_mean"], stats["p_value"]
     return stats

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,7 +17,31 @@ from invsim.similarity.functional import (
     linear_hsic_matrix,
 )
 
-__all__ = ["SimilarityMatrix", "cka_matrix"]
+__all__ = ["SimilarityMatrix", "cka_matrix", "each_cell"]
+
+T = TypeVar("T")
+
+
+def each_cell(
+    rows: Sequence[str], cols: Sequence[str], cell: Callable[[str, str], T], *, symmetric: bool
+) -> list[list[T]]:
+    """``cell(r, c)`` for every row and column, called once per unordered pair when the
+    measure is ``symmetric`` (the mirrored cell reuses it).
+
+    Example:
+        >>> calls = []
+        >>> each_cell("ab", "ab", lambda r, c: calls.append(r + c) or r + c, symmetric=True)
+        [['aa', 'ab'], ['ab', 'bb']]
+        >>> calls
+        ['aa', 'ab', 'bb']
+    """
+    done: dict[tuple[str, str], T] = {}
+    for r in rows:
+        for c in cols:
+            key = (c, r) if symmetric and (c, r) in done else (r, c)
+            if key not in done:
+                done[key] = cell(*key)
+    return [[done[(c, r) if (r, c) not in done else (r, c)] for c in cols] for r in rows]
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
 from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
-from invsim.similarity.matrix import SimilarityMatrix
+from invsim.similarity.matrix import SimilarityMatrix, each_cell
 from invsim.similarity.moments import CentredMoments
 
 __all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA"]
@@ -344,20 +344,19 @@ class LinearCKAMatrix:
 
         centred = self.moments.centred()
         rows = list(rows or self.names)
+        at = {v: i for i, v in enumerate(self.names)}
         out = {}
         for name in measures:
             m = get_measure(name)
             if m.from_moments is None:
                 raise ValueError(f"measure {name!r} does not stream from moments.")
-            values = np.empty((len(rows), len(self.names)))
-            for i, r in enumerate(rows):
-                a = self.names.index(r)
-                for b, c in enumerate(self.names):
-                    done = m.symmetric and c in rows and rows.index(c) < i
-                    values[i, b] = (
-                        values[rows.index(c), a] if done else m.from_moments(centred, a, b)
-                    )
-            out[name] = SimilarityMatrix(rows, self.names, values)
+            values = each_cell(
+                rows,
+                self.names,
+                lambda r, c, f=m.from_moments: f(centred, at[r], at[c]),
+                symmetric=m.symmetric,
+            )
+            out[name] = SimilarityMatrix(rows, self.names, np.array(values, dtype=float))
         return out
 
 
