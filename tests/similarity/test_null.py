@@ -24,10 +24,12 @@ def _enumerated(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return t.mean(), c.var(), (c**3).mean() / c.var() ** 1.5
 
 
-@pytest.mark.parametrize(("d1", "d2", "heavy"), [(3, 2, False), (2, 9, True), (8, 1, True)])
-def test_moments_equal_enumeration_over_all_permutations(d1, d2, heavy):
+@pytest.mark.parametrize(
+    ("n", "d1", "d2", "heavy"),
+    [(7, 3, 2, False), (7, 2, 9, True), (7, 8, 1, True), (4, 3, 2, True)],  # n=4: fewer
+)  # examples than the 6 indices of the third moment
+def test_moments_equal_enumeration_over_all_permutations(n, d1, d2, heavy):
     g = torch.Generator().manual_seed(d1 * 10 + d2)
-    n = 7
     x = torch.randn(n, d1, generator=g, dtype=torch.float64)
     y = torch.randn(n, d2, generator=g, dtype=torch.float64)
     if heavy:  # skewed, outlying features

@@ -178,9 +178,12 @@ def pattern_sums(
     return out
 
 
-def _falling(n: int, k: int) -> np.ndarray:
+def _inverse_falling(n: int, k: int) -> np.ndarray:
+    """1 / (n)_{blocks} per pattern of 2k indices; 0 where a pattern has more blocks than
+    there are examples (its sums are empty)."""
     labels, _ = _lattice(k)
-    return np.array([math.perm(n, max(p) + 1) for p in labels], dtype=np.float64)
+    ff = np.array([math.perm(n, max(p) + 1) for p in labels], dtype=np.float64)
+    return np.divide(1.0, ff, out=np.zeros_like(ff), where=ff > 0)
 
 
 def null_moments(sa: list[np.ndarray], sb: list[np.ndarray], n: int):
@@ -190,7 +193,7 @@ def null_moments(sa: list[np.ndarray], sb: list[np.ndarray], n: int):
     check)."""
     pairwise = np.ndim(sa[0]) > 1 or np.ndim(sb[0]) > 1
     mean, var, third = (
-        (np.atleast_2d(x) / _falling(n, k + 1)) @ np.atleast_2d(y).T
+        (np.atleast_2d(x) * _inverse_falling(n, k + 1)) @ np.atleast_2d(y).T
         for k, (x, y) in enumerate(zip(sa, sb, strict=True))
     )
     var = np.maximum(var, 0.0)
