@@ -3,7 +3,8 @@
 - One pass, every moment-based measure: an 8-model matrix at n=10,000, width 512
   (float32 activations in batches of 1,000), all streaming measures (linear and debiased
   CKA, Procrustes, mean CCA, SVCCA, PWCCA, regression R² both ways) against linear CKA
-  alone from the same kind of pass. Goal: at most 1.3x.
+  alone from the same kind of pass. Goal: at most 1.3x. Also each measure's own time
+  after the pass, and the floor its float64 eigendecompositions set (``floor_ratio``).
 - Mutual kNN at n=10,000 (width 512), blockwise: peak memory of a fresh process above
   its baseline after imports, the two (n, 512) inputs included. Goal: within 1 GB.
 
@@ -67,6 +68,38 @@ def one_pass(reps, measures):
     return time.perf_counter() - t0
 
 
+def breakdown(reps, streaming) -> dict:
+    """Seconds of each measure's own work after the shared pass, and the floor the
+    decompositions set: per unordered pair of views, the singular values of the
+    cross-covariance (Procrustes) and of the whitened one with its vectors (mean CCA,
+    PWCCA) and without (SVCCA), plus one eigendecomposition per view."""
+    import torch
+
+    from invsim.similarity import LinearCKAMatrix
+
+    acc = LinearCKAMatrix(list(reps))
+    for start in range(0, N, BATCH):
+        acc.update({k: v[start : start + BATCH] for k, v in reps.items()})
+    own = {}
+    for m in streaming:
+        t0 = time.perf_counter()
+        acc.compute_measures([m])
+        own[m] = time.perf_counter() - t0
+    s = torch.randn(WIDTH, WIDTH, dtype=torch.float64)
+    s = s @ s.T
+    timing = {}
+    for name, f in (("eigh", torch.linalg.eigh), ("eigvalsh", torch.linalg.eigvalsh)):
+        f(s)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            f(s)
+        timing[name] = (time.perf_counter() - t0) / 5
+    pairs = MODELS * (MODELS - 1) // 2
+    floor = pairs * (2 * timing["eigvalsh"] + timing["eigh"]) + MODELS * timing["eigh"]
+    return {"measure_s": own, "eigh_512_s": timing["eigh"],
+            "eigvalsh_512_s": timing["eigvalsh"], "decomposition_floor_s": floor}  # fmt: skip
+
+
 def main() -> None:
     import torch
 
@@ -79,6 +112,7 @@ def main() -> None:
     for _ in range(3):  # interleaved, so machine noise hits both alike
         cka.append(one_pass(reps, ["linear_cka"]))
         every.append(one_pass(reps, streaming))
+    parts = breakdown(reps, streaming)
     child = subprocess.run([sys.executable, "-c", KNN_CHILD], capture_output=True, text=True,
                            check=True)  # fmt: skip
     value, peak_mb = (float(v) for v in child.stdout.split())
@@ -87,6 +121,8 @@ def main() -> None:
             "n": N, "width": WIDTH, "models": MODELS, "measures": streaming,
             "linear_cka_s": statistics.median(cka), "all_streaming_s": statistics.median(every),
             "ratio": statistics.median(every) / statistics.median(cka), "goal": 1.3,
+            **parts,
+            "floor_ratio": 1 + parts["decomposition_floor_s"] / statistics.median(cka),
         },
         "mutual_knn": {"n": N, "width": WIDTH, "k": 10, "value": value,
                        "peak_extra_mb": peak_mb, "goal_mb": 1024},
