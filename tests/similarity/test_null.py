@@ -66,15 +66,18 @@ def test_pearson3_tail_matches_scipy(skew):
     assert np.allclose(ours, stats.pearson3.sf(z, skew), atol=1e-6)
 
 
-def test_p_value_agrees_with_monte_carlo_permutations():
-    g = torch.Generator().manual_seed(5)
-    n, diffs = 50, []
+@pytest.mark.parametrize(("n", "d1", "d2"), [(50, 5, 4), (40, 30, 25), (30, 2, 1)])
+def test_p_value_agrees_with_monte_carlo_permutations(n, d1, d2):
+    # narrow, wide (near-isotropic Gram matrices, high null mean) and near-scalar sides
+    g = torch.Generator().manual_seed(5 + d1)
+    diffs = []
     for strength in (0.0, 0.1, 0.2, 0.3, 0.5):
-        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
-        y = strength * x[:, :4] + torch.randn(n, 4, generator=g, dtype=torch.float64)
+        x = torch.randn(n, d1, generator=g, dtype=torch.float64)
+        y = torch.randn(n, d2, generator=g, dtype=torch.float64)
+        y[:, : min(d1, d2)] += strength * x[:, : min(d1, d2)]
         exact = calibrate(x, y, n_boot=1)
         mc = calibrate(x, y, n_boot=1, n_perm=4000, null="permutation")
-        assert exact.null_mean == pytest.approx(mc.null_mean, rel=0.01)
+        assert exact.null_mean == pytest.approx(mc.null_mean, rel=0.05)  # MC s.e. < 2%
         diffs.append(abs(exact.p_value - mc.p_value))
     # Monte-Carlo error at 4,000 permutations is at most 0.008 (one s.e.)
     assert max(diffs) < 0.03, diffs
