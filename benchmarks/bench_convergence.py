@@ -115,6 +115,7 @@ def figure(results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = results["paper"]["budgets"][1:]
     b = [r["iterations"] for r in rows]
@@ -133,6 +134,9 @@ def figure(results: dict) -> None:
                label="converge (median stop)")  # fmt: skip
     ax[1].set(xscale="log", yscale="log", xlabel="iterations", ylabel="median relative loss")
     ax[1].legend(fontsize=8)
+    for a, ticks in ((ax[0], b), (ax[1], [r["iterations"] for r in full])):
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.set_xticks(ticks, [f"{t // 1000}k" if t >= 1000 else str(t) for t in ticks], fontsize=8)
     FIGURE.parent.mkdir(exist_ok=True)
     fig.savefig(FIGURE, dpi=110)
     plt.close(fig)
