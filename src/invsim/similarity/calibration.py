@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough
-from invsim.similarity.null import double_centre, null_moments, pattern_sums, pearson3_sf
+from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
 from invsim.similarity.registry import get_measure
 
 __all__ = [
@@ -115,13 +115,15 @@ def cka_calibration(
     again in float64 for the value and the null)."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: _centred(data[m]) for m in models}
-    grams = {m: (x[m].float() @ x[m].float().T) for m in models}
+    low = {m: x[m].float() for m in models}
+    grams = {m: low[m] @ low[m].T for m in models}
     n = len(x[models[0]])
     flat = torch.empty(len(models), n * n, dtype=torch.float64)
-    for i, m in enumerate(models):  # centred again in float64 for the value and the null
-        flat[i] = double_centre(grams[m]).flatten()
+    for i, m in enumerate(models):  # in float64 for the value and the null (the features
+        flat[i] = grams[m].flatten()  # were centred in float64: rows sum to ~1e-7 of |K|)
     a = {m: flat[i].view(n, n) for i, m in enumerate(models)}
-    inner = (flat @ flat.T).numpy()  # <K_r, K_c> for every pair of models, float64
+    # <K_r, K_c> for every pair of models, float64, in column blocks (a faster product)
+    inner = sum(part @ part.T for part in flat.split(1 << 17, dim=1)).numpy()
     at = {m: i for i, m in enumerate(models)}
     observed = np.array([[inner[at[r], at[c]] for c in cols] for r in rows])
     norm = np.sqrt(np.diag(inner))
@@ -132,7 +134,7 @@ def cka_calibration(
     out["ci_low"], out["ci_high"] = 2 * out["value"] - q[1], 2 * out["value"] - q[0]
     if null:
         trace = {m: float(torch.trace(a[m])) for m in models}
-        sums = {m: pattern_sums(a[m], _trace_cubed(x[m]), centred=True, overwrite=True)
+        sums = {m: pattern_sums(a[m], _trace_cubed(low[m]), centred=True, overwrite=True)
                 for m in models}  # fmt: skip
         stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
         _, var, skew = null_moments(*stacks, n)
@@ -143,16 +145,17 @@ def cka_calibration(
     return out
 
 
-def _quadratic_forms(w: torch.Tensor, h: torch.Tensor, depth: int = 2) -> torch.Tensor:
-    """w_b^T H w_b for every row of ``w``, H symmetric: the off-diagonal block once, twice
-    weighted, and the diagonal blocks recursively (0.6x the products of ``w @ H``)."""
-    if depth == 0 or h.shape[0] < 128:
-        return ((w @ h) * w).sum(1)
-    m = h.shape[0] // 2
+def _quadratic_forms(w: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """w_b^T (K_a * K_b) w_b for every row of ``w`` (K symmetric): the off-diagonal block
+    once, twice weighted, and the diagonal blocks recursively down to a few hundred
+    examples, each block's elementwise product made only when it is used."""
+    if ka.shape[0] < 800:
+        return ((w @ (ka * kb)) * w).sum(1)
+    m = ka.shape[0] // 2
     w1, w2 = w[:, :m], w[:, m:]
-    off = ((w1 @ h[:m, m:]) * w2).sum(1)
-    first = _quadratic_forms(w1, h[:m, :m], depth - 1)
-    return first + _quadratic_forms(w2, h[m:, m:], depth - 1) + 2 * off
+    off = ((w1 @ (ka[:m, m:] * kb[:m, m:])) * w2).sum(1)
+    first = _quadratic_forms(w1, ka[:m, :m], kb[:m, :m])
+    return first + _quadratic_forms(w2, ka[m:, m:], kb[m:, m:]) + 2 * off
 
 
 def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
@@ -164,7 +167,7 @@ def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
     quad = {m: (wk[m] * w).sum(1) for m in grams}  # w^T K w
 
     def hsic(a: str, b: str) -> torch.Tensor:
-        total = _quadratic_forms(w, grams[a] * grams[b])
+        total = _quadratic_forms(w, grams[a], grams[b])
         return total - 2 * (w * wk[a] * wk[b]).sum(1) / s + quad[a] * quad[b] / s**2
 
     own = {m: hsic(m, m) for m in dict.fromkeys([*rows, *cols])}
