@@ -82,7 +82,6 @@ class CrossMoments:
         r = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in xs]).square()  # (k, m)
         self.n += xs[0].shape[0]
         for a in range(self.k):
-            self.S[a] += xs[a].sum(dim=0)
             for b in range(a, self.k):
                 if low:  # shifted data are well conditioned; products in a faster dtype,
                     # summed in place over a few batches, then added to the float64 sums
@@ -91,10 +90,12 @@ class CrossMoments:
                     self._pending[a, b].addmm_(xs[a].T, xs[b])
                 else:
                     self.G[a, b].addmm_(xs[a].T, xs[b])
+        weights = torch.cat([torch.ones_like(r[:1]), r])  # (1 + k, m)
         for b in range(self.k):
-            rx = r @ xs[b]  # (k, d_b): sum_i r_a[i] x_b[i] for every a
+            sums = weights @ xs[b]  # one pass: sum_i x_b[i], and sum_i r_a[i] x_b[i] per a
+            self.S[b] += sums[0]
             for a in range(self.k):
-                self.RX[a, b] += rx[a]
+                self.RX[a, b] += sums[1 + a]
         self.R1 += r.sum(dim=1)
         self.R2 += (r @ r.T).double()
         self._pending_rows += xs[0].shape[0]
