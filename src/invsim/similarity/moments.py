@@ -60,10 +60,18 @@ class CentredMoments:
             r = min(r, int((share < SVCCA_VARIANCE).sum()) + 1)
         return vecs[:, :r] / vals[:r].sqrt()
 
+    def loadings(self, a: int) -> torch.Tensor:
+        """G_aa W_a (d_a, r): the covariances of view a's neurons with its whitened
+        directions, ``V_r Lambda_r^(1/2)`` from the cached eigendecomposition."""
+        vals, vecs = self.eig(a)
+        r = self.whitener(a).shape[1]
+        return vecs[:, :r] * vals[:r].sqrt()
+
     def canonical(self, a: int, b: int, *, keep: str = "rank", directions: bool = True):
         """Canonical correlations (descending, min(rank a, rank b) of them) and, with
-        ``directions``, view a's canonical directions ``W_a U``: from the eigendecomposition
-        of the smaller of ``T T^T`` and ``T^T T``, ``T = W_a^T G_ab W_b``. One
+        ``directions``, view a's canonical directions in its whitened coordinates, U (the
+        directions themselves are ``W_a U``): from the eigendecomposition of the smaller
+        of ``T T^T`` and ``T^T T``, ``T = W_a^T G_ab W_b``. One
         decomposition serves both orders of a pair (the other side's directions are
         ``T^T u / rho``, or their own decomposition where some rho is too small for that),
         and mean CCA and PWCCA share it."""
@@ -81,8 +89,8 @@ class CentredMoments:
     def _decompose(self, a: int, b: int, keep: str, directions: bool) -> tuple:
         wa, wb = self.whitener(a, keep=keep), self.whitener(b, keep=keep)
         if a == b:  # a view against itself: T = I
-            rho = torch.ones(wa.shape[1], dtype=wa.dtype)
-            return rho, (wa, wa) if directions else None
+            eye = torch.eye(wa.shape[1], dtype=wa.dtype)
+            return torch.ones(wa.shape[1], dtype=wa.dtype), (eye, eye) if directions else None
         warn_degenerate_cca(wa.shape[1], wb.shape[1], self.n)
         t = wa.T @ self.cov(a, b) @ wb
         flip = t.shape[0] > t.shape[1]  # decompose the smaller Gram matrix of T
@@ -99,8 +107,7 @@ class CentredMoments:
         else:
             big = t @ t.T if flip else t.T @ t
             other = torch.linalg.eigh(big)[1].flip(1)[:, :r]
-        ua, ub = (other, u) if flip else (u, other)
-        return rho, (wa @ ua, wb @ ub)
+        return rho, (other, u) if flip else (u, other)
 
 
 def warn_degenerate_cca(rank_a: int, rank_b: int, n: int) -> None:
@@ -159,10 +166,10 @@ def svcca(c: CentredMoments, a: int, b: int) -> float:
 
 
 def pwcca(c: CentredMoments, a: int, b: int) -> float:
-    rho, directions = c.canonical(a, b)
+    rho, u = c.canonical(a, b)
     # canonical variates h_i = X_c W_a u_i; their inner products with X's neurons are
     # the columns of G_aa W_a U (Morcos et al. 2018's weights, from moments)
-    alpha = (c.cov(a, a) @ directions).abs().sum(dim=0)
+    alpha = (c.loadings(a) @ u).abs().sum(dim=0)
     return float((alpha * rho).sum() / alpha.sum())
 
 
