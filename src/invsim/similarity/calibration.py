@@ -129,7 +129,7 @@ def cka_calibration(
     norm = np.sqrt(np.diag(inner))
     scale = np.outer(norm[[at[r] for r in rows]], norm[[at[c] for c in cols]])
     out = {"value": observed / scale}
-    reps = _replicates(grams, rows, cols, poisson_weights(n, n_boot, seed))
+    reps = _replicates(grams, low, rows, cols, poisson_weights(n, n_boot, seed))
     q = np.nanquantile(reps, [(1 - ci) / 2, (1 + ci) / 2], axis=2)
     out["ci_low"], out["ci_high"] = 2 * out["value"] - q[1], 2 * out["value"] - q[0]
     if null:
@@ -158,12 +158,16 @@ def _quadratic_forms(w: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor) -> tor
     return first + _quadratic_forms(w2, ka[m:, m:], kb[m:, m:]) + 2 * off
 
 
-def _replicates(grams: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
+def _replicates(grams: dict, features: dict, rows, cols, w: torch.Tensor) -> np.ndarray:
     """(rows, cols, B) linear CKA of every cell under each row of example weights ``w``:
-    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean."""
+    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean
+    (``features``: each K's factor X, K = X X^T, for the cheaper of w K and (w X) X^T)."""
     w = w.float()
     s = w.sum(dim=1)
-    wk = {m: w @ k for m, k in grams.items()}
+    wk = {
+        m: (w @ x) @ x.T if 2 * x.shape[1] < x.shape[0] else w @ grams[m]
+        for m, x in features.items()
+    }
     quad = {m: (wk[m] * w).sum(1) for m in grams}  # w^T K w
 
     def hsic(a: str, b: str) -> torch.Tensor:
