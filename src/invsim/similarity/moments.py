@@ -37,6 +37,7 @@ class CentredMoments:
     R2: torch.Tensor  # (k, k) sum_i ||x_ai||^2 ||x_bi||^2
     _eig: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _canon: dict[tuple, tuple] = field(default_factory=dict)
+    _white: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def cov(self, a: int, b: int) -> torch.Tensor:
         return self.G[a, b] if a <= b else self.G[b, a].T
@@ -49,7 +50,13 @@ class CentredMoments:
         return self._eig[a]
 
     def whitener(self, a: int, *, keep: str = "rank") -> torch.Tensor:
-        """W (d_a, r) with W^T G_aa W = I over the kept directions (see module doc)."""
+        """W (d_a, r) with W^T G_aa W = I over the kept directions (see module doc),
+        cached per view and rule."""
+        if (a, keep) not in self._white:
+            self._white[a, keep] = self._whitener(a, keep)
+        return self._white[a, keep]
+
+    def _whitener(self, a: int, keep: str) -> torch.Tensor:
         vals, vecs = self.eig(a)
         top = float(vals[0]) if len(vals) else 0.0
         if top <= 0:
