@@ -33,13 +33,7 @@ from invsim._io import atomic_write
 from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
-from invsim.similarity import (
-    LinearCKAMatrix,
-    SimilarityMatrix,
-    calibrate,
-    get_measure,
-    linear_cka,
-)
+from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
 from invsim.similarity.calibration import GRAM_LIMIT, cka_calibration, cka_null_matrix
 from invsim.similarity.matrix import each_cell
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
@@ -163,10 +157,9 @@ def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> di
         moments = cal.null == "moments" and cal.n_perm > 0
         stats = cka_calibration(data, rows, cols, n_boot=cal.n_boot, ci=cal.ci, seed=seed,
                                 null=moments)  # fmt: skip
-        del stats["value"]
+        values = stats.pop("value")
         if cal.null == "permutation" and cal.n_perm:
             null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
-            values = np.array([[linear_cka(data[r], data[c]) for c in cols] for r in rows])
             stats["null_mean"] = null.mean(axis=2)
             stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
         return stats

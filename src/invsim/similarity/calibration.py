@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough
+from invsim.similarity.matrix import each_cell
 from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
 from invsim.similarity.registry import get_measure
 
@@ -111,8 +112,8 @@ def cka_calibration(
     ``null``, ``null_mean`` and ``p_value``. Every cell uses the same Poisson weights
     (:func:`poisson_weights` of ``seed``), so a cell equals :func:`calibrate` of its pair.
 
-    Each model's centred Gram matrix is made once (float32 for the replicates; centred
-    again in float64 for the value and the null)."""
+    Each model's centred Gram matrix is made once, in float32 from features centred in
+    float64, and read in float64 for the value and the null."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: _centred(data[m]) for m in models}
     low = {m: x[m].float() for m in models}
@@ -175,20 +176,12 @@ def _replicates(grams: dict, features: dict, rows, cols, w: torch.Tensor) -> np.
         return total - 2 * (w * wk[a] * wk[b]).sum(1) / s + quad[a] * quad[b] / s**2
 
     own = {m: hsic(m, m) for m in dict.fromkeys([*rows, *cols])}
-    cells: dict[tuple[str, str], torch.Tensor] = {}
-    for r in rows:
-        for c in cols:
-            if r == c:  # CKA(X, X) = 1 under any weights
-                cells[(r, c)] = torch.ones_like(s)
-            elif (c, r) not in cells:
-                cells[(r, c)] = hsic(r, c) / (own[r] * own[c]).sqrt()
-    return (
-        torch.stack(
-            [torch.stack([cells.get((r, c), cells.get((c, r))) for c in cols]) for r in rows]
-        )
-        .double()
-        .numpy()
-    )
+
+    def cka(r: str, c: str) -> torch.Tensor:  # CKA(X, X) = 1 under any weights
+        return torch.ones_like(s) if r == c else hsic(r, c) / (own[r] * own[c]).sqrt()
+
+    cells = each_cell(rows, cols, cka, symmetric=True)
+    return torch.stack([torch.stack(row) for row in cells]).double().numpy()
 
 
 def _weighted_scatter(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
