@@ -5,8 +5,9 @@
   CKA, Procrustes, mean CCA, SVCCA, PWCCA, regression R² both ways) against linear CKA
   alone from the same kind of pass. Goal: at most 1.3x. Also each measure's own time
   after the pass, and the floor its float64 eigendecompositions set (``floor_ratio``).
-- Mutual kNN at n=10,000 (width 512), blockwise: peak memory of a fresh process above
-  its baseline after imports, the two (n, 512) inputs included. Goal: within 1 GB.
+- Mutual kNN and RBF CKA at n=10,000 (width 512), blockwise: peak memory of a fresh
+  process above its baseline after imports, the two (n, 512) inputs included. Goal:
+  within 1 GB (one n x n float64 matrix alone is 763 MB).
 
     python benchmarks/bench_measures.py
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "measures.json"
 N, WIDTH, MODELS, BATCH = 10_000, 512, 8, 1_000
 
-KNN_CHILD = f"""
+PEAK_CHILD = f"""
+import sys
 import torch
 from invsim.similarity import measure
 
@@ -41,7 +43,8 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current s
 g = torch.Generator().manual_seed(0)
 x = torch.randn({N}, {WIDTH}, generator=g)
 y = x @ torch.randn({WIDTH}, {WIDTH}, generator=g) / 20 + torch.randn({N}, {WIDTH}, generator=g)
-value = measure("mutual_knn", x, y, k=10)
+name, options = sys.argv[1], eval(sys.argv[2])
+value = measure(name, x, y, **options)
 print(value, (hwm() - base) / 1024)
 """
 
@@ -113,9 +116,12 @@ def main() -> None:
         cka.append(one_pass(reps, ["linear_cka"]))
         every.append(one_pass(reps, streaming))
     parts = breakdown(reps, streaming)
-    child = subprocess.run([sys.executable, "-c", KNN_CHILD], capture_output=True, text=True,
-                           check=True)  # fmt: skip
-    value, peak_mb = (float(v) for v in child.stdout.split())
+    peaks = {}
+    for name, options in (("mutual_knn", {"k": 10}), ("rbf_cka", {})):
+        child = subprocess.run([sys.executable, "-c", PEAK_CHILD, name, repr(options)],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        peaks[name] = [float(v) for v in child.stdout.split()]
+    value, peak_mb = peaks["mutual_knn"]
     results = {
         "moments": {
             "n": N, "width": WIDTH, "models": MODELS, "measures": streaming,
@@ -126,6 +132,9 @@ def main() -> None:
         },
         "mutual_knn": {"n": N, "width": WIDTH, "k": 10, "value": value,
                        "peak_extra_mb": peak_mb, "goal_mb": 1024},
+        "rbf_cka": {"n": N, "width": WIDTH, "value": peaks["rbf_cka"][0],
+                    "peak_extra_mb": peaks["rbf_cka"][1], "goal_mb": 1024,
+                    "n_by_n_float64_mb": N * N * 8 / 2**20},
         "machine": f"{os.cpu_count()} cores",
     }  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)

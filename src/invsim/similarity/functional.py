@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from invsim.similarity import kernel as kernel_module
 from invsim.similarity import moments
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
 from invsim.similarity.registry import Measure, register
@@ -191,11 +192,13 @@ def kernel_cka(
     threshold: float = 1.0,
     debiased: bool = False,
 ) -> float:
-    """Kernel CKA with an RBF (or linear) kernel, via n x n Gram matrices.
+    """Kernel CKA with an RBF (or linear) kernel.
 
     RBF bandwidth (Kornblith et al. 2019): ``sigma^2 = threshold^2 * median`` of the
     squared pairwise distances, over the full n x n matrix. Note that other tools
-    use other conventions (median distance, or a fixed sigma).
+    use other conventions (median distance, or a fixed sigma). The RBF form is computed
+    blockwise in O(block x n) memory (:func:`invsim.similarity.kernel.rbf_cka`); it
+    equals the value from the n x n Gram matrices (``gram_rbf``) to rounding.
 
     Example:
         >>> import numpy as np
@@ -210,13 +213,11 @@ def kernel_cka(
     check_pair(x, y, debiased=debiased)
     check_not_constant(x, "X")
     check_not_constant(y, "Y")
-    if kernel == "rbf":
-        k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)  # noqa: E741
-    elif kernel == "linear":
-        k, l = gram_linear(x), gram_linear(y)  # noqa: E741
-    else:
+    if kernel == "rbf":  # blockwise, O(block x n) memory
+        return kernel_module.rbf_cka(x, y, threshold=threshold, debiased=debiased)
+    if kernel != "linear":
         raise ValueError(f"kernel must be 'rbf' or 'linear'; got {kernel!r}.")
-    return _cka_from_grams(k, l, debiased=debiased)
+    return _cka_from_grams(gram_linear(x), gram_linear(y), debiased=debiased)
 
 
 def _debiased_cka(X: ArrayLike, Y: ArrayLike) -> float:
