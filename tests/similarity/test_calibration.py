@@ -74,6 +74,32 @@ def test_deterministic_dtype_free_and_a_strong_signal():
     assert a.ci_low <= a.value <= a.ci_high and a.null_mean < 0.2
 
 
+def test_poisson_weights_are_drawn_example_by_example():
+    from invsim.similarity.calibration import poisson_weights
+
+    whole = poisson_weights(1000, 50, seed=4)
+    assert torch.equal(poisson_weights(300, 50, seed=4), whole[:, :300])  # any prefix
+    assert not torch.equal(poisson_weights(300, 50, seed=5), whole[:, :300])
+    assert abs(float(whole.mean()) - 1) < 0.02 and abs(float(whole.var()) - 1) < 0.05
+
+
+def test_large_n_path_equals_the_gram_path(monkeypatch):
+    # above GRAM_LIMIT examples: feature-space replicates and Monte-Carlo permutations;
+    # the same weights give the same interval, and both nulls agree
+    from invsim.similarity import calibration
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(120, 5, generator=g, dtype=torch.float64)
+    y = x[:, :3] + torch.randn(120, 3, generator=g, dtype=torch.float64)
+    gram = calibrate(x, y, n_boot=100, n_perm=2000, seed=1)
+    monkeypatch.setattr(calibration, "GRAM_LIMIT", 100)
+    features = calibrate(x, y, n_boot=100, n_perm=2000, seed=1)
+    assert features.null == "permutation" and gram.null == "moments"
+    assert features.ci_low == pytest.approx(gram.ci_low, abs=1e-6)
+    assert features.ci_high == pytest.approx(gram.ci_high, abs=1e-6)
+    assert features.null_mean == pytest.approx(gram.null_mean, rel=0.03)
+
+
 def test_other_measures_use_the_same_rule():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(60, 4, generator=g, dtype=torch.float64)

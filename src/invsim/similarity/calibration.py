@@ -82,10 +82,11 @@ class Calibrated:
 
 
 def poisson_weights(n: int, n_boot: int, seed: int) -> torch.Tensor:
-    """(n_boot, n) float64 Poisson(1) weights, deterministic for ``seed``: example i's
-    weights depend only on (seed, i), so any split of the examples gets the same ones."""
+    """(n_boot, n) Poisson(1) weights (small integers, exact in float32), deterministic
+    for ``seed``: example i's weights depend only on (seed, i, n_boot), since they are
+    drawn example by example, so any split of the examples gets the same ones."""
     g = torch.Generator().manual_seed(seed)
-    return torch.poisson(torch.ones(n_boot, n, dtype=torch.float64), generator=g)
+    return torch.poisson(torch.ones(n, n_boot), generator=g).T.contiguous()
 
 
 def _centred(x: ArrayLike) -> torch.Tensor:
@@ -113,18 +114,17 @@ def cka_calibration(
     (:func:`poisson_weights` of ``seed``), so a cell equals :func:`calibrate` of its pair.
 
     Each model's centred Gram matrix is made once, in float32 from features centred in
-    float64, and read in float64 for the value and the null."""
+    float64; sums over its entries accumulate in float64 where they cancel."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: _centred(data[m]) for m in models}
     low = {m: x[m].float() for m in models}
     grams = {m: low[m] @ low[m].T for m in models}
     n = len(x[models[0]])
-    flat = torch.empty(len(models), n * n, dtype=torch.float64)
-    for i, m in enumerate(models):  # in float64 for the value and the null (the features
-        flat[i] = grams[m].flatten()  # were centred in float64: rows sum to ~1e-7 of |K|)
-    a = {m: flat[i].view(n, n) for i, m in enumerate(models)}
-    # <K_r, K_c> for every pair of models, float64, in column blocks (a faster product)
-    inner = sum(part @ part.T for part in flat.split(1 << 17, dim=1)).numpy()
+    # <K_r, K_c> for every pair of models: float32 products over blocks of entries,
+    # summed in float64 (the features were centred in float64: rows sum to ~1e-7 of |K|)
+    flat = torch.stack([grams[m].flatten() for m in models])
+    inner = sum((part @ part.T).double() for part in flat.split(1 << 16, dim=1)).numpy()
+    del flat
     at = {m: i for i, m in enumerate(models)}
     observed = np.array([[inner[at[r], at[c]] for c in cols] for r in rows])
     norm = np.sqrt(np.diag(inner))
@@ -134,8 +134,8 @@ def cka_calibration(
     q = np.nanquantile(reps, [(1 - ci) / 2, (1 + ci) / 2], axis=2)
     out["ci_low"], out["ci_high"] = 2 * out["value"] - q[1], 2 * out["value"] - q[0]
     if null:
-        trace = {m: float(torch.trace(a[m])) for m in models}
-        sums = {m: pattern_sums(a[m], _trace_cubed(low[m]), centred=True, overwrite=True)
+        trace = {m: float(torch.trace(grams[m].double())) for m in models}
+        sums = {m: pattern_sums(grams[m], _trace_cubed(low[m]), centred=True)
                 for m in models}  # fmt: skip
         stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
         _, var, skew = null_moments(*stacks, n)
@@ -195,6 +195,7 @@ def _cka_replicates(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.
     """Linear CKA of every weighted replicate in feature space (d x d scatters), for data
     sets too large for :func:`cka_calibration`'s n x n Gram matrices."""
     x, y = x - x.mean(0), y - y.mean(0)  # translation-free; less cancellation below
+    w = w.to(x.dtype)
     sxy, sxx, syy = (_weighted_scatter(a, b, w) for a, b in ((x, y), (x, x), (y, y)))
     kl, kk, ll = ((m**2).sum(dim=(1, 2)) for m in (sxy, sxx, syy))
     return kl / (kk * ll).sqrt()
