@@ -81,3 +81,18 @@ def test_p_value_agrees_with_monte_carlo_permutations(n, d1, d2):
         diffs.append(abs(exact.p_value - mc.p_value))
     # Monte-Carlo error at 4,000 permutations is at most 0.008 (one s.e.)
     assert max(diffs) < 0.03, diffs
+
+
+def test_float32_gram_matrices_give_the_same_moments():
+    # the calibration sums float32 Gram matrices (made from float64-centred features)
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(400, d, generator=g, dtype=torch.float64) for d in (64, 256)]
+    xs[1][:, :4] += xs[0][:, :4]
+    exact, low = [], []
+    for x in xs:
+        xc = x - x.mean(0)
+        exact.append(pattern_sums(xc @ xc.T, centred=True))
+        low.append(pattern_sums(xc.float() @ xc.float().T, centred=True))
+    _, v64, s64 = null_moments(*exact, 400)
+    _, v32, s32 = null_moments(*low, 400)
+    assert v32 == pytest.approx(v64, rel=1e-5) and s32 == pytest.approx(s64, rel=1e-4)
