@@ -14,14 +14,18 @@ negative; it is returned as it is.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from invsim.similarity import kernel as kernel_module
 from invsim.similarity import moments
-from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+from invsim.similarity._inputs import (
+    ArrayLike,
+    as_matrix,
+    check_not_constant,
+    check_pair,
+    cka_ratio,
+)
 from invsim.similarity.registry import Measure, register
 
 __all__ = [
@@ -52,9 +56,7 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0; got {threshold}.")
     x = x - x.mean(dim=0, keepdim=True)  # distances are translation-free; avoids cancellation
-    sq_norms = (x * x).sum(dim=1)
-    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
-    sq_dist.fill_diagonal_(0.0)
+    _, sq_dist = next(kernel_module.distance_blocks(x, len(x)))  # all rows in one block
     # numpy's median (mean of the two middle values), as in the reference code.
     median = float(np.median(sq_dist.cpu().numpy()))
     if median <= 0:
@@ -93,16 +95,6 @@ def hsic(k_centered: torch.Tensor, l_centered: torch.Tensor, *, debiased: bool =
     n = k_centered.shape[0]
     dot = float((k_centered * l_centered).sum())
     return dot / (n * (n - 3)) if debiased else dot / ((n - 1) ** 2)
-
-
-def _ratio(hxy: float, hxx: float, hyy: float) -> float:
-    if hxx <= 0 or hyy <= 0:
-        side = "X" if hxx <= 0 else "Y"
-        raise ValueError(
-            f"the (debiased) HSIC of {side} with itself is {min(hxx, hyy):.3g} <= 0, so CKA is "
-            "undefined; this happens with very few examples. Use more examples or debiased=False."
-        )
-    return hxy / math.sqrt(hxx * hyy)
 
 
 def hsic_from_moments(cross_sq, r_ab, r_a, r_b, n: int, *, debiased: bool):
@@ -155,7 +147,7 @@ def linear_cka(
     if method != "feature":
         raise ValueError(f"method must be 'auto', 'feature' or 'gram'; got {method!r}.")
     h = linear_hsic_matrix([x, y], debiased=debiased)
-    return _ratio(float(h[0, 1]), float(h[0, 0]), float(h[1, 1]))
+    return cka_ratio(float(h[0, 1]), float(h[0, 0]), float(h[1, 1]))
 
 
 def linear_hsic_matrix(xs: list[torch.Tensor], *, debiased: bool) -> torch.Tensor:
@@ -177,7 +169,7 @@ def linear_hsic_matrix(xs: list[torch.Tensor], *, debiased: bool) -> torch.Tenso
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool) -> float:  # noqa: E741
     kc = center_gram(k, unbiased=debiased)
     lc = center_gram(l, unbiased=debiased)
-    return _ratio(
+    return cka_ratio(
         hsic(kc, lc, debiased=debiased),
         hsic(kc, kc, debiased=debiased),
         hsic(lc, lc, debiased=debiased),

@@ -26,17 +26,24 @@ from collections.abc import Iterator
 
 import torch
 
-from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+from invsim.similarity._inputs import (
+    ArrayLike,
+    as_matrix,
+    check_not_constant,
+    check_pair,
+    cka_ratio,
+)
 
-__all__ = ["median_sq_distance", "rbf_cka"]
+__all__ = ["distance_blocks", "median_sq_distance", "rbf_cka"]
 
 BINS = 4096
 COLLECT = 1 << 20  # the most values sorted at once when selecting the median
 BLOCK_ELEMENTS = 1 << 22  # distances per block: 32 MB of float64
 
 
-def _blocks(x: torch.Tensor, block: int | None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, rows start:start+b of the squared-distance matrix of centred x)."""
+def distance_blocks(x: torch.Tensor, block: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, rows start:start+b of the squared-distance matrix of centred x), with
+    ``block`` rows at a time (default: about ``BLOCK_ELEMENTS`` distances)."""
     n = x.shape[0]
     block = block or max(1, BLOCK_ELEMENTS // n)
     sq = (x * x).sum(dim=1)
@@ -82,7 +89,7 @@ def median_sq_distance(x: torch.Tensor, *, block: int | None = None) -> float:
 
 def _in_range(x, block, lo: float, hi: float, closed: bool) -> Iterator[torch.Tensor]:
     """The squared distances in [lo, hi] (``closed``) or [lo, hi), block by block."""
-    for _, d in _blocks(x, block):
+    for _, d in distance_blocks(x, block):
         yield d[(d >= lo) & ((d <= hi) if closed else (d < hi))]
 
 
@@ -91,7 +98,9 @@ def _sums(x: torch.Tensor, y: torch.Tensor, sx: float, sy: float, block: int | N
     n = x.shape[0]
     kl = kk = ll = 0.0
     k_rows, l_rows = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-    for (start, dx), (_, dy) in zip(_blocks(x, block), _blocks(y, block), strict=True):
+    for (start, dx), (_, dy) in zip(
+        distance_blocks(x, block), distance_blocks(y, block), strict=True
+    ):
         k, l = torch.exp(-dx / sx), torch.exp(-dy / sy)  # noqa: E741
         kl, kk, ll = kl + float((k * l).sum()), kk + float((k * k).sum()), ll + float((l * l).sum())
         k_rows[start : start + len(k)], l_rows[start : start + len(l)] = k.sum(1), l.sum(1)
@@ -142,9 +151,4 @@ def rbf_cka(
     kl, kk, ll, k_rows, l_rows = _sums(x, y, scales[0], scales[1], block)
     hxy = _hsic(kl, k_rows, l_rows, n, debiased)
     hxx, hyy = _hsic(kk, k_rows, k_rows, n, debiased), _hsic(ll, l_rows, l_rows, n, debiased)
-    if hxx <= 0 or hyy <= 0:
-        raise ValueError(
-            f"the HSIC of {'X' if hxx <= 0 else 'Y'} with itself is <= 0, so CKA is undefined; "
-            "this happens with very few examples. Use more examples or debiased=False."
-        )
-    return hxy / (hxx * hyy) ** 0.5
+    return cka_ratio(hxy, hxx, hyy)

@@ -8,9 +8,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, check_not_constant
+from invsim.similarity._inputs import (
+    ArrayLike,
+    as_matrix,
+    check_enough,
+    check_not_constant,
+    cka_ratio,
+)
 from invsim.similarity.functional import (
-    _ratio,
     center_gram,
     gram_linear,
     gram_rbf,
@@ -155,5 +160,5 @@ def cka_matrix(
     values = np.empty((m, m))
     for i in range(m):
         for j in range(m):
-            values[i, j] = _ratio(h[i, j], h[i, i], h[j, j])
+            values[i, j] = cka_ratio(h[i, j], h[i, i], h[j, j])
     return SimilarityMatrix(names, names, values)
