@@ -81,6 +81,11 @@ def test_poisson_weights_are_drawn_example_by_example():
     assert torch.equal(poisson_weights(300, 50, seed=4), whole[:, :300])  # any prefix
     assert not torch.equal(poisson_weights(300, 50, seed=5), whole[:, :300])
     assert abs(float(whole.mean()) - 1) < 0.02 and abs(float(whole.var()) - 1) < 0.05
+    # the counts of 0, 1, ..., 4 and >= 5 follow Poisson(1) (a chi-square test can fail)
+    seen = np.bincount(whole.long().flatten().clamp(max=5).numpy(), minlength=6)
+    p = stats.poisson.pmf(np.arange(5), 1)
+    expected = whole.numel() * np.append(p, 1 - p.sum())
+    assert stats.chisquare(seen, expected).pvalue > 0.001, (seen, expected)
 
 
 def test_large_n_path_equals_the_gram_path(monkeypatch):

@@ -127,12 +127,15 @@ def panel(
     found = {m: get_measure(m) for m in measures}
     out: dict[str, SimilarityMatrix] = {}
     streaming = [m for m, spec in found.items() if spec.streams]
+    scatter: dict[str, torch.Tensor] = {}  # each view's centred X^T X, from the pass
     if streaming:
         acc = LinearCKAMatrix(names)
         n = len(next(iter(reps.values())))
         for start in range(0, n, chunk):
             acc.update({k: v[start : start + chunk] for k, v in reps.items()})
-        out.update(acc.compute_measures(streaming, rows=rows))
+        centred = acc.moments.centred()
+        out.update(acc.compute_measures(streaming, rows=rows, centred=centred))
+        scatter = {k: centred.cov(i, i) for i, k in enumerate(names)}
     for name, spec in found.items():
         if spec.streams:
             continue
@@ -143,21 +146,24 @@ def panel(
     if calibration is not None:
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
-            out[name].stats = _calibrated(data, rows, names, name, calibration, seed)
+            out[name].stats = _calibrated(data, out[name].values, rows, names, name,
+                                          calibration, seed, scatter)  # fmt: skip
     return {m: out[m] for m in measures}
 
 
-def _calibrated(data, rows, cols, name, cal: CalibrationConfig, seed: int) -> dict:
-    """Per-cell interval and null, every cell with the same bootstrap weights (so a cell
-    equals :func:`calibrate` of its pair). Linear CKA goes through the Gram matrices once
-    for the whole matrix (:func:`cka_calibration`); other measures cell by cell, reusing
-    a symmetric measure's mirrored cells."""
+def _calibrated(
+    data, values, rows, cols, name, cal: CalibrationConfig, seed: int, scatter=None
+) -> dict:
+    """Per-cell interval (about the cells' ``values``) and null, every cell with the same
+    bootstrap weights (so a cell equals :func:`calibrate` of its pair). Linear CKA goes
+    through the Gram matrices once for the whole matrix (:func:`cka_calibration`, given
+    each view's centred X^T X, ``scatter``, when a streamed pass has them); other measures
+    cell by cell, reusing a symmetric measure's mirrored cells."""
     n = len(next(iter(data.values())))
     if name == "linear_cka" and n <= GRAM_LIMIT:
         moments = cal.null == "moments" and cal.n_perm > 0
-        stats = cka_calibration(data, rows, cols, n_boot=cal.n_boot, ci=cal.ci, seed=seed,
-                                null=moments)  # fmt: skip
-        values = stats.pop("value")
+        stats = cka_calibration(data, values, rows, cols, n_boot=cal.n_boot, ci=cal.ci,
+                                seed=seed, null=moments, scatter=scatter)  # fmt: skip
         if cal.null == "permutation" and cal.n_perm:
             null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
             stats["null_mean"] = null.mean(axis=2)

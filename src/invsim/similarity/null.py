@@ -143,13 +143,18 @@ def double_centre(gram: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def pattern_sums(
-    gram: torch.Tensor | np.ndarray, tr3: float | None = None, *, centred: bool = False
+    gram: torch.Tensor | np.ndarray,
+    tr3: float | None = None,
+    *,
+    centred: bool = False,
+    overwrite: bool = False,
 ) -> list[np.ndarray]:
     """For k = 1..3, the sums of the trace-free part of a centred Gram matrix K over every
     equality pattern of 2k indices (see the module doc). ``tr3``: tr(K^3), when the
     caller has a cheaper way to it (else one n^3 product); ``centred``: K's rows and
     columns already sum to zero (see :func:`double_centre`), and a float32 K is then
-    summed in float32 (tested: the moments move by ~1e-7 relative)."""
+    summed in float32 (tested: the moments move by ~1e-7 relative); ``overwrite``: a
+    centred ``gram`` tensor may serve as scratch space (one n x n allocation fewer)."""
     n = gram.shape[0]
     a = torch.as_tensor(gram) if centred else double_centre(gram)
     if a.dtype not in (torch.float32, torch.float64):
@@ -157,7 +162,7 @@ def pattern_sums(
     t1 = float(torch.trace(a))
     c = t1 / (n - 1)
     # minus c (I - 11^T/n): trace-free, so the statistic's mean moves to 0
-    a = a + c / n
+    a = a.add_(c / n) if overwrite and a is gram else a + c / n
     a.diagonal().sub_(c)
     square = a * a
     if tr3 is None:

@@ -336,14 +336,19 @@ class LinearCKAMatrix:
         return SimilarityMatrix(self.names, self.names, values.numpy())
 
     def compute_measures(
-        self, measures: Sequence[str], *, rows: Sequence[str] | None = None
+        self,
+        measures: Sequence[str],
+        *,
+        rows: Sequence[str] | None = None,
+        centred: CentredMoments | None = None,
     ) -> dict[str, SimilarityMatrix]:
         """Every streaming measure (``Measure.streams``) from this one pass, for the
         ``rows`` asked (default all) against every column: entry (r, c) is
-        ``measure(Rep_r, Rep_c)`` (an asymmetric measure is computed both ways)."""
+        ``measure(Rep_r, Rep_c)`` (an asymmetric measure is computed both ways).
+        ``centred``: this pass's ``moments.centred()``, when the caller already has it."""
         from invsim.similarity.registry import get_measure
 
-        centred = self.moments.centred()
+        centred = self.moments.centred() if centred is None else centred
         rows = list(rows or self.names)
         at = {v: i for i, v in enumerate(self.names)}
         out = {}
