@@ -130,3 +130,77 @@ def test_bad_input_is_named():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         calibrate(bad, x)
+
+
+def _float64_replicates(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted linear CKA of each row of weights w, straight from the definition."""
+    x, y, w = (t.double() for t in (x, y, w))
+    k, el = ((a - a.mean(0)) @ (a - a.mean(0)).T for a in (x, y))
+
+    def hsic(k, el):
+        s, wk, wl = w.sum(1), w @ k, w @ el
+        return (
+            ((w @ (k * el)) * w).sum(1)
+            - 2 * (w * wk * wl).sum(1) / s
+            + ((wk * w).sum(1) * (wl * w).sum(1) / s**2)
+        )
+
+    return hsic(k, el) / (hsic(k, k) * hsic(el, el)).sqrt()
+
+
+@pytest.mark.parametrize("product", [torch.bfloat16, torch.float32])
+def test_rounding_never_moves_an_interval_beyond_its_tolerance(monkeypatch, product):
+    # the fast products (bfloat16 where the CPU has it, else float32) are checked cell by
+    # cell against their rounding bound; a cell whose interval is too narrow for them is
+    # redone in float32 or float64. Against float64 replicates from the definition:
+    from invsim.similarity import calibration
+
+    monkeypatch.setattr(calibration, "PRODUCT_DTYPE", product)
+    g = torch.Generator().manual_seed(8)
+    n = 600  # above LOW_PRECISION_FROM
+    x = torch.randn(n, 96, generator=g)
+    reps = {
+        "x": x,
+        "relu": torch.relu(x @ torch.randn(96, 120, generator=g)),
+        "noisy": x + torch.randn(n, 96, generator=g),
+        "twin": x + 1e-3 * torch.randn(n, 96, generator=g),  # CKA 1 - 1e-6: width ~1e-7
+        "other": torch.randn(n, 40, generator=g),
+    }
+    names = list(reps)
+    values = np.array([[float(linear_cka(reps[r].double(), reps[c].double())) for c in names]
+                       for r in names])  # fmt: skip
+    got = calibration.cka_calibration(reps, values, names, names, n_boot=100, ci=0.9, seed=2,
+                                      null=False)  # fmt: skip
+    w = calibration.poisson_weights(n, 100, seed=2)
+    for i, r in enumerate(names):
+        for j, c in enumerate(names[i + 1 :], start=i + 1):
+            exact = _float64_replicates(reps[r], reps[c], w).numpy()
+            lo, hi = np.quantile(exact, [0.05, 0.95])
+            ref = (2 * values[i, j] - hi, 2 * values[i, j] - lo)
+            moved = max(abs(got["ci_low"][i, j] - ref[0]), abs(got["ci_high"][i, j] - ref[1]))
+            assert moved <= 0.02 * (hi - lo), (r, c, moved, hi - lo)  # the documented 2%
+
+
+def test_the_bfloat16_rounding_bound_holds():
+    # the per-cell bound on how far bfloat16 products move any replicate is above the
+    # largest error measured against float64, and not absurdly loose
+    from invsim.similarity import calibration
+
+    g = torch.Generator().manual_seed(9)
+    n = 600
+    x = torch.randn(n, 64, generator=g)
+    reps = {"x": x, "relu": torch.relu(x @ torch.randn(64, 80, generator=g)),
+            "noisy": x + 0.5 * torch.randn(n, 64, generator=g),
+            "other": torch.randn(n, 30, generator=g)}  # fmt: skip
+    names = list(reps)
+    low = {m: calibration._centred(v).float() for m, v in reps.items()}
+    grams = {m: calibration._gram(v) for m, v in low.items()}
+    w = calibration.poisson_weights(n, 100, seed=3)
+    fast, _, bound, _ = calibration._replicates(grams, low, names, names, w, torch.bfloat16)
+    ratios = []
+    for i, r in enumerate(names):
+        for j, c in enumerate(names[i + 1 :], start=i + 1):
+            error = np.abs(fast[i, j] - _float64_replicates(reps[r], reps[c], w).numpy()).max()
+            assert error <= bound[i, j], (r, c, error, bound[i, j])
+            ratios.append(error / bound[i, j])
+    assert max(ratios) > 0.05  # a bound that is not a thousand times too large

@@ -58,6 +58,23 @@ __all__ = [
 
 GRAM_LIMIT = 4000  # examples; above it n x n Gram matrices per model cost too much memory
 NULLS = ("moments", "permutation")
+ROUNDING_TOLERANCE = 0.02  # of an interval's width: the most rounding may move its ends
+LOW_PRECISION_FROM = 512  # examples; below it bfloat16 products save too little to use
+
+
+def _bfloat16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+# the bootstrap's n x n products: bfloat16 where the CPU has it (3x float32's speed here),
+# every cell checked against its own rounding and redone at a higher precision if needed
+PRODUCT_DTYPE = torch.bfloat16 if _bfloat16_is_fast() else torch.float32
+_TIERS = (torch.bfloat16, torch.float32, torch.float64)
 # P(W <= k) for W ~ Poisson(1), k = 0..29 (the last is 1 in float64)
 _POISSON_CDF = torch.tensor(np.cumsum([math.exp(-1) / math.factorial(k) for k in range(30)]))
 
@@ -146,13 +163,31 @@ def cka_calibration(
     each model's centred X^T X where the caller has it (a streamed pass does), which saves
     the null an n d^2 product per model."""
     models = list(dict.fromkeys([*rows, *cols]))
-    low = {m: _centred(data[m]).float() for m in models}
+    exact = {m: _centred(data[m]) for m in models}
+    low = {m: exact[m].float() for m in models}
     grams = {m: _gram(low[m]) for m in models}
     n = len(low[models[0]])
     values = np.asarray(values, dtype=np.float64).reshape(len(rows), len(cols))
-    reps, square = _replicates(grams, low, rows, cols, poisson_weights(n, n_boot, seed))
-    quantile = np.nanquantile if np.isnan(reps).any() else np.quantile  # the same, faster
-    q = quantile(reps, [(1 - ci) / 2, (1 + ci) / 2], axis=2)
+    w = poisson_weights(n, n_boot, seed)
+    first = PRODUCT_DTYPE if n >= LOW_PRECISION_FROM else torch.float32
+    reps, square, error, centring = _replicates(grams, low, rows, cols, w, first)
+    levels = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
+    q = torch.nanquantile(torch.from_numpy(reps), levels, dim=2).numpy()
+    for tier in _TIERS[_TIERS.index(first) + 1 :]:
+        redo = ~(error <= ROUNDING_TOLERANCE * (q[1] - q[0]))  # NaN: redo as well
+        if not redo.any():
+            break
+        i, j = np.nonzero(redo)
+        rs, cs = ([names[k] for k in sorted(set(idx))] for names, idx in ((rows, i), (cols, j)))
+        if tier == torch.float32:  # the same Gram matrices and centring terms
+            sub, _, sub_error, _ = _replicates(grams, low, rs, cs, w, tier, centring)
+        else:  # float64 Gram matrices from the float64 features
+            wide = {m: exact[m] for m in dict.fromkeys([*rs, *cs])}
+            wide_grams = {m: _gram(x) for m, x in wide.items()}
+            sub, _, sub_error, _ = _replicates(wide_grams, wide, rs, cs, w, tier)
+        at_r, at_c = [rs.index(rows[k]) for k in i], [cs.index(cols[k]) for k in j]
+        reps[i, j], error[i, j] = sub[at_r, at_c], sub_error[at_r, at_c]
+        q[:, i, j] = torch.nanquantile(torch.from_numpy(reps[i, j]), levels, dim=1).numpy()
     out = {"ci_low": 2 * values - q[1], "ci_high": 2 * values - q[0]}
     if null:
         norm = {m: math.sqrt(square[m]) for m in models}  # ||K||
@@ -190,37 +225,104 @@ def _quadratic_forms(
     return first + _quadratic_forms(w2, ka[m:, m:], kb[m:, m:], scratch) + 2 * off
 
 
-def _replicates(grams: dict, features: dict, rows, cols, w: torch.Tensor):
-    """(rows, cols, B) linear CKA of every cell under each row of example weights ``w``:
-    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean
-    (``features``: each K's factor X, K = X X^T, for the cheaper of w K and (w X) X^T);
-    and each model's ||K||^2, from one more row of unit weights. The weighted-centring
-    terms of all pairs come from one batched product."""
-    models = list(grams)
-    at = {m: i for i, m in enumerate(models)}
+def _split_forms(e: torch.Tensor, e_low: torch.Tensor, ka, kb, scratch, low_scratch):
+    """e^T (K_a * K_b) e for every row of ``e`` with the elementwise product rounded to
+    bfloat16 (``e_low``: ``e`` in bfloat16, exact for Poisson weights minus one), the
+    product's float32 column sums and its squared norm, by the blocks of
+    :func:`_quadratic_forms`."""
+    n = ka.shape[0]
+    if n < 800:
+        product = torch.mul(ka, kb, out=scratch[: n * n].view(n, n))
+        low = low_scratch[: n * n].view(n, n).copy_(product)
+        flat = product.view(-1)
+        return ((e_low @ low).float() * e).sum(1), product.sum(0), float(flat @ flat)
+    m = n // 2
+    block = torch.mul(ka[:m, m:], kb[:m, m:], out=scratch[: m * (n - m)].view(m, n - m))
+    top, bottom, flat = block.sum(1), block.sum(0), block.view(-1)
+    square = 2 * float(flat @ flat)
+    low = low_scratch[: m * (n - m)].view(m, n - m).copy_(block)
+    off = ((e_low[:, :m] @ low).float() * e[:, m:]).sum(1)
+    q1, c1, s1 = _split_forms(e[:, :m], e_low[:, :m], ka[:m, :m], kb[:m, :m], scratch, low_scratch)
+    q2, c2, s2 = _split_forms(e[:, m:], e_low[:, m:], ka[m:, m:], kb[m:, m:], scratch, low_scratch)
+    return q1 + q2 + 2 * off, torch.cat([c1 + top, c2 + bottom]), square + s1 + s2
+
+
+def _centring(grams: dict, features: dict, w: torch.Tensor) -> tuple:
+    """The weighted-centring terms of every pair of models, for the rows of ``w`` and one
+    more row of unit weights (the sample itself): the weights, their sums s, and, from
+    one batched product, sum_i w_i (wK)_i (wL)_i and w^T K w (``features``: each K's
+    factor X, K = X X^T, for the cheaper of w K and (w X) X^T)."""
     n = w.shape[1]
-    w = torch.cat([w.float(), torch.ones(1, n)])  # the last "replicate" is the sample
-    s = w.sum(dim=1, keepdim=True)
+    dtype = next(iter(grams.values())).dtype
+    w = torch.cat([w.to(dtype), torch.ones(1, n, dtype=dtype)])
     wk = torch.stack([(w @ x) @ x.T if 2 * x.shape[1] < n else w @ grams[m]
                       for m, x in features.items()], dim=1)  # fmt: skip
     ww = wk * w[:, None, :]
-    cross = ww @ wk.transpose(1, 2)  # (B + 1, models, models): sum_i w_i (wK)_i (wL)_i
-    quad = ww.sum(dim=2)  # w^T K w
+    cross = (ww @ wk.transpose(1, 2)).double()  # (B + 1, models, models)
+    return w, w.sum(dim=1, keepdim=True).double(), cross, ww.sum(dim=2).double()
+
+
+def _replicates(
+    grams: dict, features: dict, rows, cols, w: torch.Tensor, product: torch.dtype, centring=None
+):
+    """(rows, cols, B) linear CKA of every cell under each row of example weights ``w``:
+    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean
+    (:func:`_centring`, computed for all of ``grams``' models unless given); each model's
+    ||K||^2, from the row of unit weights; (rows, cols) bounds on how far rounding moves
+    any replicate; and the centring terms, for another call on the same Gram matrices.
+
+    ``product``: the dtype of the n x n products, the Gram matrices' own (float32 or
+    float64) or bfloat16. bfloat16 keeps the exact part of each sum out of the low
+    precision: with w = 1 + e, w^T M w = 1^T M 1 + 2 e^T M 1 + e^T M e, where only
+    e^T M e is taken in bfloat16 (float32 sums), M's column sums in float32. Its
+    rounding, about 2^-9 relative per entry of M and of e^T M, moves e^T M e by about
+    sqrt(3) 2^-9 ||M||_F (standard deviation over replicates); the bound is 6 of them,
+    propagated to CKA. float32 products are bounded by 16 x 2^-24 (4x the largest error
+    measured against float64), float64 by 0."""
+    models = list(grams)
+    at = {m: i for i, m in enumerate(models)}
+    centring = centring or _centring(grams, features, w)
+    w, s, cross, quad = centring
+    n, dtype = w.shape[1], w.dtype
+    asked = [at[m] for m in dict.fromkeys([*rows, *cols])]
     pairs = sorted({tuple(sorted((at[r], at[c]))) for r in rows for c in cols if r != c}
-                   | {(i, i) for i in range(len(models))})  # fmt: skip
+                   | {(i, i) for i in asked})  # fmt: skip
     a, b = (torch.tensor(side) for side in zip(*pairs, strict=True))
-    scratch = torch.empty((n - n // 2) ** 2 if n >= 800 else n * n)
-    total = torch.stack([_quadratic_forms(w, grams[models[i]], grams[models[j]], scratch)
-                         for i, j in pairs], dim=1)  # fmt: skip
-    hsic = (total - 2 * cross[:, a, b] / s + quad[:, a] * quad[:, b] / s**2).double()
-    own = hsic[:, a == b]  # pairs (i, i) are listed in order of i
+    scratch = torch.empty((n - n // 2) ** 2 if n >= 800 else n * n, dtype=dtype)
+    frobenius = torch.zeros(len(models), len(models), dtype=torch.float64)  # ||K_a * K_b||
+    if product == torch.bfloat16:
+        e = w - 1
+        e_low, low_scratch = e.to(product), torch.empty_like(scratch, dtype=product)
+        totals = []
+        for i, j in pairs:
+            q, col, sq = _split_forms(e, e_low, grams[models[i]], grams[models[j]], scratch,
+                                      low_scratch)  # fmt: skip
+            col = col.double()
+            totals.append(col.sum() + 2 * (e.double() @ col) + q.double())
+            frobenius[i, j] = frobenius[j, i] = math.sqrt(sq)
+        total = torch.stack(totals, dim=1)
+    else:
+        total = torch.stack([_quadratic_forms(w, grams[models[i]], grams[models[j]], scratch)
+                             for i, j in pairs], dim=1).double()  # fmt: skip
+    hsic = total - 2 * cross[:, a, b] / s + quad[:, a] * quad[:, b] / s**2
+    own = torch.full((w.shape[0], len(models)), torch.nan, dtype=torch.float64)
+    own[:, a[a == b]] = hsic[:, a == b]
     cka = torch.ones(len(models), len(models), w.shape[0], dtype=torch.float64)
     cka[a, b] = cka[b, a] = (hsic / (own[:, a] * own[:, b]).sqrt()).T
     diagonal = torch.arange(len(models))
     cka[diagonal, diagonal] = 1.0  # CKA(X, X) = 1 under any weights
+    norm = own[-1]  # ||K||^2
+    if product == torch.bfloat16:
+        scale = 6 * math.sqrt(3) * 2.0**-9
+        relative = frobenius.diagonal() / norm
+        spread = (relative[:, None] + relative[None, :]) / 2
+        error = scale * (frobenius / torch.outer(norm, norm).sqrt() + cka[..., -1].abs() * spread)
+    else:
+        error = torch.full_like(frobenius, 16 * 2.0**-24 if dtype == torch.float32 else 0.0)
+    error[diagonal, diagonal] = 0.0
     ri, ci = [at[r] for r in rows], [at[c] for c in cols]
-    square = {m: float(own[-1, i]) for m, i in at.items()}
-    return cka[ri][:, ci, :-1].numpy(), square
+    square = {m: float(norm[at[m]]) for m in dict.fromkeys([*rows, *cols])}
+    return cka[ri][:, ci, :-1].numpy(), square, error[ri][:, ci].numpy(), centring
 
 
 def _weighted_scatter(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
