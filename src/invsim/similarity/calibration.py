@@ -122,8 +122,8 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     if n < 256:
         return x @ x.T
     out = torch.empty(n, n, dtype=x.dtype)
-    torch.mm(x, x[m:].T, out=out[:, m:])
-    torch.mm(x[:m], x[:m].T, out=out[:m, :m])
+    torch.mm(x[:m], x.T, out=out[:m])  # the top rows: contiguous, the fastest to write
+    torch.mm(x[m:], x[m:].T, out=out[m:, m:])
     out[m:, :m] = out[:m, m:].T
     return out
 
@@ -293,14 +293,15 @@ def _replicates(
     if product == torch.bfloat16:
         e = w - 1
         e_low, low_scratch = e.to(product), torch.empty_like(scratch, dtype=product)
-        totals = []
+        quads, sums = [], []
         for i, j in pairs:
             q, col, sq = _split_forms(e, e_low, grams[models[i]], grams[models[j]], scratch,
                                       low_scratch)  # fmt: skip
-            col = col.double()
-            totals.append(col.sum() + 2 * (e.double() @ col) + q.double())
+            quads.append(q)
+            sums.append(col)
             frobenius[i, j] = frobenius[j, i] = math.sqrt(sq)
-        total = torch.stack(totals, dim=1)
+        col = torch.stack(sums, dim=1).double()  # (n, pairs): the column sums
+        total = col.sum(dim=0) + 2 * (e.double() @ col) + torch.stack(quads, dim=1).double()
     else:
         total = torch.stack([_quadratic_forms(w, grams[models[i]], grams[models[j]], scratch)
                              for i, j in pairs], dim=1).double()  # fmt: skip
