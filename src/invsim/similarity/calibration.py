@@ -205,46 +205,60 @@ def cka_calibration(
     return out
 
 
-def _quadratic_forms(
-    w: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor, scratch: torch.Tensor
-) -> torch.Tensor:
-    """w_b^T (K_a * K_b) w_b for every row of ``w`` (K symmetric): the off-diagonal block
-    once, twice weighted, and the diagonal blocks recursively down to a few hundred
-    examples, each block's elementwise product made only when it is used, in
-    ``scratch`` (a flat buffer of at least (n - n // 2)^2 entries, reused: fresh n x n
-    allocations cost page faults that rival the products)."""
-    n = ka.shape[0]
-    if n < 800:
-        product = torch.mul(ka, kb, out=scratch[: n * n].view(n, n))
-        return ((w @ product) * w).sum(1)
-    m = n // 2
-    w1, w2 = w[:, :m], w[:, m:]
-    block = torch.mul(ka[:m, m:], kb[:m, m:], out=scratch[: m * (n - m)].view(m, n - m))
-    off = ((w1 @ block) * w2).sum(1)
-    first = _quadratic_forms(w1, ka[:m, :m], kb[:m, :m], scratch)
-    return first + _quadratic_forms(w2, ka[m:, m:], kb[m:, m:], scratch) + 2 * off
+LEAF = 800  # rows; symmetric blocks are split in two down to below this
 
 
-def _split_forms(e: torch.Tensor, e_low: torch.Tensor, ka, kb, scratch, low_scratch):
-    """e^T (K_a * K_b) e for every row of ``e`` with the elementwise product rounded to
-    bfloat16 (``e_low``: ``e`` in bfloat16, exact for Poisson weights minus one), the
-    product's float32 column sums and its squared norm, by the blocks of
-    :func:`_quadratic_forms`."""
-    n = ka.shape[0]
-    if n < 800:
-        product = torch.mul(ka, kb, out=scratch[: n * n].view(n, n))
-        low = low_scratch[: n * n].view(n, n).copy_(product)
-        flat = product.view(-1)
-        return ((e_low @ low).float() * e).sum(1), product.sum(0), float(flat @ flat)
+def _blocks(n: int, start: int = 0) -> list[tuple[slice, slice, int]]:
+    """The upper triangle of a symmetric n x n matrix as (rows, cols, weight) blocks:
+    each off-diagonal block once with weight 2, halving diagonal blocks down to below
+    ``LEAF`` rows (then whole, weight 1): 0.75 of the entries at n = 1,000."""
+    if n < LEAF:
+        return [(slice(start, start + n), slice(start, start + n), 1)]
     m = n // 2
-    block = torch.mul(ka[:m, m:], kb[:m, m:], out=scratch[: m * (n - m)].view(m, n - m))
-    top, bottom, flat = block.sum(1), block.sum(0), block.view(-1)
-    square = 2 * float(flat @ flat)
-    low = low_scratch[: m * (n - m)].view(m, n - m).copy_(block)
-    off = ((e_low[:, :m] @ low).float() * e[:, m:]).sum(1)
-    q1, c1, s1 = _split_forms(e[:, :m], e_low[:, :m], ka[:m, :m], kb[:m, :m], scratch, low_scratch)
-    q2, c2, s2 = _split_forms(e[:, m:], e_low[:, m:], ka[m:, m:], kb[m:, m:], scratch, low_scratch)
-    return q1 + q2 + 2 * off, torch.cat([c1 + top, c2 + bottom]), square + s1 + s2
+    off = (slice(start, start + m), slice(start + m, start + n), 2)
+    return [off, *_blocks(m, start), *_blocks(n - m, start + m)]
+
+
+def _weighted_sums(w: torch.Tensor, grams: list, pairs, product: torch.dtype):
+    """sum_ij w_i w_j K_ij L_ij for every row of ``w`` and every pair (K, L) of
+    ``grams`` (float64, (rows of w, pairs)), and (bfloat16 only, else zeros) each
+    product's ||K * L||_F, block by
+    block (:func:`_blocks`), every pair within a block before the next block (the blocks
+    of all models stay in cache), each elementwise product made in one reused buffer
+    (fresh n x n allocations cost page faults that rival the products).
+
+    With ``product`` bfloat16, w = 1 + e and w^T M w = 1^T M 1 + 2 e^T M 1 + e^T M e:
+    only e^T M e is taken in bfloat16 (``e`` is exact there), M's column sums in float32,
+    the rest in float64."""
+    low = product == torch.bfloat16
+    v = w - 1 if low else w
+    v_low = v.to(product) if low else v
+    n, k = w.shape[1], len(pairs)
+    quad = torch.zeros(w.shape[0], k, dtype=w.dtype)
+    colsum = torch.zeros(n, k, dtype=w.dtype)  # M's column sums (bfloat16 only)
+    square = torch.zeros(k, dtype=torch.float64)
+    buffer = torch.empty(((n - n // 2) if n >= LEAF else n) ** 2, dtype=w.dtype)
+    low_buffer = torch.empty_like(buffer, dtype=product) if low else None
+    for rows, columns, weight in _blocks(n):
+        shape = (rows.stop - rows.start, columns.stop - columns.start)
+        block = buffer[: shape[0] * shape[1]].view(shape)
+        for p, (i, j) in enumerate(pairs):
+            torch.mul(grams[i][rows, columns], grams[j][rows, columns], out=block)
+            if low:
+                colsum[columns, p] += block.sum(0)
+                if weight == 2:
+                    colsum[rows, p] += block.sum(1)
+                flat = block.view(-1)
+                square[p] += weight * float(flat @ flat)
+                operand = low_buffer[: block.numel()].view(shape).copy_(block)
+            else:
+                operand = block
+            quad[:, p] += weight * ((v_low[:, rows] @ operand).to(w.dtype) * v[:, columns]).sum(1)
+    total = quad.double()
+    if low:
+        col = colsum.double()
+        total += col.sum(dim=0) + 2 * (v.double() @ col)
+    return total, square.sqrt()
 
 
 def _centring(grams: dict, features: dict, w: torch.Tensor) -> tuple:
@@ -283,28 +297,14 @@ def _replicates(
     at = {m: i for i, m in enumerate(models)}
     centring = centring or _centring(grams, features, w)
     w, s, cross, quad = centring
-    n, dtype = w.shape[1], w.dtype
+    dtype = w.dtype
     asked = [at[m] for m in dict.fromkeys([*rows, *cols])]
     pairs = sorted({tuple(sorted((at[r], at[c]))) for r in rows for c in cols if r != c}
                    | {(i, i) for i in asked})  # fmt: skip
     a, b = (torch.tensor(side) for side in zip(*pairs, strict=True))
-    scratch = torch.empty((n - n // 2) ** 2 if n >= 800 else n * n, dtype=dtype)
+    total, norms = _weighted_sums(w, [grams[m] for m in models], pairs, product)
     frobenius = torch.zeros(len(models), len(models), dtype=torch.float64)  # ||K_a * K_b||
-    if product == torch.bfloat16:
-        e = w - 1
-        e_low, low_scratch = e.to(product), torch.empty_like(scratch, dtype=product)
-        quads, sums = [], []
-        for i, j in pairs:
-            q, col, sq = _split_forms(e, e_low, grams[models[i]], grams[models[j]], scratch,
-                                      low_scratch)  # fmt: skip
-            quads.append(q)
-            sums.append(col)
-            frobenius[i, j] = frobenius[j, i] = math.sqrt(sq)
-        col = torch.stack(sums, dim=1).double()  # (n, pairs): the column sums
-        total = col.sum(dim=0) + 2 * (e.double() @ col) + torch.stack(quads, dim=1).double()
-    else:
-        total = torch.stack([_quadratic_forms(w, grams[models[i]], grams[models[j]], scratch)
-                             for i, j in pairs], dim=1).double()  # fmt: skip
+    frobenius[a, b] = frobenius[b, a] = norms
     hsic = total - 2 * cross[:, a, b] / s + quad[:, a] * quad[:, b] / s**2
     own = torch.full((w.shape[0], len(models)), torch.nan, dtype=torch.float64)
     own[:, a[a == b]] = hsic[:, a == b]
