@@ -20,7 +20,11 @@
 
 Linear CKA takes a fast path through the Gram matrices: each model's Gram matrix is made
 once, every replicate of every cell is a few matrix products, and a whole matrix of
-cells (:func:`cka_calibration`) shares the models' work and one set of weights. Other
+cells (:func:`cka_calibration`) shares the models' work and one set of weights. Those
+products run in bfloat16 where the CPU multiplies it natively (``PRODUCT_DTYPE``, from
+``LOW_PRECISION_FROM`` examples), with the exact part of each sum kept out of it; every
+cell's rounding is bounded, and a cell whose interval it could move by more than
+``ROUNDING_TOLERANCE`` of its width is recomputed in float32, then float64. Other
 measures resample and recompute.
 
 Example:
