@@ -64,6 +64,7 @@ GRAM_LIMIT = 4000  # examples; above it n x n Gram matrices per model cost too m
 NULLS = ("moments", "permutation")
 ROUNDING_TOLERANCE = 0.02  # of an interval's width: the most rounding may move its ends
 LOW_PRECISION_FROM = 512  # examples; below it bfloat16 products save too little to use
+LEAF = 800  # rows; the bootstrap's symmetric blocks are halved down to below this
 
 
 def _bfloat16_is_fast() -> bool:
@@ -209,9 +210,6 @@ def cka_calibration(
     return out
 
 
-LEAF = 800  # rows; symmetric blocks are split in two down to below this
-
-
 def _blocks(n: int, start: int = 0) -> list[tuple[slice, slice, int]]:
     """The upper triangle of a symmetric n x n matrix as (rows, cols, weight) blocks:
     each off-diagonal block once with weight 2, halving diagonal blocks down to below
@@ -226,10 +224,10 @@ def _blocks(n: int, start: int = 0) -> list[tuple[slice, slice, int]]:
 def _weighted_sums(w: torch.Tensor, grams: list, pairs, product: torch.dtype):
     """sum_ij w_i w_j K_ij L_ij for every row of ``w`` and every pair (K, L) of
     ``grams`` (float64, (rows of w, pairs)), and (bfloat16 only, else zeros) each
-    product's ||K * L||_F, block by
-    block (:func:`_blocks`), every pair within a block before the next block (the blocks
-    of all models stay in cache), each elementwise product made in one reused buffer
-    (fresh n x n allocations cost page faults that rival the products).
+    product's ||K * L||_F. Block by block (:func:`_blocks`), every pair within a block
+    before the next block (the blocks of all models stay in cache), each elementwise
+    product made in one reused buffer (fresh n x n allocations cost page faults that
+    rival the products).
 
     With ``product`` bfloat16, w = 1 + e and w^T M w = 1^T M 1 + 2 e^T M 1 + e^T M e:
     only e^T M e is taken in bfloat16 (``e`` is exact there), M's column sums in float32,
