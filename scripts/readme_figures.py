@@ -51,7 +51,7 @@ def main() -> None:
     ]
     for name, m in results["models"].items():
         tr = m.get("training") or {}
-        q = results["inversion"].get(name, {})
+        q = results["diagnostics"].get(name, {})
         rob = tr.get("robust_acc")
         rows.append(
             f"| {name} | {m['arch']} | {m['eps']:g} | {tr.get('clean_acc', 0):.3f} | "

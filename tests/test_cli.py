@@ -214,3 +214,12 @@ def test_unconverged_rows_are_flagged_everywhere(tmp_path):
     marked = re.search(r'data-rows-not-converged="(\d+)"', dom.stdout)
     assert marked and int(marked.group(1)) == 2, dom.stderr[-2000:]
     assert 'id="not-converged"' in dom.stdout
+    # results.json holds the diagnostics once; a file from before, under "inversion", still
+    # gets its rows flagged when the report is made again
+    from invsim.report import write_report
+
+    stored = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "inversion" not in stored and set(stored["diagnostics"]) == {"a", "b"}
+    stored["inversion"] = stored.pop("diagnostics")
+    (tmp_path / "run" / "results.json").write_text(json.dumps(stored))
+    assert 'id="not-converged"' in write_report(tmp_path / "run").read_text()

@@ -305,7 +305,7 @@ def summarise(
         "measures": {m: {k: _labelled(by[m], m) for k, by in panels.items()} for m in measures},
         "summary": {k: summarize(m) for k, m in primary.items()},
         "panel": {m: panel_summary(panels, m, zoo.eps) for m in measures},
-        "inversion": {k: inversion_diagnostics(zoo.models[k], v) for k, v in inverted.items()},
+        "diagnostics": {k: inversion_diagnostics(zoo.models[k], v) for k, v in inverted.items()},
     }
     if len(set(zoo.eps.values())) > 1:
         results["robustness"] = {
@@ -416,7 +416,7 @@ def _confound(cfg: ExperimentConfig, quiet: bool) -> dict[str, Any]:
         "natural": r["matrices"]["natural"],
         "inverted": r["matrices"]["inverted"],
         "headline": confound_headline(natural, inverted),
-        "inversion_loss": {k: v["median_loss"] for k, v in r["inversion"].items()},
+        "inversion_loss": {k: v["median_loss"] for k, v in r["diagnostics"].items()},
         "settings": cfg.confound.model_dump() if cfg.confound else {},
     }
 
@@ -450,7 +450,6 @@ def run_experiment(
         zoo.eps,
         seed=cfg.seed,
     )
-    results["diagnostics"] = results["inversion"]
     results["warnings"] = warnings_of(results)
     for w in results["warnings"]:
         log(w["message"], quiet=quiet)

@@ -28,6 +28,7 @@ __all__ = [
     "claim_statistics",
     "confound_headline",
     "diagnostics_line",
+    "diagnostics_of",
     "warnings_of",
     "panel_summary",
     "headline",
@@ -128,10 +129,16 @@ def diagnostics_line(name: str, d: dict[str, Any]) -> str:
     return line
 
 
+def diagnostics_of(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results["diagnostics"]``: each model's inversion summary (older results.json files
+    hold it under ``inversion``, which the report still reads)."""
+    return dict(results.get("diagnostics", results.get("inversion", {})))
+
+
 def warnings_of(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The run's warnings: rows whose inversions did not converge, entries not settled."""
     out = []
-    for name, d in results.get("inversion", {}).items():
+    for name, d in diagnostics_of(results).items():
         if not d.get("converged", True):
             out.append(
                 {
@@ -228,7 +235,7 @@ def headline(results: Mapping[str, Any]) -> str:
             f"{c['inverted_a_b_on_a']:.3f} (A's data) / {c['inverted_a_b_on_b']:.3f} (B's data); "
             f"two only-A models inverted {c['inverted_a_a2_on_a']:.3f}"
         )
-    losses = [q["median_loss"] for q in results.get("inversion", {}).values()]
+    losses = [q["median_loss"] for q in diagnostics_of(results).values()]
     if losses:
         lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
     return "\n".join(lines)

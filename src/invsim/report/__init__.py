@@ -177,7 +177,7 @@ def _matrices(out: Path, results: dict) -> list[str]:
             f"full budget (largest change {d['max_change']:.3f}); more iterations or "
             '<code>schedule="converge"</code> would change them.</p>'
         )
-    bad = [n for n, d in results.get("inversion", {}).items() if not d.get("converged", True)]
+    bad = [n for n, d in results["diagnostics"].items() if not d.get("converged", True)]
     flagged = {"inverted": [mats["inverted"].rows.index(n) for n in bad]} if bad else {}
     if bad:
         note += (
@@ -219,7 +219,7 @@ def _measures(out: Path, results: dict) -> list[str]:
         for regime, m in regimes.items():
             panels.setdefault(regime, {})[name] = SimilarityMatrix.from_dict(m)
     ranges = {k: MEASURES[k].range for k in by_measure if k in MEASURES}
-    bad = [n for n, d in results.get("inversion", {}).items() if not d.get("converged", True)]
+    bad = [n for n, d in results["diagnostics"].items() if not d.get("converged", True)]
     p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges, flagged=bad)
     rows = []
     for name, s in results["panel"].items():
@@ -245,7 +245,8 @@ def _measures(out: Path, results: dict) -> list[str]:
 
 
 def _inversion(out: Path, results: dict) -> list[str]:
-    if not results.get("inversion"):
+    diagnostics = results["diagnostics"]
+    if not diagnostics:
         return []
     rows = [
         [
@@ -257,7 +258,7 @@ def _inversion(out: Path, results: dict) -> list[str]:
             q["n"],
             "yes" if q.get("converged", True) else "NO",
         ]
-        for n, q in results["inversion"].items()
+        for n, q in diagnostics.items()
     ]
     head = [
         "model",
@@ -269,9 +270,7 @@ def _inversion(out: Path, results: dict) -> list[str]:
         "converged",
     ]
     grids = _grids(out, results)
-    classes = [
-        "" if q.get("converged", True) else "not-converged" for q in results["inversion"].values()
-    ]
+    classes = ["" if q.get("converged", True) else "not-converged" for q in diagnostics.values()]
     return [
         "<h2>Inversion quality</h2>" + _table(rows, head, classes),
         f"<h2>Seeds, targets, inverted images</h2><p>{EXPLAIN['grids']}</p>"
@@ -316,6 +315,9 @@ def write_report(out_dir: str | Path, *, results: dict | None = None) -> Path:
         if not path.exists():
             raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
         results = json.loads(path.read_text())
+    from invsim.experiment.summary import diagnostics_of
+
+    results = {**results, "diagnostics": diagnostics_of(results)}  # older files: "inversion"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     parts = _header(results) + _matrices(out, results) + _measures(out, results)
     parts += _inversion(out, results)
