@@ -117,7 +117,7 @@ def poisson_weights(n: int, n_boot: int, seed: int) -> torch.Tensor:
 
 
 def _centred(x: ArrayLike) -> torch.Tensor:
-    x = torch.as_tensor(x).reshape(len(x), -1).double()
+    x = torch.as_tensor(x).reshape(len(x), -1).to("cpu", torch.float64)
     return x - x.mean(0)
 
 
@@ -432,7 +432,7 @@ def calibrate(
         raise ValueError(f"null must be one of {NULLS}; got {null!r}.")
     spec = get_measure(measure)
     value = float(spec.fn(X, Y))  # the measure's own checks of X and Y
-    x, y = as_matrix(X, "X"), as_matrix(Y, "Y")
+    x, y = as_matrix(X, "X", device="cpu"), as_matrix(Y, "Y", device="cpu")  # the weights: CPU
     n = x.shape[0]
     if measure == "debiased_cka":
         check_enough(n, debiased=True, what="CKA's permutation null")
