@@ -237,7 +237,7 @@ def _weighted_sums(w: torch.Tensor, grams: list, pairs, product: torch.dtype):
     v_low = v.to(product) if low else v
     n, k = w.shape[1], len(pairs)
     quad = torch.zeros(w.shape[0], k, dtype=w.dtype)
-    colsum = torch.zeros(n, k, dtype=w.dtype)  # M's column sums (bfloat16 only)
+    colsum = torch.zeros(n, k, dtype=w.dtype) if low else None  # M's column sums
     square = torch.zeros(k, dtype=torch.float64)
     buffer = torch.empty(((n - n // 2) if n >= LEAF else n) ** 2, dtype=w.dtype)
     low_buffer = torch.empty_like(buffer, dtype=product) if low else None
