@@ -2,12 +2,10 @@
 benchmarks/results/calibration.json.
 
 An 8-model matrix on n=1,000 examples with widths 64 to 512: linear CKA alone (one pass
-of moments) against the same matrix with B=200 Poisson-bootstrap replicates per cell and
-its null, as the pipeline runs it: the default (exact permutation moments) and, for the
-record, 200 Monte-Carlo permutations (``null: permutation``). Goal: at most 3x. The
-bootstrap's products run in bfloat16 where the CPU multiplies it natively (each cell
-checked against its rounding bound, redone at a higher precision if needed); the figure
-with float32 products, what a CPU without bfloat16 gets, is recorded too.
+of moments) against the same matrix with every cell's interval (the closed-form
+delete-one jackknife of debiased CKA, from float64 Gram matrices) and null, as the
+pipeline runs it: the default (exact permutation moments) and, for the record, 200
+Monte-Carlo permutations (``null: permutation``). Goal: at most 3x.
 
     python benchmarks/bench_calibration.py
 """
@@ -36,24 +34,6 @@ def _seconds(run) -> float:
     return time.perf_counter() - t0
 
 
-def _recomputed(reps) -> dict[str, list[int]]:
-    """The (rows, columns) block the rounding check recomputed at each higher precision
-    (it holds every cell sent there), from the calls of the bootstrap after the first."""
-    seen: list[tuple[str, list[int]]] = []
-    inner = calibration._replicates
-
-    def counting(grams, features, rows, cols, w, product, *rest):
-        seen.append((str(product).removeprefix("torch."), [len(rows), len(cols)]))
-        return inner(grams, features, rows, cols, w, product, *rest)
-
-    calibration._replicates = counting
-    try:
-        panel(reps, ["linear_cka"], calibration=CalibrationConfig())
-    finally:
-        calibration._replicates = inner
-    return dict(seen[1:])
-
-
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     g = torch.Generator().manual_seed(0)
@@ -76,26 +56,18 @@ def main() -> None:
         plain_s, cal_s = (min(t[i] for t in pairs) for i in (0, 1))
         return plain_s, cal_s, statistics.median(c / p for p, c in pairs)
 
-    recomputed = _recomputed(reps)
     plain_s, cal_s, paired = timed(15)
-    fast = calibration.PRODUCT_DTYPE
-    calibration.PRODUCT_DTYPE = torch.float32
-    f32_plain_s, f32_cal_s, f32_paired = timed(7)
-    calibration.PRODUCT_DTYPE = fast
     mc = CalibrationConfig(null="permutation")
     mc_s = _seconds(lambda: panel(reps, ["linear_cka"], calibration=mc))
     assert (abs(cal.values - plain.values) < 1e-10).all()
     width = cal.stats["ci_high"] - cal.stats["ci_low"]
     results = {
-        "n": N, "widths": list(WIDTHS), "n_boot": 200, "n_perm": 200,
+        "n": N, "widths": list(WIDTHS), "n_perm": 200,
+        "interval": calibration.CKA_METHOD,
         "plain_s": plain_s, "calibrated_s": cal_s, "ratio": cal_s / plain_s, "goal": 3.0,
         "median_paired_ratio": paired,
-        "product_dtype": str(fast).removeprefix("torch."), "recomputed_block": recomputed,
-        "float32_products": {"ratio": f32_cal_s / f32_plain_s,
-                             "median_paired_ratio": f32_paired},
         "null": "moments", "permutation_null_s": mc_s, "permutation_ratio": mc_s / plain_s,
-        "timing": "best of 15 interleaved runs after a warm-up; and the median paired ratio "
-                  "(float32 products: 7 runs)",
+        "timing": "best of 15 interleaved runs after a warm-up; and the median paired ratio",
         "median_interval_width": float(torch.tensor(width).median()),
         "machine": f"{os.cpu_count()} cores",
     }  # fmt: skip

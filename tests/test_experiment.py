@@ -310,6 +310,40 @@ def test_claim_statistics_properties():
     assert same["value"] == 0 and same["p_value"] == 1.0
 
 
+def test_robustness_within_architectures_as_the_paper_states_it():
+    from invsim.experiment.summary import claim_statistics, cross_architecture_similarity
+
+    # four architectures, each a standard and a robust model. Every robust row is closer to
+    # the OTHER architectures, but each architecture's own twin is what makes the
+    # all-model statistic noisy: the paper's statistic must see the trend, the old one not
+    archs = ["cnn", "mlp", "lenet", "vgg"]
+    names = [f"{a}-{k}" for a in archs for k in ("std", "rob")]
+    eps = {n: (0.5 if n.endswith("rob") else 0.0) for n in names}
+    arch = {n: n.split("-")[0] for n in names}
+    level = {"cnn": 0.1, "mlp": 0.5, "lenet": 0.3, "vgg": 0.7}  # per-architecture offset
+    values = np.eye(8)
+    for i, r in enumerate(names):
+        for j, c in enumerate(names):
+            if i != j:
+                own = arch[r] == arch[c]
+                values[i, j] = 0.9 if own else level[arch[r]] + (0.05 if eps[r] else 0.0)
+    inv = SimilarityMatrix(names, names, values)
+    s = claim_statistics(None, inv, eps, arch=arch)
+    within = s["robustness_within"]
+    assert within["value"] == pytest.approx(1.0) and sorted(within["rising"]) == sorted(archs)
+    # exact stratified null: 2^4 within-architecture swaps, two of them (all up, all
+    # down) as extreme as the data
+    assert within["p_value"] == pytest.approx(2 / 16)
+    sim = cross_architecture_similarity(inv, arch)
+    assert sim["cnn-rob"] == pytest.approx(0.15) and sim["vgg-std"] == pytest.approx(0.7)
+    assert within["cross_architecture_similarity"] == sim
+    # the older all-model statistic is kept beside it, and misses the trend here
+    assert s["robustness_spearman"]["p_value"] > 0.2
+    # a falling trend reads -1
+    flipped = {n: 0.5 - e for n, e in eps.items()}
+    assert claim_statistics(None, inv, flipped, arch=arch)["robustness_within"]["value"] == -1
+
+
 def test_matrix_calibration_matches_calibrate():
     from invsim.config import CalibrationConfig
     from invsim.experiment.matrices import panel
@@ -319,21 +353,21 @@ def test_matrix_calibration_matches_calibrate():
     base = torch.randn(150, 6, generator=g, dtype=torch.float64)
     reps = {"a": base, "b": base @ torch.randn(6, 9, generator=g, dtype=torch.float64),
             "c": torch.randn(150, 12, generator=g, dtype=torch.float64)}  # fmt: skip
-    m = panel(reps, ["linear_cka"], calibration=CalibrationConfig(n_boot=100, n_perm=300))
+    m = panel(reps, ["linear_cka"], calibration=CalibrationConfig(n_perm=300))
     m = m["linear_cka"]
     for r in reps:
         for c in reps:
             i, j = m.rows.index(r), m.cols.index(c)
-            one = calibrate(reps[r], reps[c], n_boot=100, n_perm=300)
+            one = calibrate(reps[r], reps[c], n_perm=300)
             assert m.stats["ci_low"][i, j] <= m.stats["ci_high"][i, j]
             if r == c:
                 assert m.stats["ci_low"][i, j] == pytest.approx(1.0)  # CKA(X, X) = 1 always
-            # every cell shares the bootstrap weights: a cell is calibrate() of its pair
+            # a cell of the matrix is calibrate() of its pair
             for k in ("ci_low", "ci_high", "null_mean", "p_value"):
                 assert m.stats[k][i, j] == pytest.approx(getattr(one, k), rel=1e-5, abs=1e-12)
     assert m.stats["p_value"][0, 1] < 1e-12  # b is a linear map of a
     assert m.stats["p_value"][0, 2] > 0.01  # c is unrelated to a
-    permuted = CalibrationConfig(n_boot=100, n_perm=300, null="permutation")
+    permuted = CalibrationConfig(n_perm=300, null="permutation")
     mc = panel(reps, ["linear_cka"], calibration=permuted)["linear_cka"]
     assert mc.stats["p_value"][0, 1] == pytest.approx(1 / 301)
     # the permutation null's Monte-Carlo mean agrees with the exact one

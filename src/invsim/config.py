@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +183,12 @@ class StirConfig(_Settings):
 class CalibrationConfig(_Settings):
     """Intervals and nulls for every cell (:func:`invsim.similarity.calibrate`)."""
 
-    n_boot: int = Field(200, ge=1, description="Poisson-bootstrap replicates per cell.")
+    n_boot: int | None = Field(
+        None,
+        ge=1,
+        description="Deprecated and ignored: intervals now come from the jackknife "
+        "(docs/trust.md); accepted so that older configs still load.",
+    )
     n_perm: int = Field(
         200, ge=0, description="Permutations per cell for a permutation null; 0: no null."
     )
@@ -191,10 +197,23 @@ class CalibrationConfig(_Settings):
         description="Linear CKA's null: exact permutation moments (mean exact, p-value from "
         "a Pearson III fit) or n_perm random permutations. Other measures always permute.",
     )
-    ci: float = Field(0.95, gt=0, lt=1, description="Interval level.")
+    ci: float = Field(
+        0.95, gt=0, lt=1, description="Interval level, for the measure's population value."
+    )
     measures: list[str] = Field(
         default_factory=lambda: ["linear_cka"], description="Measures to calibrate."
     )
+
+    @model_validator(mode="after")
+    def _deprecated(self) -> CalibrationConfig:
+        if self.n_boot is not None:
+            warnings.warn(
+                f"calibration.n_boot={self.n_boot} is ignored: intervals now come from the "
+                "jackknife, which needs no replicates (docs/trust.md). Remove n_boot.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return self
 
 
 class ConfoundConfig(_Settings):

@@ -34,7 +34,13 @@ from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
-from invsim.similarity.calibration import GRAM_LIMIT, cka_calibration, cka_null_matrix
+from invsim.similarity.calibration import (
+    CI_TARGET,
+    GRAM_LIMIT,
+    cka_calibration,
+    cka_null_matrix,
+    interval_method,
+)
 from invsim.similarity.matrix import each_cell
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
@@ -146,44 +152,55 @@ def panel(
     if calibration is not None:
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
-            out[name].stats = _calibrated(data, out[name].values, rows, names, name,
-                                          calibration, seed, scatter)  # fmt: skip
+            out[name].stats, out[name].interval = _calibrated(
+                data, out[name].values, rows, names, name, calibration, seed, scatter
+            )
     return {m: out[m] for m in measures}
 
 
 def _calibrated(
     data, values, rows, cols, name, cal: CalibrationConfig, seed: int, scatter=None
-) -> dict:
-    """Per-cell interval (about the cells' ``values``) and null, every cell with the same
-    bootstrap weights (so a cell equals :func:`calibrate` of its pair). Linear CKA goes
-    through the Gram matrices once for the whole matrix (:func:`cka_calibration`, given
-    each view's centred X^T X, ``scatter``, when a streamed pass has them); other measures
-    cell by cell, reusing a symmetric measure's mirrored cells."""
+) -> tuple[dict, dict]:
+    """Per-cell interval and null (:mod:`invsim.similarity.calibration`), and what the
+    interval is (``ci_method``, ``ci_target``, ``ci_centre``, ``ci_reason``). A measure
+    with the CKA jackknife and the exact null goes through the Gram matrices once for the
+    whole matrix (:func:`cka_calibration`, given each view's centred X^T X, ``scatter``,
+    when a streamed pass has them); other measures cell by cell, reusing a symmetric
+    measure's mirrored cells."""
+    spec = get_measure(name)
     n = len(next(iter(data.values())))
-    if name == "linear_cka" and n <= GRAM_LIMIT:
+    widths = max(int(np.prod(v.shape[1:])) for v in data.values())
+    method, reason = interval_method(spec, n, (widths, widths))
+    about = {"ci_method": method, "ci_target": CI_TARGET, "ci_reason": reason,
+             "ci_centre": "debiased_cka" if spec.interval == "cka_jackknife" else
+             "jackknife bias-corrected " + name}  # fmt: skip
+    if spec.exact_null and n <= GRAM_LIMIT:
         moments = cal.null == "moments" and cal.n_perm > 0
-        stats = cka_calibration(data, values, rows, cols, n_boot=cal.n_boot, ci=cal.ci,
-                                seed=seed, null=moments, scatter=scatter)  # fmt: skip
+        stats = cka_calibration(data, values, rows, cols, ci=cal.ci, null=moments,
+                                scatter=scatter)  # fmt: skip
         if cal.null == "permutation" and cal.n_perm:
             null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
             stats["null_mean"] = null.mean(axis=2)
             stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
-        return stats
-    cells = each_cell(
-        rows,
-        cols,
-        lambda r, c: calibrate(data[r], data[c], measure=name, n_boot=cal.n_boot,
-                               n_perm=cal.n_perm, ci=cal.ci, seed=seed, null=cal.null),
-        symmetric=get_measure(name).symmetric,
-    )  # fmt: skip
-    stats = {
-        k: np.array([[np.nan if getattr(x, k) is None else getattr(x, k) for x in row]
-                     for row in cells])
-        for k in SimilarityMatrix.STATS
-    }  # fmt: skip
+    else:
+        cells = each_cell(
+            rows,
+            cols,
+            lambda r, c: calibrate(data[r], data[c], measure=name, n_perm=cal.n_perm,
+                                   ci=cal.ci, seed=seed, null=cal.null),
+            symmetric=spec.symmetric,
+        )  # fmt: skip
+        stats = {
+            k: np.array([[np.nan if getattr(x, k) is None else getattr(x, k) for x in row]
+                         for row in cells])
+            for k in SimilarityMatrix.STATS
+        }  # fmt: skip
+    if method is None:  # no interval can be trusted here: none is reported (about says why)
+        for k in ("ci_low", "ci_high", "ci_centre"):
+            stats[k] = np.full(np.shape(values), np.nan)
     if cal.n_perm == 0:
-        del stats["null_mean"], stats["p_value"]
-    return stats
+        stats.pop("null_mean", None), stats.pop("p_value", None)
+    return stats, about
 
 
 def _one_or_many(result: dict[str, SimilarityMatrix], measures: str | Sequence[str]):
@@ -273,6 +290,7 @@ def inverted_similarity(
     names = _names(measures, debiased)
     values = {m: np.empty((len(rows), len(cols))) for m in names}
     stats: dict[str, dict[str, np.ndarray]] = {}
+    about: dict[str, list[dict]] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, r in enumerate(rows):
         data = inverted[r]
@@ -285,17 +303,35 @@ def inverted_similarity(
         found = panel(reps, names, logits=logit, rows=[r], calibration=calibration, seed=seed + i)
         for m, mat in found.items():
             values[m][i] = mat.values[0]
+            about.setdefault(m, []).append(mat.interval)
             for k, v in mat.stats.items():
                 stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
     return _one_or_many(
-        {m: SimilarityMatrix(rows, cols, v, stats.get(m, {})) for m, v in values.items()},
+        {m: SimilarityMatrix(rows, cols, v, stats.get(m, {}), merge_interval(about.get(m, [])))
+         for m, v in values.items()},
         (names[0] if isinstance(measures, str) else names),
-    )
+    )  # fmt: skip
 
 
-def _put(values, stats, found: Mapping[str, SimilarityMatrix], i: int, j: int) -> None:
-    """Copy STIR's (x, x_inv) entry of each measure, with its statistics, into cell (i, j)."""
+def merge_interval(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One description of the intervals of matrices computed a row (or cell) at a time:
+    the first's, with every distinct reason for a missing interval."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    out = dict(parts[0])
+    methods = {p.get("ci_method") for p in parts}
+    reasons = list(dict.fromkeys(p["ci_reason"] for p in parts if p.get("ci_reason")))
+    out["ci_method"] = next((m for m in methods if m), None)
+    out["ci_reason"] = "; ".join(reasons) or None
+    return out
+
+
+def _put(values, stats, about, found: Mapping[str, SimilarityMatrix], i: int, j: int) -> None:
+    """Copy STIR's (x, x_inv) entry of each measure, with its statistics and what its
+    interval is, into cell (i, j)."""
     for m, mat in found.items():
+        about.setdefault(m, []).append(mat.interval)
         col = mat.cols.index("x_inv")
         values[m][i, j] = mat.values[0, col]
         for k, v in mat.stats.items():
@@ -329,6 +365,7 @@ def stir_similarity(
     names, wanted = list(models), _names(measures, False)
     values = {m: np.empty((len(names), len(names))) for m in wanted}
     stats: dict[str, dict[str, np.ndarray]] = {}
+    about: dict[str, list[dict]] = {}
     stored: dict[str, InvertedDataset] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
@@ -350,6 +387,9 @@ def stir_similarity(
             }
             found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
-            _put(values, stats, found, i, j)
-    result = {m: SimilarityMatrix(names, names, v, stats.get(m, {})) for m, v in values.items()}
+            _put(values, stats, about, found, i, j)
+    result = {
+        m: SimilarityMatrix(names, names, v, stats.get(m, {}), merge_interval(about.get(m, [])))
+        for m, v in values.items()
+    }
     return _one_or_many(result, measures), stored

@@ -448,6 +448,7 @@ def run_experiment(
         primary_of(matrices, "natural", cfg),
         primary_of(matrices, "inverted", cfg),
         zoo.eps,
+        arch=zoo.arch,
         seed=cfg.seed,
     )
     results["warnings"] = warnings_of(results)

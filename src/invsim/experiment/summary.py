@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from invsim.similarity import SimilarityMatrix
 __all__ = [
     "CONVERGED_LOSS",
     "claim_statistics",
+    "cross_architecture_similarity",
+    "robustness_within",
     "confound_headline",
     "diagnostics_line",
     "diagnostics_of",
@@ -228,6 +231,14 @@ def headline(results: Mapping[str, Any]) -> str:
         )
     elif rob and rob["spearman"] is not None:
         lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
+    within = results.get("statistics", {}).get("robustness_within")
+    if within:
+        lines.append(
+            f"within architectures, vs other architectures: mean Spearman {within['value']:.2f} "
+            f"[{within['ci_low']:.2f}, {within['ci_high']:.2f}], stratified p="
+            f"{within['p_value']:.3f}; the robust model is higher in {len(within['rising'])} of "
+            f"{within['architectures']} architectures"
+        )
     c = results.get("confound", {}).get("headline")
     if c:
         lines.append(
@@ -252,11 +263,90 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (ry @ rx) / denom
 
 
+def cross_architecture_similarity(
+    matrix: SimilarityMatrix, arch: Mapping[str, str]
+) -> dict[str, float]:
+    """Each row model's mean similarity to the columns of *other* architectures only (its
+    own architecture's twins, e.g. its robustness ladder, left out); rows with no such
+    column are omitted."""
+    out = {}
+    for r in matrix.rows:
+        others = [matrix[r, c] for c in matrix.cols if arch.get(c) != arch.get(r)]
+        if others:
+            out[r] = float(np.mean(others))
+    return out
+
+
+def robustness_within(
+    inverted: SimilarityMatrix,
+    eps: Mapping[str, float],
+    arch: Mapping[str, str],
+    *,
+    n_perm: int = 2000,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """The robustness claim as Jones et al. state it: within each architecture, does a
+    more robust model sit closer to the *other* architectures? Statistic: the mean over
+    architectures (those with at least two eps values) of the Spearman correlation of eps
+    with :func:`cross_architecture_similarity`. p-value: a stratified permutation test
+    (eps permuted within each architecture, every permutation enumerated when there are
+    at most ``n_perm`` of them, and then exact; two-sided); interval: percentile, resampling
+    architectures. ``rising``: the architectures whose most robust model is more similar
+    than their least robust one (a paired comparison per ladder). None when no
+    architecture has two eps values."""
+    sim = cross_architecture_similarity(inverted, arch)
+    ladders: dict[str, list[str]] = {}
+    for m in sim:
+        if m in eps:
+            ladders.setdefault(arch.get(m, m), []).append(m)
+    ladders = {a: ms for a, ms in ladders.items() if len({eps[m] for m in ms}) > 1}
+    if not ladders:
+        return None
+    xs = [np.array([eps[m] for m in ms]) for ms in ladders.values()]
+    ys = [np.array([sim[m] for m in ms]) for ms in ladders.values()]
+    rhos = np.array([float(_spearman(x, y[None])[0]) for x, y in zip(xs, ys, strict=True)])
+    value = float(rhos.mean())
+    draws, exact = _stratified_null(xs, ys, n_perm, np.random.default_rng(seed))
+    extreme = int(np.sum(np.abs(draws) >= abs(value) - 1e-12))
+    p = extreme / len(draws) if exact else (1 + extreme) / (1 + len(draws))
+    rng = np.random.default_rng(seed + 1)
+    boot = rhos[rng.integers(0, len(rhos), size=(n_boot, len(rhos)))].mean(1)
+    lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    ends = {a: sorted(ms, key=lambda m: eps[m]) for a, ms in ladders.items()}
+    rising = [a for a, ms in ends.items() if sim[ms[-1]] > sim[ms[0]]]
+    return {
+        "value": value, "ci_low": float(np.percentile(boot, lo_q)),
+        "ci_high": float(np.percentile(boot, hi_q)), "p_value": float(p),
+        "architectures": len(ladders), "rising": rising,
+        "per_architecture": dict(zip(ladders, rhos.tolist(), strict=True)),
+        "cross_architecture_similarity": sim,
+    }  # fmt: skip
+
+
+def _stratified_null(xs, ys, n_perm: int, rng: np.random.Generator) -> np.ndarray:
+    """The mean within-architecture Spearman correlation under eps permuted within each
+    architecture, and whether these are all permutations (when there are at most
+    ``n_perm``; else ``n_perm`` random ones)."""
+    import itertools
+
+    total = math.prod(math.factorial(len(x)) for x in xs)
+    if total <= n_perm:
+        per = [[float(_spearman(np.array(p), y[None])[0]) for p in itertools.permutations(x)]
+               for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+        return np.array([np.mean(c) for c in itertools.product(*per)]), True
+    per = [_spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
+           for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+    return np.mean(per, axis=0), False
+
+
 def claim_statistics(
     natural: SimilarityMatrix | None,
     inverted: SimilarityMatrix | None,
     eps: Mapping[str, float],
     *,
+    arch: Mapping[str, str] | None = None,
     n_boot: int = 2000,
     n_perm: int = 2000,
     seed: int = 0,
@@ -264,9 +354,12 @@ def claim_statistics(
 ) -> dict[str, Any]:
     """Intervals and p-values for the paper's three claims, on the primary measure.
 
-    - ``robustness_spearman``: Spearman correlation of each model's mean inverted
-      similarity with its eps; percentile interval from resampling models, p-value from
-      permuting eps over models (two-sided).
+    - ``robustness_within`` (with ``arch``): the claim as the paper states it, within
+      architectures and against other architectures only (:func:`robustness_within`).
+    - ``robustness_spearman``: the older statistic, kept for comparison: Spearman
+      correlation over all models of each model's mean inverted similarity (its own
+      architecture's twins included) with its eps; percentile interval from resampling
+      models, p-value from permuting eps over all models (two-sided).
     - ``asymmetry``: mean |S - S^T| of the inverted matrix; percentile interval from
       resampling model pairs.
     - ``natural_minus_inverted``: the mean over off-diagonal cells of natural minus
@@ -279,6 +372,11 @@ def claim_statistics(
     rng = np.random.default_rng(seed)
     lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out: dict[str, Any] = {}
+    if inverted is not None and arch is not None:
+        within = robustness_within(inverted, eps, arch, n_perm=n_perm, n_boot=n_boot, ci=ci,
+                                   seed=seed)  # fmt: skip
+        if within is not None:
+            out["robustness_within"] = within
     if inverted is not None and len(set(eps.values())) > 1:
         names = [r for r in inverted.rows if r in eps]
         per = robustness_summary(inverted, eps, {k: "all" for k in eps})["per_model"]

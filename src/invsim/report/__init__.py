@@ -30,10 +30,11 @@ EXPLAIN = {
         "CKA between model r and model c on <em>model r's inverted data set</em> (images that "
         "keep only the features model r uses); it is asymmetric. Natural CKA over-states "
         "similarity when features co-occur in images; lower values on the right mean the "
-        "models rely on different features. Under each value: half the width of its 95% "
-        "basic Poisson-bootstrap interval over examples; results.json and the CSVs also hold "
-        "each cell's permutation null (the value for unrelated representations at this n "
-        "and these widths) and p-value."
+        "models rely on different features. Under each value, where there is one: half the "
+        "width of its 95% interval (the method and what it is for are below); results.json "
+        "and the CSVs also hold each cell's interval, the estimate it centres on, and its "
+        "permutation null (the value for unrelated representations at this n and these "
+        "widths) and p-value."
     ),
     "robustness": (
         "Each model's mean CKA to all other models, against the adversarial training eps, one "
@@ -137,7 +138,10 @@ def _header(results: dict) -> list[str]:
     stats = results.get("statistics") or {}
     if stats:
         label = {
-            "robustness_spearman": "inverted similarity vs robustness (Spearman)",
+            "robustness_within": "robustness vs similarity to other architectures, within "
+            "architectures (mean Spearman; stratified permutation p)",
+            "robustness_spearman": "older statistic: inverted similarity vs robustness over all "
+            "models, own-architecture twins included (Spearman)",
             "asymmetry": "asymmetry of the inverted matrix",
             "natural_minus_inverted": "natural minus inverted (off-diagonal mean)",
         }
@@ -153,11 +157,37 @@ def _header(results: dict) -> list[str]:
         ]
         parts.append(
             "<h2>The paper's claims, with their uncertainty</h2><p>95% percentile intervals "
-            "from resampling models, model pairs or cells; p-values from permuting eps over "
-            "models or flipping the signs of paired differences.</p>"
-            + _table(rows, ["claim", "value", "ci low", "ci high", "p-value"])
+            "from resampling architectures, models, model pairs or cells; p-values from "
+            "permuting eps within architectures (the paper's claim: a more robust model "
+            "of an architecture is closer to the <em>other</em> architectures), over all "
+            "models (the older statistic, for comparison), or flipping the signs of paired "
+            "differences.</p>" + _table(rows, ["claim", "value", "ci low", "ci high", "p-value"])
         )
     return parts
+
+
+def interval_caption(matrices: dict) -> str:
+    """What the heatmaps' intervals are, per regime: their method, the population value
+    they are for, the estimate they centre on, and why a regime has none."""
+    lines = []
+    for regime, m in matrices.items():
+        method, reason = m.get("ci_method"), m.get("ci_reason")
+        if method:
+            centre = m.get("ci_centre_estimate") or m.get("measure", "")
+            why = (
+                " (debiased CKA's HSICs are unbiased; biased CKA's own bias can exceed its "
+                "standard error, so the interval need not contain the value shown)"
+                if centre == "debiased_cka" and m.get("measure") != "debiased_cka"
+                else ""
+            )
+            lines.append(
+                f"<li>{html.escape(regime)}: {html.escape(method)}, for "
+                f"{html.escape(m.get('ci_target', ''))}, centred on "
+                f"{html.escape(centre)}{why}.</li>"
+            )
+        elif reason:
+            lines.append(f"<li>{html.escape(regime)}: no interval: {html.escape(reason)}</li>")
+    return f'<ul class="intervals">{"".join(lines)}</ul>' if lines else ""
 
 
 def _matrices(out: Path, results: dict) -> list[str]:
@@ -194,7 +224,10 @@ def _matrices(out: Path, results: dict) -> list[str]:
             marks=marks,
             flagged_rows=flagged,
         )
-        parts.append(f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{note}{_img(p)}")
+        caption = interval_caption(results["matrices"])
+        parts.append(
+            f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{caption}{note}{_img(p)}"
+        )
     if "stir" in mats:
         p = heatmaps({"stir": mats["stir"]}, out / "figures" / "stir.png")
         parts.append(

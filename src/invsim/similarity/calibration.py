@@ -1,31 +1,37 @@
-"""How far to trust one similarity value: a bootstrap interval and a permutation null.
+"""How far to trust one similarity value: an interval for its population value, and a
+permutation null.
 
-- **Interval**: a Poisson bootstrap over examples (each example gets a Poisson(1) weight
-  per replicate, the form that fits streaming accumulators and merges across processes)
-  and the *basic* bootstrap interval ``[2 v - q(1 - a/2), 2 v - q(a/2)]`` of the
-  replicate values q. A percentile interval of biased CKA undercovers badly (76% for a
-  nominal 95% at n=300, widths 10 and 8) because CKA's small-sample bias is resampled
-  too; the basic interval reflects the bias back and covers at its level (tested by
-  simulation).
+- **Interval** (``ci_low``, ``ci_high``): for the *population* value of the measure, its
+  value for these two models on the data's distribution (n -> infinity). Chosen by
+  simulation where invsim runs (n at or below the widths; ``benchmarks/bench_coverage.py``
+  and docs/trust.md):
+  - CKA (measures whose ``interval`` is ``"cka_jackknife"``: ``linear_cka``,
+    ``debiased_cka``): centred on *debiased* CKA, whose HSICs are unbiased, with the
+    delete-one jackknife's standard error of debiased CKA and a Student t quantile
+    (n - 1 degrees of freedom). Every delete-one value comes in closed form from sums
+    that one pass over the Gram matrices (or, above ``GRAM_LIMIT`` examples, the
+    features) gives, so a whole matrix costs O(n^2) per pair. Biased CKA's own bias
+    (up to 0.6 at n=256 with widths 512) is far larger than its standard error there, so
+    an interval for the population value need not contain the biased estimate: the
+    interval says which estimate it centres on (``ci_centre``).
+  - Other measures (``"grouped_jackknife"``): the delete-d jackknife over
+    ``GROUPS`` interleaved groups, centred on its bias-corrected estimate, with a t
+    quantile (groups - 1 degrees of freedom); only where n >= ``GENERIC_RATIO`` x the
+    larger width, since below it their small-sample bias is not removed and no interval
+    was shown to cover.
+  - Below ``MIN_INTERVAL_N`` examples, or where the rule above does not hold, there is
+    no interval: ``ci_low``/``ci_high`` are None and ``ci_reason`` says why.
 - **Null**: the same measure with the example order of Y permuted: the value expected
   from unrelated representations at this n and these widths.
-  - ``null="moments"`` (linear CKA, n <= ``GRAM_LIMIT``; the default): the mean over
-    *all* n! permutations, exactly, and the p-value from a Pearson type III fit to the
-    permutation distribution's exact mean, variance and skewness
-    (:mod:`invsim.similarity.null`). ``n_perm`` only switches it on (> 0) or off (0).
+  - ``null="moments"`` (measures with ``exact_null``, i.e. linear CKA, n <=
+    ``GRAM_LIMIT``; the default): the mean over *all* n! permutations, exactly, and the
+    p-value from a Pearson type III fit to the permutation distribution's exact mean,
+    variance and skewness (:mod:`invsim.similarity.null`). ``n_perm`` only switches it
+    on (> 0) or off (0).
   - ``null="permutation"`` (every other measure, and linear CKA on request or above
     ``GRAM_LIMIT``): ``null_mean`` is the mean over ``n_perm`` random permutations and
     ``p_value`` = (1 + #{null >= value}) / (1 + n_perm) (<= where lower is more
     similar).
-
-Linear CKA takes a fast path through the Gram matrices: each model's Gram matrix is made
-once, every replicate of every cell is a few matrix products, and a whole matrix of
-cells (:func:`cka_calibration`) shares the models' work and one set of weights. Those
-products run in bfloat16 where the CPU multiplies it natively (``PRODUCT_DTYPE``, from
-``LOW_PRECISION_FROM`` examples), with the exact part of each sum kept out of it; every
-cell's rounding is bounded, and a cell whose interval it could move by more than
-``ROUNDING_TOLERANCE`` of its width is recomputed in float32, then float64. Other
-measures resample and recompute.
 
 Example:
     >>> import torch
@@ -33,8 +39,10 @@ Example:
     >>> g = torch.Generator().manual_seed(0)
     >>> X = torch.randn(200, 6, generator=g)
     >>> c = calibrate(X, X @ torch.randn(6, 4, generator=g) + torch.randn(200, 4, generator=g))
-    >>> c.ci_low < c.value < c.ci_high, c.p_value < 0.01, c.null_mean < 0.1
+    >>> c.ci_low < c.ci_centre < c.ci_high, c.p_value < 0.01, c.null_mean < 0.1
     (True, True, True)
+    >>> c.ci_method
+    'delete-one jackknife of debiased CKA, t interval'
 """
 
 from __future__ import annotations
@@ -44,50 +52,41 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 
-from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough
+from invsim.similarity._inputs import ArrayLike, as_matrix
 from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
-from invsim.similarity.registry import get_measure
+from invsim.similarity.registry import Measure, get_measure
 
 __all__ = [
+    "CI_TARGET",
     "GRAM_LIMIT",
+    "MIN_INTERVAL_N",
     "NULLS",
     "Calibrated",
     "calibrate",
     "cka_calibration",
+    "cka_intervals",
     "cka_null_matrix",
+    "interval_method",
     "permutations",
-    "poisson_weights",
 ]
 
 GRAM_LIMIT = 4000  # examples; above it n x n Gram matrices per model cost too much memory
 NULLS = ("moments", "permutation")
-ROUNDING_TOLERANCE = 0.02  # of an interval's width: the most rounding may move its ends
-LOW_PRECISION_FROM = 512  # examples; below it bfloat16 products save too little to use
-LEAF = 800  # rows; the bootstrap's symmetric blocks are halved down to below this
-
-
-def _bfloat16_is_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-# the bootstrap's n x n products: bfloat16 where the CPU has it (3x float32's speed here),
-# every cell checked against its own rounding and redone at a higher precision if needed
-PRODUCT_DTYPE = torch.bfloat16 if _bfloat16_is_fast() else torch.float32
-_TIERS = (torch.bfloat16, torch.float32, torch.float64)
-# P(W <= k) for W ~ Poisson(1), k = 0..29 (the last is 1 in float64)
-_POISSON_CDF = torch.tensor(np.cumsum([math.exp(-1) / math.factorial(k) for k in range(30)]))
+MIN_INTERVAL_N = 20  # the smallest n at which the benchmark shows honest coverage
+GROUPS = 20  # the grouped jackknife's groups (other measures)
+GENERIC_RATIO = 10  # other measures: an interval only where n >= this x the larger width
+CI_TARGET = "the measure's population value for these two models on the data's distribution"
+CKA_METHOD = "delete-one jackknife of debiased CKA, t interval"
+GROUPED_METHOD = f"delete-d jackknife over {GROUPS} groups, bias-corrected, t interval"
 
 
 @dataclass(frozen=True)
 class Calibrated:
     """A value with its interval and null (``null_mean``/``p_value`` are None with
-    ``n_perm=0``)."""
+    ``n_perm=0``; ``ci_low``/``ci_high`` are None where no interval can be trusted, with
+    ``ci_reason``). ``ci_centre`` is the estimate the interval centres on."""
 
     value: float
     ci_low: float | None
@@ -96,24 +95,37 @@ class Calibrated:
     p_value: float | None
     measure: str
     n: int
-    n_boot: int
     n_perm: int
     ci: float
     null: str | None = None  # how the null was made: "moments", "permutation" or None
+    ci_centre: float | None = None
+    ci_method: str | None = None
+    ci_target: str = CI_TARGET
+    ci_reason: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def poisson_weights(n: int, n_boot: int, seed: int) -> torch.Tensor:
-    """(n_boot, n) Poisson(1) weights (small integers, exact in float32), deterministic
-    for ``seed``: example i's weights depend only on (seed, i, n_boot), since they are
-    drawn example by example, so any split of the examples gets the same ones. Drawn by
-    inverting the Poisson(1) distribution function at float64 uniforms (5x faster than
-    ``torch.poisson``)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(n, n_boot, generator=g, dtype=torch.float64)
-    return torch.searchsorted(_POISSON_CDF, u, right=True).T.float().contiguous()
+def interval_method(
+    spec: Measure, n: int, widths: tuple[int, int]
+) -> tuple[str | None, str | None]:
+    """(method, None) where ``spec`` gets an interval at n examples and these widths, or
+    (None, reason) where no interval can be trusted (module doc)."""
+    if n < MIN_INTERVAL_N:
+        return None, (
+            f"n={n} is below {MIN_INTERVAL_N} examples, the smallest n at which the coverage "
+            "benchmark shows honest intervals; use more examples."
+        )
+    if spec.interval == "cka_jackknife":
+        return CKA_METHOD, None
+    if n < GENERIC_RATIO * max(widths):
+        return None, (
+            f"n={n} is below {GENERIC_RATIO}x the larger width ({max(widths)}): {spec.name}'s "
+            "small-sample bias is not removed there, and no interval was shown to cover its "
+            "population value (docs/trust.md)."
+        )
+    return GROUPED_METHOD, None
 
 
 def _centred(x: ArrayLike) -> torch.Tensor:
@@ -121,15 +133,72 @@ def _centred(x: ArrayLike) -> torch.Tensor:
     return x - x.mean(0)
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x x^T, exactly symmetric, from three of its four blocks (0.75 of the product)."""
-    n, m = len(x), len(x) // 2
-    if n < 256:
-        return x @ x.T
-    out = torch.empty(n, n, dtype=x.dtype)
-    torch.mm(x[:m], x.T, out=out[:m])  # the top rows: contiguous, the fastest to write
-    torch.mm(x[m:], x[m:].T, out=out[m:, m:])
-    out[m:, :m] = out[:m, m:].T
+def _terms(x, y, kx=None, ky=None) -> tuple[torch.Tensor, ...]:
+    """Per example i, for centred features x, y (or their Gram matrices kx, ky): ||x_i||^2,
+    ||y_i||^2, p_i = sum_j K_ij L_ij, qx_i = sum_j K_ij L_jj, qy_i = sum_j L_ij K_jj: all
+    that the full-sample and every delete-one unbiased HSIC need."""
+    if kx is not None:
+        nx, ny = kx.diagonal(), ky.diagonal()
+        return nx, ny, (kx * ky).sum(1), kx @ ny, ky @ nx
+    nx, ny = (x * x).sum(1), (y * y).sum(1)
+    p = ((x @ (x.T @ y)) * y).sum(1) if x.shape[1] <= y.shape[1] else ((y @ (y.T @ x)) * x).sum(1)
+    return nx, ny, p, x @ (x.T @ ny), y @ (y.T @ nx)
+
+
+def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Song et al.'s unbiased HSIC of the whole sample and with each example left out,
+    each times its own n(n-3) (which cancels in CKA), from :func:`_terms` of features
+    centred on the sample mean (then the U-centred sums are 1'K1 = -sum ||x_i||^2 and
+    1'KL1 = sum ||x_i||^2 ||y_i||^2 with zero-diagonal K, L)."""
+    nx, ny, p, qx, qy = terms
+    total, r1x, r1y, nxy = p.sum(), nx.sum(), ny.sum(), nx * ny
+    r2 = nxy.sum()
+    full = (total - r2) + r1x * r1y / ((n - 1) * (n - 2)) - 2 * r2 / (n - 2)
+    m = n - 1  # with example i left out, its remaining sums (the data's mean is 0)
+    trace = total - 2 * p + nxy - (r2 - nxy)
+    ones = (2 * nx - r1x) * (2 * ny - r1y)
+    cross = p + qx + qy + r2 - 4 * nxy
+    return full, trace + ones / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
+
+
+def _t_interval(centre, spread, df: int, ci: float):
+    z = float(student_t.ppf((1 + ci) / 2, df))
+    return centre - z * spread, centre + z * spread
+
+
+def cka_intervals(data, rows, cols, *, ci: float, grams: dict | None = None) -> dict:
+    """(rows, cols) arrays ``ci_low``, ``ci_high`` and ``ci_centre`` (debiased CKA) of the
+    population CKA of every cell of the representations ``data`` (name -> (n, d)):
+    the delete-one jackknife of debiased CKA (module doc), from float64 Gram matrices
+    (``grams``: each model's, of its centred features, where the caller has them; else made
+    here when n <= ``GRAM_LIMIT``) or, above it, from the features."""
+    models = list(dict.fromkeys([*rows, *cols]))
+    x = {m: _centred(data[m]) for m in models}
+    n = len(x[models[0]])
+    shape = (len(rows), len(cols))
+    out = {k: np.full(shape, np.nan) for k in ("ci_low", "ci_high", "ci_centre")}
+    if n < MIN_INTERVAL_N:  # no interval (see interval_method)
+        return out
+    if grams is None and n <= GRAM_LIMIT:
+        grams = {m: x[m] @ x[m].T for m in models}
+
+    def hsic(a: str, b: str):
+        k = (grams[a], grams[b]) if grams else ()
+        return _unbiased_hsic(_terms(x[a], x[b], *k), n)
+
+    own = {m: hsic(m, m) for m in models}
+    done: dict[tuple[str, str], tuple] = {}
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            key = tuple(sorted((r, c)))
+            if key not in done:
+                full, loo = (1.0, torch.ones(n, dtype=torch.float64)) if r == c else hsic(r, c)
+                if r != c:
+                    full = float(full / (own[r][0] * own[c][0]).sqrt())
+                    loo = loo / (own[r][1] * own[c][1]).sqrt()
+                spread = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+                done[key] = (*_t_interval(full, spread, n - 1, ci), full)
+            out["ci_low"][i, j], out["ci_high"][i, j], out["ci_centre"][i, j] = done[key]
     return out
 
 
@@ -150,199 +219,40 @@ def cka_calibration(
     rows,
     cols,
     *,
-    n_boot: int,
     ci: float,
-    seed: int,
     null: bool = True,
     scatter: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Linear CKA's basic bootstrap interval and exact-moment permutation null for every
-    (row, column) cell of the representations ``data`` (name -> (n, d), n <=
-    ``GRAM_LIMIT``) whose linear CKA is ``values`` ((rows, cols), float64: the intervals'
-    centres), as (rows, cols) arrays ``ci_low``, ``ci_high`` and, with ``null``,
-    ``null_mean`` and ``p_value``. Every cell uses the same Poisson weights
-    (:func:`poisson_weights` of ``seed``), so a cell equals :func:`calibrate` of its pair.
+    """Linear CKA's interval (:func:`cka_intervals`) and exact-moment permutation null for
+    every (row, column) cell of the representations ``data`` (name -> (n, d), n <=
+    ``GRAM_LIMIT``) whose linear CKA is ``values`` ((rows, cols), float64), as (rows,
+    cols) arrays ``ci_low``, ``ci_high``, ``ci_centre`` and, with ``null``, ``null_mean``
+    and ``p_value``; a cell equals :func:`calibrate` of its pair.
 
-    Each model's centred Gram matrix is made once, in float32 from features centred in
-    float64; sums over its entries accumulate in float64 where they cancel. ``scatter``:
-    each model's centred X^T X where the caller has it (a streamed pass does), which saves
-    the null an n d^2 product per model."""
+    Each model's centred Gram matrix is made once in float64 (from features centred in
+    float64) and serves both. ``scatter``: each model's centred X^T X where the caller has
+    it (a streamed pass does), which saves the null an n d^2 product per model."""
     models = list(dict.fromkeys([*rows, *cols]))
-    exact = {m: _centred(data[m]) for m in models}
-    low = {m: exact[m].float() for m in models}
-    grams = {m: _gram(low[m]) for m in models}
-    n = len(low[models[0]])
+    x = {m: _centred(data[m]) for m in models}
+    grams = {m: x[m] @ x[m].T for m in models}
+    out = cka_intervals(x, rows, cols, ci=ci, grams=grams)
+    if not null:
+        return out
+    n = len(x[models[0]])
     values = np.asarray(values, dtype=np.float64).reshape(len(rows), len(cols))
-    w = poisson_weights(n, n_boot, seed)
-    first = PRODUCT_DTYPE if n >= LOW_PRECISION_FROM else torch.float32
-    reps, square, error, centring = _replicates(grams, low, rows, cols, w, first)
-    levels = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
-    q = torch.nanquantile(torch.from_numpy(reps), levels, dim=2).numpy()
-    for tier in _TIERS[_TIERS.index(first) + 1 :]:
-        redo = ~(error <= ROUNDING_TOLERANCE * (q[1] - q[0]))  # NaN: redo as well
-        if not redo.any():
-            break
-        i, j = np.nonzero(redo)
-        rs, cs = ([names[k] for k in sorted(set(idx))] for names, idx in ((rows, i), (cols, j)))
-        if tier == torch.float32:  # the same Gram matrices and centring terms
-            sub, _, sub_error, _ = _replicates(grams, low, rs, cs, w, tier, centring)
-        else:  # float64 Gram matrices from the float64 features
-            wide = {m: exact[m] for m in dict.fromkeys([*rs, *cs])}
-            wide_grams = {m: _gram(x) for m, x in wide.items()}
-            sub, _, sub_error, _ = _replicates(wide_grams, wide, rs, cs, w, tier)
-        at_r, at_c = [rs.index(rows[k]) for k in i], [cs.index(cols[k]) for k in j]
-        reps[i, j], error[i, j] = sub[at_r, at_c], sub_error[at_r, at_c]
-        q[:, i, j] = torch.nanquantile(torch.from_numpy(reps[i, j]), levels, dim=1).numpy()
-    out = {"ci_low": 2 * values - q[1], "ci_high": 2 * values - q[0]}
-    if null:
-        norm = {m: math.sqrt(square[m]) for m in models}  # ||K||
-        scale = np.outer([norm[r] for r in rows], [norm[c] for c in cols])
-        trace = {m: float(torch.trace(grams[m].double())) for m in models}
-        known = scatter or {}
-        sums = {m: pattern_sums(grams.pop(m), _trace_cubed(low[m], known.get(m)), centred=True,
-                                overwrite=True) for m in models}  # fmt: skip
-        stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
-        _, var, skew = null_moments(*stacks, n)
-        expected = np.outer([trace[r] for r in rows], [trace[c] for c in cols]) / (n - 1)
-        z = np.divide(values * scale - expected, np.sqrt(var), out=np.full_like(var, -np.inf),
-                      where=var > 0)  # fmt: skip
-        out["null_mean"], out["p_value"] = expected / scale, pearson3_sf(z, skew)
+    norm = {m: float(torch.linalg.matrix_norm(grams[m])) for m in models}  # ||K||
+    trace = {m: float(torch.trace(grams[m])) for m in models}
+    known = scatter or {}
+    sums = {m: pattern_sums(grams.pop(m).float(), _trace_cubed(x[m], known.get(m)),
+                            centred=True, overwrite=True) for m in models}  # fmt: skip
+    stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
+    _, var, skew = null_moments(*stacks, n)
+    scale = np.outer([norm[r] for r in rows], [norm[c] for c in cols])
+    expected = np.outer([trace[r] for r in rows], [trace[c] for c in cols]) / (n - 1)
+    z = np.divide(values * scale - expected, np.sqrt(var), out=np.full_like(var, -np.inf),
+                  where=var > 0)  # fmt: skip
+    out["null_mean"], out["p_value"] = expected / scale, pearson3_sf(z, skew)
     return out
-
-
-def _blocks(n: int, start: int = 0) -> list[tuple[slice, slice, int]]:
-    """The upper triangle of a symmetric n x n matrix as (rows, cols, weight) blocks:
-    each off-diagonal block once with weight 2, halving diagonal blocks down to below
-    ``LEAF`` rows (then whole, weight 1): 0.75 of the entries at n = 1,000."""
-    if n < LEAF:
-        return [(slice(start, start + n), slice(start, start + n), 1)]
-    m = n // 2
-    off = (slice(start, start + m), slice(start + m, start + n), 2)
-    return [off, *_blocks(m, start), *_blocks(n - m, start + m)]
-
-
-def _weighted_sums(w: torch.Tensor, grams: list, pairs, product: torch.dtype):
-    """sum_ij w_i w_j K_ij L_ij for every row of ``w`` and every pair (K, L) of
-    ``grams`` (float64, (rows of w, pairs)), and (bfloat16 only, else zeros) each
-    product's ||K * L||_F. Block by block (:func:`_blocks`), every pair within a block
-    before the next block (the blocks of all models stay in cache), each elementwise
-    product made in one reused buffer (fresh n x n allocations cost page faults that
-    rival the products).
-
-    With ``product`` bfloat16, w = 1 + e and w^T M w = 1^T M 1 + 2 e^T M 1 + e^T M e:
-    only e^T M e is taken in bfloat16 (``e`` is exact there), M's column sums in float32,
-    the rest in float64."""
-    low = product == torch.bfloat16
-    v = w - 1 if low else w
-    v_low = v.to(product) if low else v
-    n, k = w.shape[1], len(pairs)
-    quad = torch.zeros(w.shape[0], k, dtype=w.dtype)
-    colsum = torch.zeros(n, k, dtype=w.dtype) if low else None  # M's column sums
-    square = torch.zeros(k, dtype=torch.float64)
-    buffer = torch.empty(((n - n // 2) if n >= LEAF else n) ** 2, dtype=w.dtype)
-    low_buffer = torch.empty_like(buffer, dtype=product) if low else None
-    for rows, columns, weight in _blocks(n):
-        shape = (rows.stop - rows.start, columns.stop - columns.start)
-        block = buffer[: shape[0] * shape[1]].view(shape)
-        for p, (i, j) in enumerate(pairs):
-            torch.mul(grams[i][rows, columns], grams[j][rows, columns], out=block)
-            if low:
-                colsum[columns, p] += block.sum(0)
-                if weight == 2:
-                    colsum[rows, p] += block.sum(1)
-                flat = block.view(-1)
-                square[p] += weight * float(flat @ flat)
-                operand = low_buffer[: block.numel()].view(shape).copy_(block)
-            else:
-                operand = block
-            quad[:, p] += weight * ((v_low[:, rows] @ operand).to(w.dtype) * v[:, columns]).sum(1)
-    total = quad.double()
-    if low:
-        col = colsum.double()
-        total += col.sum(dim=0) + 2 * (v.double() @ col)
-    return total, square.sqrt()
-
-
-def _centring(grams: dict, features: dict, w: torch.Tensor) -> tuple:
-    """The weighted-centring terms of every pair of models, for the rows of ``w`` and one
-    more row of unit weights (the sample itself): the weights, their sums s, and, from
-    one batched product, sum_i w_i (wK)_i (wL)_i and w^T K w (``features``: each K's
-    factor X, K = X X^T, for the cheaper of w K and (w X) X^T)."""
-    n = w.shape[1]
-    dtype = next(iter(grams.values())).dtype
-    w = torch.cat([w.to(dtype), torch.ones(1, n, dtype=dtype)])
-    wk = torch.stack([(w @ x) @ x.T if 2 * x.shape[1] < n else w @ grams[m]
-                      for m, x in features.items()], dim=1)  # fmt: skip
-    ww = wk * w[:, None, :]
-    cross = (ww @ wk.transpose(1, 2)).double()  # (B + 1, models, models)
-    return w, w.sum(dim=1, keepdim=True).double(), cross, ww.sum(dim=2).double()
-
-
-def _replicates(
-    grams: dict, features: dict, rows, cols, w: torch.Tensor, product: torch.dtype, centring=None
-):
-    """(rows, cols, B) linear CKA of every cell under each row of example weights ``w``:
-    sum_ij w_i w_j K_ij L_ij with both Gram matrices centred by the weighted mean
-    (:func:`_centring`, computed for all of ``grams``' models unless given); each model's
-    ||K||^2, from the row of unit weights; (rows, cols) bounds on how far rounding moves
-    any replicate; and the centring terms, for another call on the same Gram matrices.
-
-    ``product``: the dtype of the n x n products, the Gram matrices' own (float32 or
-    float64) or bfloat16. bfloat16 keeps the exact part of each sum out of the low
-    precision: with w = 1 + e, w^T M w = 1^T M 1 + 2 e^T M 1 + e^T M e, where only
-    e^T M e is taken in bfloat16 (float32 sums), M's column sums in float32. Its
-    rounding, about 2^-9 relative per entry of M and of e^T M, moves e^T M e by about
-    sqrt(3) 2^-9 ||M||_F (standard deviation over replicates); the bound is 6 of them,
-    propagated to CKA. float32 products are bounded by 16 x 2^-24 (4x the largest error
-    measured against float64), float64 by 0."""
-    models = list(grams)
-    at = {m: i for i, m in enumerate(models)}
-    centring = centring or _centring(grams, features, w)
-    w, s, cross, quad = centring
-    dtype = w.dtype
-    asked = [at[m] for m in dict.fromkeys([*rows, *cols])]
-    pairs = sorted({tuple(sorted((at[r], at[c]))) for r in rows for c in cols if r != c}
-                   | {(i, i) for i in asked})  # fmt: skip
-    a, b = (torch.tensor(side) for side in zip(*pairs, strict=True))
-    total, norms = _weighted_sums(w, [grams[m] for m in models], pairs, product)
-    frobenius = torch.zeros(len(models), len(models), dtype=torch.float64)  # ||K_a * K_b||
-    frobenius[a, b] = frobenius[b, a] = norms
-    hsic = total - 2 * cross[:, a, b] / s + quad[:, a] * quad[:, b] / s**2
-    own = torch.full((w.shape[0], len(models)), torch.nan, dtype=torch.float64)
-    own[:, a[a == b]] = hsic[:, a == b]
-    cka = torch.ones(len(models), len(models), w.shape[0], dtype=torch.float64)
-    cka[a, b] = cka[b, a] = (hsic / (own[:, a] * own[:, b]).sqrt()).T
-    diagonal = torch.arange(len(models))
-    cka[diagonal, diagonal] = 1.0  # CKA(X, X) = 1 under any weights
-    norm = own[-1]  # ||K||^2
-    if product == torch.bfloat16:
-        scale = 6 * math.sqrt(3) * 2.0**-9
-        relative = frobenius.diagonal() / norm
-        spread = (relative[:, None] + relative[None, :]) / 2
-        error = scale * (frobenius / torch.outer(norm, norm).sqrt() + cka[..., -1].abs() * spread)
-    else:
-        error = torch.full_like(frobenius, 16 * 2.0**-24 if dtype == torch.float32 else 0.0)
-    error[diagonal, diagonal] = 0.0
-    ri, ci = [at[r] for r in rows], [at[c] for c in cols]
-    square = {m: float(norm[at[m]]) for m in dict.fromkeys([*rows, *cols])}
-    return cka[ri][:, ci, :-1].numpy(), square, error[ri][:, ci].numpy(), centring
-
-
-def _weighted_scatter(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, d_a, d_b): each replicate's weighted, weighted-mean-centred a^T diag(w) b."""
-    s = w.sum(dim=1)[:, None, None]
-    raw = torch.cat([(wc[:, :, None] * a).transpose(1, 2) @ b for wc in w.split(32)])
-    return raw - (w @ a)[:, :, None] * (w @ b)[:, None, :] / s
-
-
-def _cka_replicates(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Linear CKA of every weighted replicate in feature space (d x d scatters), for data
-    sets too large for :func:`cka_calibration`'s n x n Gram matrices."""
-    x, y = x - x.mean(0), y - y.mean(0)  # translation-free; less cancellation below
-    w = w.to(x.dtype)
-    sxy, sxx, syy = (_weighted_scatter(a, b, w) for a, b in ((x, y), (x, x), (y, y)))
-    kl, kk, ll = ((m**2).sum(dim=(1, 2)) for m in (sxy, sxx, syy))
-    return kl / (kk * ll).sqrt()
 
 
 def _cka_null(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -354,17 +264,6 @@ def _cka_null(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor) -> torch.Te
         return torch.cat([((xc.T @ yc[p]) ** 2).sum(dim=(1, 2)) for p in perms.split(64)]) / scale
     kc, lc = xc @ xc.T, yc @ yc.T
     return torch.stack([(kc * lc[p][:, p]).sum() for p in perms]) / scale
-
-
-def _generic(name, x, y, w: torch.Tensor | None, perms: torch.Tensor | None):
-    spec = get_measure(name)
-    if w is not None:
-        out = []
-        for row in w:
-            idx = torch.repeat_interleave(torch.arange(len(row)), row.long())
-            out.append(spec.fn(x[idx], y[idx]))
-        return torch.tensor(out, dtype=torch.float64)
-    return torch.tensor([spec.fn(x, y[p]) for p in perms], dtype=torch.float64)
 
 
 def permutations(n: int, n_perm: int, seed: int) -> torch.Tensor:
@@ -379,13 +278,8 @@ def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
     same permutations for every pair: each permutation reorders each row model's centred
     Gram matrix once, and one matrix product gives the whole row of statistics. The
     permuted statistics are computed in float32 (a null distribution needs no more)."""
-
-    def gram(x: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float64)
-        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0)
-        return (x @ x.T).float()
-
-    grams = {m: gram(data[m]) for m in dict.fromkeys([*rows, *cols])}
+    grams = {m: (lambda x: (x @ x.T).float())(_centred(data[m]))
+             for m in dict.fromkeys([*rows, *cols])}  # fmt: skip
     norms = {m: g.norm() for m, g in grams.items()}
     flat = torch.stack([grams[c].flatten() for c in cols])  # (cols, n^2)
     scale = torch.outer(
@@ -401,11 +295,36 @@ def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
     return out.numpy()
 
 
-def _basic_interval(value: float, reps: torch.Tensor, ci: float) -> tuple[float, float]:
-    reps = reps[torch.isfinite(reps)]
-    alpha = 1 - ci
-    q_lo, q_hi = np.quantile(reps.numpy(), [alpha / 2, 1 - alpha / 2])
-    return 2 * value - float(q_hi), 2 * value - float(q_lo)
+def grouped_jackknife(spec: Measure, x: torch.Tensor, y: torch.Tensor, value: float, ci: float):
+    """(low, high, centre): the delete-d jackknife of ``spec`` over ``GROUPS`` interleaved
+    groups of examples (example i in group i mod GROUPS), centred on the bias-corrected
+    estimate G v - (G - 1) mean(v_-g), with a t quantile on G - 1 degrees of freedom."""
+    groups = min(GROUPS, len(x))
+    index = torch.arange(len(x))
+    loo = torch.tensor([float(spec.fn(x[index % groups != g], y[index % groups != g]))
+                        for g in range(groups)], dtype=torch.float64)  # fmt: skip
+    centre = groups * value - (groups - 1) * float(loo.mean())
+    spread = math.sqrt((groups - 1) / groups * float(((loo - loo.mean()) ** 2).sum()))
+    return (*_t_interval(centre, spread, groups - 1, ci), centre)
+
+
+def _permutation_null(spec: Measure, x, y, value: float, n_perm: int, seed: int):
+    perms = permutations(len(x), n_perm, seed)
+    if spec.exact_null:
+        draws = _cka_null(x, y, perms)
+    else:
+        draws = torch.tensor([float(spec.fn(x, y[p])) for p in perms], dtype=torch.float64)
+    extreme = (draws >= value) if spec.higher_is_similar else (draws <= value)
+    return float(draws.mean()), float((1 + int(extreme.sum())) / (1 + n_perm))
+
+
+def _check_settings(n_perm, ci, null) -> None:
+    if not isinstance(n_perm, int) or n_perm < 0:
+        raise ValueError(f"n_perm must be an integer >= 0; got {n_perm!r}.")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), e.g. 0.95; got {ci!r}.")
+    if null not in NULLS:
+        raise ValueError(f"null must be one of {NULLS}; got {null!r}.")
 
 
 def calibrate(
@@ -413,48 +332,37 @@ def calibrate(
     Y: ArrayLike,
     *,
     measure: str = "linear_cka",
-    n_boot: int = 200,
     n_perm: int = 200,
     seed: int = 0,
     ci: float = 0.95,
     null: str = "moments",
 ) -> Calibrated:
-    """``measure(X, Y)`` with a basic Poisson-bootstrap ``ci`` interval over examples and
-    a permutation null (see the module doc; ``n_perm=0``: no null). Deterministic for
-    ``seed``; any float dtype; bad input raises the measure's own ValueErrors."""
-    if not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1; got {n_boot!r}.")
-    if not isinstance(n_perm, int) or n_perm < 0:
-        raise ValueError(f"n_perm must be an integer >= 0; got {n_perm!r}.")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must lie in (0, 1), e.g. 0.95; got {ci!r}.")
-    if null not in NULLS:
-        raise ValueError(f"null must be one of {NULLS}; got {null!r}.")
+    """``measure(X, Y)`` with a ``ci`` interval for its population value and a permutation
+    null (see the module doc; ``n_perm=0``: no null). Deterministic for ``seed``; any
+    float dtype; bad input raises the measure's own ValueErrors."""
+    _check_settings(n_perm, ci, null)
     spec = get_measure(measure)
     value = float(spec.fn(X, Y))  # the measure's own checks of X and Y
-    x, y = as_matrix(X, "X", device="cpu"), as_matrix(Y, "Y", device="cpu")  # the weights: CPU
+    x, y = as_matrix(X, "X", device="cpu"), as_matrix(Y, "Y", device="cpu")
     n = x.shape[0]
-    if measure == "debiased_cka":
-        check_enough(n, debiased=True, what="CKA's permutation null")
-    gram = measure == "linear_cka" and n <= GRAM_LIMIT
-    method = None if not n_perm else "moments" if gram and null == "moments" else "permutation"
-    null_mean = p_value = None
+    method, reason = interval_method(spec, n, (x.shape[1], y.shape[1]))
+    gram = spec.exact_null and n <= GRAM_LIMIT and null == "moments" and n_perm > 0
+    lo = hi = centre = null_mean = p_value = None
     if gram:
-        cell = cka_calibration({"X": x, "Y": y}, [[value]], ["X"], ["Y"], n_boot=n_boot, ci=ci,
-                               seed=seed, null=method == "moments")  # fmt: skip
-        lo, hi = float(cell["ci_low"][0, 0]), float(cell["ci_high"][0, 0])
-        if method == "moments":
-            null_mean, p_value = float(cell["null_mean"][0, 0]), float(cell["p_value"][0, 0])
-    else:
-        w = poisson_weights(n, n_boot, seed)
-        linear = measure == "linear_cka"
-        reps = _cka_replicates(x, y, w) if linear else _generic(measure, x, y, w, None)
-        lo, hi = _basic_interval(value, reps, ci)
-    if method == "permutation":
-        perms = permutations(n, n_perm, seed)
-        fast = measure == "linear_cka"
-        draws = _cka_null(x, y, perms) if fast else _generic(measure, x, y, None, perms)
-        null_mean = float(draws.mean())
-        extreme = (draws >= value) if spec.higher_is_similar else (draws <= value)
-        p_value = float((1 + int(extreme.sum())) / (1 + n_perm))
-    return Calibrated(value, lo, hi, null_mean, p_value, measure, n, n_boot, n_perm, ci, method)
+        cell = cka_calibration({"X": x, "Y": y}, [[value]], ["X"], ["Y"], ci=ci)
+        null_mean, p_value = float(cell["null_mean"][0, 0]), float(cell["p_value"][0, 0])
+        if method is not None:
+            lo, hi, centre = (float(cell[k][0, 0]) for k in ("ci_low", "ci_high", "ci_centre"))
+    elif method == CKA_METHOD:
+        cell = cka_intervals({"X": x, "Y": y}, ["X"], ["Y"], ci=ci)
+        lo, hi, centre = (float(cell[k][0, 0]) for k in ("ci_low", "ci_high", "ci_centre"))
+    elif method is not None:
+        lo, hi, centre = grouped_jackknife(spec, x, y, value, ci)
+    if lo is not None and not (math.isfinite(lo) and math.isfinite(hi)):
+        lo = hi = centre = None
+        method, reason = None, "a delete-one self-HSIC is not positive: too few examples."
+    kind = None if not n_perm else "moments" if gram else "permutation"
+    if kind == "permutation":
+        null_mean, p_value = _permutation_null(spec, x, y, value, n_perm, seed)
+    return Calibrated(value, lo, hi, null_mean, p_value, measure, n, n_perm, ci, kind,
+                      centre, method, CI_TARGET, reason)  # fmt: skip

@@ -229,6 +229,8 @@ register(
         invariances=_CKA_INVARIANT,
         from_moments=moments.linear_cka,
         description="linear CKA (biased HSIC)",
+        interval="cka_jackknife",
+        exact_null=True,
     )
 )
 register(
@@ -239,6 +241,7 @@ register(
         invariances=_CKA_INVARIANT,
         from_moments=moments.debiased_cka,
         description="linear CKA with the unbiased HSIC; may be negative",
+        interval="cka_jackknife",
     )
 )
 register(

@@ -60,8 +60,11 @@ class SimilarityMatrix:
     cols: list[str]
     values: np.ndarray
     stats: dict[str, np.ndarray] = field(default_factory=dict)
+    # what the intervals are: ci_method, ci_target, ci_centre, ci_reason (where calibrated)
+    interval: dict[str, Any] = field(default_factory=dict)
 
-    STATS = ("ci_low", "ci_high", "null_mean", "p_value")
+    STATS = ("ci_low", "ci_high", "ci_centre", "null_mean", "p_value")
+    INTERVAL = ("ci_method", "ci_target", "ci_centre_estimate", "ci_reason")
 
     def __post_init__(self) -> None:
         self.rows, self.cols = list(self.rows), list(self.cols)
@@ -80,12 +83,19 @@ class SimilarityMatrix:
         """rows, cols, values and, where computed, ``ci_low``, ``ci_high``, ``null_mean``
         and ``p_value`` arrays of the same shape."""
         out = {"rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
-        return out | {k: np.asarray(v).tolist() for k, v in self.stats.items()}
+        out |= {k: _none_for_nan(v) for k, v in self.stats.items()}
+        if self.interval:  # the estimate the intervals centre on: ci_centre_estimate
+            out |= {("ci_centre_estimate" if k == "ci_centre" else k): v
+                    for k, v in self.interval.items()}  # fmt: skip
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimilarityMatrix:
         stats = {k: np.asarray(d[k], dtype=np.float64) for k in cls.STATS if k in d}
-        return cls(d["rows"], d["cols"], np.asarray(d["values"], dtype=np.float64), stats)
+        about = {("ci_centre" if k == "ci_centre_estimate" else k): d[k]
+                 for k in cls.INTERVAL if k in d}  # fmt: skip
+        values = np.asarray(d["values"], dtype=np.float64)
+        return cls(d["rows"], d["cols"], values, stats, about)
 
     def long(self) -> list[tuple[str, str, float]]:
         """Long format: (row, column, value) for every entry."""
@@ -107,6 +117,12 @@ class SimilarityMatrix:
             for r, row in zip(self.rows, self.values, strict=True)
         ]
         return "\n".join(lines)
+
+
+def _none_for_nan(values: np.ndarray) -> list:
+    """JSON-ready nested lists, with None where a statistic was not computed (NaN)."""
+    a = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(a), None, a).tolist()
 
 
 def cka_matrix(

@@ -36,6 +36,8 @@ INVARIANCES = (
     "invertible_linear",  # X -> X A, A invertible
 )
 
+INTERVALS = ("cka_jackknife", "grouped_jackknife")
+
 
 @dataclass(frozen=True)
 class Measure:
@@ -45,6 +47,10 @@ class Measure:
     ``from_moments(centred, a, b, **options)``, when given, computes the same value from
     :class:`~invsim.similarity.moments.CentredMoments` (one streamed pass, mergeable
     across processes). ``inputs`` is ``"representation"`` or ``"logits"``.
+    ``interval``: how its interval for the population value is made
+    (:mod:`invsim.similarity.calibration`): ``"cka_jackknife"`` (the closed-form
+    delete-one jackknife of debiased CKA, for the CKA family) or ``"grouped_jackknife"``.
+    ``exact_null``: its permutation null has the exact moments of linear CKA.
     """
 
     name: str
@@ -57,6 +63,8 @@ class Measure:
     from_moments: Callable[..., float] | None = None
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    interval: str = "grouped_jackknife"
+    exact_null: bool = False
 
     @property
     def streams(self) -> bool:
@@ -67,6 +75,8 @@ class Measure:
         unknown = set(self.invariances) - set(INVARIANCES)
         if unknown:
             raise ValueError(f"unknown invariances {sorted(unknown)}; use {INVARIANCES}.")
+        if self.interval not in INTERVALS:
+            raise ValueError(f"interval must be one of {INTERVALS}; got {self.interval!r}.")
         if self.inputs not in ("representation", "logits"):
             raise ValueError(f"inputs must be 'representation' or 'logits'; got {self.inputs!r}.")
 
@@ -81,6 +91,8 @@ class Measure:
             "inputs": self.inputs,
             "streams": self.streams,
             "description": self.description,
+            "interval": self.interval,
+            "exact_null": self.exact_null,
         }
 
 
