@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LINTED := src tests benchmarks scripts
+LINTED := src tests benchmarks scripts conftest.py
 
 .PHONY: demo test lint bench readme-figures clean
 

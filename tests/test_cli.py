@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from invsim.data import load_dataset
 from invsim.demo import DEMO_MEASURES
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
+from invsim.models import load_model
+from invsim.models.checkpoints import read_checkpoint
+from invsim.representation import extract
+from invsim.similarity import linear_cka, measure
+from invsim.store import InvertedDataset
 
 
 def invsim(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -136,8 +141,10 @@ def test_report_renders_in_headless_chromium(quick_run, tmp_path):
     assert total and loaded, dom.stderr[-2000:]
     assert int(total.group(1)) >= 7
     assert loaded.group(1) == total.group(1)
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
+    # the screenshot stays in the test's own directory unless asked for (INVSIM_ARTIFACTS)
+    keep = os.environ.get("INVSIM_ARTIFACTS")
+    shot = (Path(keep) if keep else tmp_path) / "report.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([_chromium(), *flags, "--window-size=1300,4000", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120)  # fmt: skip
     assert shot.stat().st_size > 10_000
@@ -178,13 +185,33 @@ def test_train_invert_similarity_commands(tmp_path):
     invsim("invert", "--merge", "--out", str(tmp_path / "sliced"))
     for p in (tmp_path / "inv" / "shards").glob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "sliced" / "shards" / p.name).read_bytes()
+    # a second, adversarially trained model: the training options reach the checkpoint
+    other = tmp_path / "mlp-linf.safetensors"
+    invsim("train", "mlp", "--data", "digits", "--epochs", "1", "--eps", "0.3", "--norm",
+           "linf", "--steps", "2", "--seed", "3", "--out", str(other))  # fmt: skip
+    meta = read_checkpoint(other).meta
+    assert meta["eps"] == 0.3 and meta["norm"] == "linf"
+    assert read_checkpoint(model).meta["eps"] == 0.0
     inv = f"a={tmp_path / 'inv'}"
-    proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={model}", "--data",
+    proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={other}", "--data",
                   "digits", "--inverted", inv, "--measure", "linear_cka", "--measure",
                   "procrustes", "--out", str(tmp_path / "s"))  # fmt: skip
     sim = json.loads((tmp_path / "s" / "similarity.json").read_text())
-    assert sim["natural"]["linear_cka"]["matrix"]["values"][0][1] == pytest.approx(1.0)
-    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(1.0)
+    # the CLI's numbers are linear CKA computed here from the two models' representations
+    images = load_dataset("digits", split="test").images[:1000]
+    a, b = load_model(str(model)), load_model(str(other))
+    want = linear_cka(extract(a, images), extract(b, images))
+    got = sim["natural"]["linear_cka"]["matrix"]["values"]
+    assert got[0][1] == pytest.approx(want, abs=1e-9) and 0.05 < want < 0.99
+    assert got[1][0] == pytest.approx(want, abs=1e-9) and got[0][0] == pytest.approx(1.0)
+    x = InvertedDataset(tmp_path / "inv").images  # row a: a's inverted data
+    want = measure("procrustes", extract(a, x), extract(b, x))
+    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(want, abs=1e-9)
+    with open(tmp_path / "s" / "natural.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["measure"] == "linear_cka"]
+    assert float(next(r["value"] for r in rows if (r["row"], r["column"]) == ("a", "b"))) == (
+        pytest.approx(got[0][1], abs=1e-12)
+    )
     assert "natural (linear_cka):" in proc.stdout and "natural (procrustes):" in proc.stdout
     assert "built-in" in invsim("models").stdout
 
@@ -223,3 +250,66 @@ def test_unconverged_rows_are_flagged_everywhere(tmp_path):
     stored["inversion"] = stored.pop("diagnostics")
     (tmp_path / "run" / "results.json").write_text(json.dumps(stored))
     assert 'id="not-converged"' in write_report(tmp_path / "run").read_text()
+
+
+def _report_cells(text: str) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """(regime, row, column) -> (data-value, the text shown) from report.html's tables."""
+    out = {}
+    for regime, table in re.findall(r'<table class="matrix" data-regime="(\w+)">(.*?)</table>',
+                                    text, flags=re.S):  # fmt: skip
+        for row, col, value, shown in re.findall(
+            r'<td data-row="([^"]+)" data-col="([^"]+)" data-value="([^"]+)">([^<]*)</td>', table
+        ):
+            out[regime, row, col] = (float(value), shown)
+    return out
+
+
+def test_report_numbers_equal_results_and_csvs(quick_run, tmp_path):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    # `invsim report DIR` rebuilds the report from results.json and the stores alone
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    proc = invsim("report", str(copy))
+    assert (copy / "report.html").exists(), proc.stdout
+    text = (copy / "report.html").read_text()
+    cells = _report_cells(text)
+    for regime in ("natural", "inverted"):
+        m = results["matrices"][regime]
+        for i, r in enumerate(m["rows"]):
+            for j, c in enumerate(m["cols"]):
+                value, shown = cells[regime, r, c]
+                assert value == m["values"][i][j]
+                assert shown.startswith(f"{m['values'][i][j]:.3f}")
+                if m["ci_low"][i][j] is not None:
+                    assert f"[{m['ci_low'][i][j]:.3f}, {m['ci_high'][i][j]:.3f}]" in shown
+    # the headline numbers: the summary table's off-diagonal means
+    for regime, s in results["summary"].items():
+        assert re.search(rf"<td>{regime}</td><td>{s['offdiag_mean']:.3f}</td>", text), regime
+    # the intervals' method and target are in the caption
+    assert results["matrices"]["inverted"]["ci_method"] in text
+    assert "centred on debiased_cka" in text
+    # the CSVs equal the JSON, every measure, cell and statistic
+    for regime in ("natural", "inverted"):
+        with open(out / f"{regime}.csv") as f:
+            for row in csv.DictReader(f):
+                m = results["measures"][row["measure"]][regime]
+                i, j = m["rows"].index(row["row"]), m["cols"].index(row["column"])
+                assert float(row["value"]) == pytest.approx(m["values"][i][j], rel=1e-9, abs=1e-12)
+                for stat in ("ci_low", "ci_high", "ci_centre", "null_mean", "p_value"):
+                    want = m.get(stat, [[None] * len(m["cols"])] * len(m["rows"]))[i][j]
+                    if want is None:
+                        assert row[stat] == "", (regime, row, stat)
+                    else:
+                        assert float(row[stat]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_schema_is_the_config_json_schema():
+    schema = json.loads(invsim("schema").stdout)
+    props = schema["properties"]
+    assert {"models", "data", "inversion", "calibration", "measures", "regimes"} <= set(props)
+    assert "out" in schema["required"] and "models" in schema["required"]
+    from invsim.config import ExperimentConfig
+
+    assert schema == json.loads(json.dumps(ExperimentConfig.model_json_schema()))

@@ -118,10 +118,10 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cfg = {
-        "data": {"dataset": "digits", "size": 28, "natural_n": 90, "pairs": 10},
+        "data": {"dataset": "digits", "size": 28, "natural_n": 90, "pairs": 21},
         "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
                    {"name": "b", "spec": "mlp", "train": {"epochs": 1, "seed": 3}}],
-        "inversion": {"iterations": 8, "batch_size": 5, "shard_size": 3},
+        "inversion": {"iterations": 8, "batch_size": 7, "shard_size": 6},
     }  # fmt: skip
     results = {}
     for label, launcher in (("one", [sys.executable, "-m", "invsim"]),
@@ -134,10 +134,11 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[label] = json.loads((tmp_path / label / "results.json").read_text())
     for key in ("natural", "inverted"):
-        # the values and, for the same seed, the bootstrap intervals and permutation nulls
-        for stat in ("values", "ci_low", "ci_high", "null_mean", "p_value"):
-            a = np.array(results["one"]["matrices"][key][stat])
-            b = np.array(results["two"]["matrices"][key][stat])
-            assert np.allclose(a, b, atol=1e-6), (key, stat, a, b)
+        # the values and, for the same seed, the intervals and permutation nulls (21
+        # inverted pairs: above MIN_INTERVAL_N, so every cell has its interval)
+        for stat in ("values", "ci_low", "ci_high", "ci_centre", "null_mean", "p_value"):
+            a = np.array(results["one"]["matrices"][key][stat], dtype=float)
+            b = np.array(results["two"]["matrices"][key][stat], dtype=float)
+            assert np.isfinite(a).all() and np.allclose(a, b, atol=1e-6), (key, stat, a, b)
     for p in (tmp_path / "one" / "inverted").rglob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "two" / p.relative_to(tmp_path / "one")).read_bytes()

@@ -94,6 +94,15 @@ def test_stir(tmp_path, zoo, data):
     )
     assert np.all(m.values <= 1 + 1e-9)
     assert m["lenet", "lenet"] > 0.5  # inverting through a model preserves its own view
+    # orientation, from the definition: entry (row m1, column m2) = STIR(m2 | m1) = CKA of
+    # m2 on the natural targets X and on X' inverted through m1 (the row model)
+    x = data.images[inv["lenet"].target_index]
+    want = linear_cka(extract(zoo["mlp"], x), extract(zoo["mlp"], inv["lenet"].images))
+    other = linear_cka(extract(zoo["lenet"], data.images[inv["mlp"].target_index]),
+                       extract(zoo["lenet"], inv["mlp"].images))  # fmt: skip
+    assert m["lenet", "mlp"] == pytest.approx(want, abs=1e-9)
+    assert m["mlp", "lenet"] == pytest.approx(other, abs=1e-9)
+    assert abs(want - other) > 1e-3  # the transposed matrix would fail the lines above
 
 
 BASE = {"out": "runs/x", "data": {"dataset": "mnist5k"},
@@ -178,6 +187,29 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         assert q.read_bytes() == p.read_bytes()
 
 
+def _check_orientation(out, results, cfg):
+    """One off-diagonal cell of the inverted and the STIR matrices in results.json,
+    recomputed by hand from the stores: which model's data, which model's representation."""
+    from invsim.experiment.stages import load_data
+    from invsim.store import InvertedDataset
+
+    names = results["matrices"]["inverted"]["rows"]
+    r, c = names[0], names[1]
+    models = {n: load_model(str(out / "models" / f"{n}.safetensors")) for n in names}
+    inv = InvertedDataset(out / "inverted" / r)
+    got = SimilarityMatrix.from_dict(results["matrices"]["inverted"])
+    # inverted: row r, column c = CKA(Rep_r(X_r), Rep_c(X_r)) on ROW model r's data
+    want = linear_cka(extract(models[r], inv.images), extract(models[c], inv.images))
+    assert got[r, c] == pytest.approx(want, abs=1e-9)
+    stir = SimilarityMatrix.from_dict(results["matrices"]["stir"])
+    x_inv = InvertedDataset(out / "stir" / r)
+    eval_ds = load_data(cfg)
+    x = eval_ds.images[x_inv.target_index]
+    # STIR: row r (inverted through r), column c (c's representation)
+    want = linear_cka(extract(models[c], x), extract(models[c], x_inv.images))
+    assert stir[r, c] == pytest.approx(want, abs=1e-9)
+
+
 def test_pipeline_with_stir_writes_every_output(tmp_path):
     from invsim.experiment import run_experiment
 
@@ -188,6 +220,7 @@ def test_pipeline_with_stir_writes_every_output(tmp_path):
     results = run_experiment(cfg, quiet=True)
     stir_m = np.array(results["matrices"]["stir"]["values"])
     assert stir_m.shape == (2, 2)
+    _check_orientation(tmp_path / "run", results, cfg)
     assert (tmp_path / "run" / "stir.csv").exists()
     assert (tmp_path / "run" / "figures" / "stir.png").exists()
     assert "STIR" in (tmp_path / "run" / "report.html").read_text()

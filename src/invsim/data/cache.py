@@ -12,13 +12,13 @@ warning. Within a process every split of a set shares one parse (``functools.cac
 
 Example:
     >>> import numpy as np, tempfile, os
+    >>> from unittest import mock
     >>> from invsim.data.cache import cached_arrays
-    >>> os.environ["INVSIM_CACHE"] = tempfile.mkdtemp()
-    >>> a = cached_arrays("demo", "1.0", lambda: {"x": np.arange(3, dtype=np.uint8)})
-    >>> b = cached_arrays("demo", "1.0", lambda: {"x": np.zeros(3, dtype=np.uint8)})
+    >>> with mock.patch.dict(os.environ, {"INVSIM_CACHE": tempfile.mkdtemp()}):
+    ...     a = cached_arrays("demo", "1.0", lambda: {"x": np.arange(3, dtype=np.uint8)})
+    ...     b = cached_arrays("demo", "1.0", lambda: {"x": np.zeros(3, dtype=np.uint8)})
     >>> b["x"].tolist()  # the second call reads the cache and never builds
     [0, 1, 2]
-    >>> del os.environ["INVSIM_CACHE"]
 """
 
 from __future__ import annotations

@@ -171,9 +171,9 @@ def _calibrated(
     n = len(next(iter(data.values())))
     widths = max(int(np.prod(v.shape[1:])) for v in data.values())
     method, reason = interval_method(spec, n, (widths, widths))
+    centre = "debiased_cka" if spec.interval == "cka_jackknife" else None
     about = {"ci_method": method, "ci_target": CI_TARGET, "ci_reason": reason,
-             "ci_centre": "debiased_cka" if spec.interval == "cka_jackknife" else
-             "jackknife bias-corrected " + name}  # fmt: skip
+             "ci_centre": centre}  # fmt: skip
     if spec.exact_null and n <= GRAM_LIMIT:
         moments = cal.null == "moments" and cal.n_perm > 0
         stats = cka_calibration(data, values, rows, cols, ci=cal.ci, null=moments,

@@ -179,7 +179,8 @@ def write_matrix_csv(
     matrices: SimilarityMatrix | Mapping[str, SimilarityMatrix], path: Path
 ) -> None:
     """Long format: row, column, measure, value, and beside the value its interval and
-    null (``ci_low``, ``ci_high``, ``null_mean``, ``p_value``; empty where not computed)."""
+    null (``ci_low``, ``ci_high``, ``ci_centre``, ``null_mean``, ``p_value``; empty where
+    not computed)."""
     if isinstance(matrices, SimilarityMatrix):
         matrices = {"linear_cka": matrices}
     with open(path, "w", newline="") as f:
@@ -189,7 +190,7 @@ def write_matrix_csv(
             for i, r in enumerate(m.rows):
                 for j, c in enumerate(m.cols):
                     extra = [m.stat(k, i, j) for k in SimilarityMatrix.STATS]
-                    cells = ["" if v is None else f"{v:.10g}" for v in extra]
+                    cells = ["" if v is None or math.isnan(v) else f"{v:.10g}" for v in extra]
                     w.writerow([r, c, name, f"{m.values[i, j]:.10g}", *cells])
 
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from invsim.report.figures import (
     confound_examples,
     heatmaps,
@@ -166,6 +168,26 @@ def _header(results: dict) -> list[str]:
     return parts
 
 
+def values_tables(mats: dict[str, SimilarityMatrix]) -> str:
+    """The numbers behind the heatmaps, one table per regime: each cell's value and, where
+    computed, its interval, with the full-precision value in ``data-value``."""
+    out = []
+    for regime, m in mats.items():
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in m.cols)
+        body = []
+        for i, r in enumerate(m.rows):
+            cells = []
+            for j, c in enumerate(m.cols):
+                v, lo, hi = m.values[i, j], m.stat("ci_low", i, j), m.stat("ci_high", i, j)
+                ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else ""
+                cells.append(f'<td data-row="{html.escape(r)}" data-col="{html.escape(c)}" '
+                             f'data-value="{float(v)!r}">{v:.3f}{ci}</td>')  # fmt: skip
+            body.append(f"<tr><th>{html.escape(r)}</th>{''.join(cells)}</tr>")
+        out.append(f'<table class="matrix" data-regime="{html.escape(regime)}"><tr><th>row \\ '
+                   f"column</th>{head}</tr>{''.join(body)}</table>")  # fmt: skip
+    return f"<details><summary>The numbers behind the heatmaps</summary>{''.join(out)}</details>"
+
+
 def interval_caption(matrices: dict) -> str:
     """What the heatmaps' intervals are, per regime: their method, the population value
     they are for, the estimate they centre on, and why a regime has none."""
@@ -227,6 +249,7 @@ def _matrices(out: Path, results: dict) -> list[str]:
         caption = interval_caption(results["matrices"])
         parts.append(
             f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{caption}{note}{_img(p)}"
+            + values_tables(pair)
         )
     if "stir" in mats:
         p = heatmaps({"stir": mats["stir"]}, out / "figures" / "stir.png")

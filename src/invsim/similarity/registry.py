@@ -36,7 +36,7 @@ INVARIANCES = (
     "invertible_linear",  # X -> X A, A invertible
 )
 
-INTERVALS = ("cka_jackknife", "grouped_jackknife")
+INTERVALS = ("cka_jackknife", None)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class Measure:
     across processes). ``inputs`` is ``"representation"`` or ``"logits"``.
     ``interval``: how its interval for the population value is made
     (:mod:`invsim.similarity.calibration`): ``"cka_jackknife"`` (the closed-form
-    delete-one jackknife of debiased CKA, for the CKA family) or ``"grouped_jackknife"``.
+    delete-one jackknife of debiased CKA, for the CKA family) or None (no method was shown
+    to cover; no interval is reported).
     ``exact_null``: its permutation null has the exact moments of linear CKA.
     """
 
@@ -63,7 +64,7 @@ class Measure:
     from_moments: Callable[..., float] | None = None
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
-    interval: str = "grouped_jackknife"
+    interval: str | None = None
     exact_null: bool = False
 
     @property
