@@ -18,8 +18,14 @@ import pytest
 ROOT = Path(__file__).parent
 # what running Python and the tools may write in the checkout
 SKIP = {".git", ".venv", "__pycache__", ".ruff_cache", ".pytest_cache", "build", "dist"}
-# set by pytest itself, and by the OpenMP runtime the first time torch loads it
-OWN_ENV = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
+# set by pytest itself, by the OpenMP runtime the first time torch loads it, and by
+# torch's compiler the first time it is imported
+OWN_ENV = {
+    "PYTEST_CURRENT_TEST",
+    "KMP_DUPLICATE_LIB_OK",
+    "KMP_INIT_AT_FORK",
+    "TORCHINDUCTOR_CACHE_DIR",
+}
 
 
 def _user_caches() -> list[Path]:

@@ -206,12 +206,12 @@ def test_train_invert_similarity_commands(tmp_path):
     assert got[1][0] == pytest.approx(want, abs=1e-9) and got[0][0] == pytest.approx(1.0)
     x = InvertedDataset(tmp_path / "inv").images  # row a: a's inverted data
     want = measure("procrustes", extract(a, x), extract(b, x))
-    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(want, abs=1e-9)
+    # (the CLI's Procrustes streams from moments: its eigenvalues' square roots agree to 1e-7)
+    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(want, abs=1e-6)
     with open(tmp_path / "s" / "natural.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["measure"] == "linear_cka"]
-    assert float(next(r["value"] for r in rows if (r["row"], r["column"]) == ("a", "b"))) == (
-        pytest.approx(got[0][1], abs=1e-12)
-    )
+    cell = next(r["value"] for r in rows if (r["row"], r["column"]) == ("a", "b"))
+    assert float(cell) == pytest.approx(got[0][1], rel=1e-9)  # written to 10 digits
     assert "natural (linear_cka):" in proc.stdout and "natural (procrustes):" in proc.stdout
     assert "built-in" in invsim("models").stdout
 

@@ -405,3 +405,23 @@ def test_matrix_calibration_matches_calibrate():
     assert mc.stats["p_value"][0, 1] == pytest.approx(1 / 301)
     # the permutation null's Monte-Carlo mean agrees with the exact one
     assert np.allclose(mc.stats["null_mean"], m.stats["null_mean"], atol=0.02)
+
+
+def test_invert_false_and_arch_kwargs_reach_the_run(tmp_path):
+    from invsim.experiment import run_experiment
+
+    cfg = validate({
+        "out": str(tmp_path / "run"), "seed": 0,
+        "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
+        "models": [{"name": "wide", "spec": "mlp", "arch_kwargs": {"width": 48},
+                    "train": {"epochs": 1}},
+                   {"name": "column", "spec": "mlp", "invert": False, "train": {"epochs": 1}}],
+        "inversion": {"iterations": 4, "batch_size": 8},
+    })  # fmt: skip
+    results = run_experiment(cfg, quiet=True, report=False)
+    inv = results["matrices"]["inverted"]
+    assert inv["rows"] == ["wide"] and inv["cols"] == ["wide", "column"]  # a column only
+    assert not (tmp_path / "run" / "inverted" / "column").exists()
+    wide = load_model(str(tmp_path / "run" / "models" / "wide.safetensors"))
+    assert wide.invsim_meta["arch_kwargs"] == {"width": 48}
+    assert extract(wide, torch.rand(2, 1, 28, 28)).shape == (2, 24)  # width // 2 features

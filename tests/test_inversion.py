@@ -230,3 +230,41 @@ def test_channels_last_is_a_layout_not_a_result(mnist_pairs):
     assert torch.allclose(plain.loss, fast.loss, atol=1e-8)
     assert all(p.is_contiguous() for p in model.parameters())  # the layout is restored
     assert "channels_last" not in plain.config and fast.config["channels_last"] is True
+
+
+def test_the_converging_rule_and_min_step_size_as_documented():
+    # decay_tol=1 never counts as a gain, so the step halves every decay_patience steps
+    # from 1/8: below min_step_size 1/16 after 2 halvings (6 steps), below 1/64 after 4
+    torch.manual_seed(0)
+    m = load_model("mlp", num_classes=10, in_channels=1)
+    s, t = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    kw = {"iterations": 100, "schedule": "converge", "decay_tol": 1.0, "decay_patience": 3,
+          "progress": False}  # fmt: skip
+    assert invert_images(m, s, t, min_step_size=1 / 16, **kw).iterations.tolist() == [6] * 6
+    assert invert_images(m, s, t, min_step_size=1 / 64, **kw).iterations.tolist() == [12] * 6
+    # with a real decay_tol an improving example keeps its step and goes on
+    slow = invert_images(m, s, t, min_step_size=1 / 64, **{**kw, "decay_tol": 1e-9})
+    assert int(slow.iterations.min()) > 12
+
+
+def test_the_tol_patience_rule_as_documented():
+    # every `patience` steps, an example whose best loss gained less than tol since the
+    # last check (the seed's loss, at the first check) stops
+    torch.manual_seed(0)
+    m = load_model("mlp", num_classes=10, in_channels=1)
+    s, t = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    kw = {"iterations": 40, "patience": 5, "progress": False}
+    assert invert_images(m, s, t, tol=1e9, **kw).iterations.tolist() == [5] * 6
+    assert invert_images(m, s, t, tol=None, **kw).iterations.tolist() == [40] * 6
+    some = invert_images(m, s, t, tol=1e-3, **kw)
+    assert set(some.iterations.tolist()) <= {5, 10, 15, 20, 25, 30, 35, 40}
+
+
+def test_a_same_label_pair_is_named():
+    from invsim.data.pairs import check_pairs
+
+    with pytest.raises(
+        ValueError, match=r"1 seed/target pairs share a label, at positions 2 \(label 7\)"
+    ):
+        check_pairs([1, 2, 7, 0], [3, 4, 7, 5])
+    check_pairs([1, 2, 3], [0, 0, 0])  # different labels: no error

@@ -273,3 +273,14 @@ def test_nan_activations_are_named(mnist_1000):
             mnist_1000.images[:8],
             LinearCKAMatrix(["good", "bad"]),
         )
+
+
+def test_extract_on_a_dataloader_equals_the_tensor(mnist_1000):
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    m = load_model("lenet")
+    loader = DataLoader(mnist_1000, batch_size=70, shuffle=False)
+    got = extract(m, loader)
+    assert got.shape == (1000, 84)
+    assert torch.allclose(got, extract(m, mnist_1000.images), atol=1e-6)

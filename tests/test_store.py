@@ -116,6 +116,47 @@ def test_corrupt_shard_is_named(tmp_path, model, small_data):
         InvertedDataset(tmp_path)
 
 
+def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_data):
+    whole = tmp_path / "whole"
+    invert_dataset(model, small_data, 10, whole, **KW)
+    reference = _files(whole)
+    # 1. a kill mid-write leaves a truncated temporary file and no shard 1: resume writes
+    #    shard 1 in full beside it, and the data set is the uninterrupted one
+    cut = tmp_path / "cut"
+    invert_dataset(model, small_data, 10, cut, **KW)
+    shard = cut / "shards" / "shard-00001.safetensors"
+    (cut / "shards" / ".shard-00001.safetensors.99999.tmp").write_bytes(shard.read_bytes()[:50])
+    shard.unlink()
+    (cut / "shards" / "shard-00001.json").unlink()
+    (cut / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="incomplete: 2 of 3 shards"):
+        InvertedDataset(cut)
+    invert_dataset(model, small_data, 10, cut, **KW)
+    got = {k: v for k, v in _files(cut).items() if not k.endswith(".tmp")}
+    assert got == reference
+    # 2. a shard whose bytes no longer match its record (truncated on disk): resume
+    #    recomputes it; opening without resuming names it
+    bad = tmp_path / "bad"
+    invert_dataset(model, small_data, 10, bad, **KW)
+    shard = bad / "shards" / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(StoreError, match="shard shards/shard-00002.safetensors is corrupt"):
+        InvertedDataset(bad)
+    invert_dataset(model, small_data, 10, bad, **KW)
+    assert _files(bad) == reference
+    # 3. a shard present but missing from the manifest: an error naming it, not a shorter
+    #    data set; resuming rebuilds the manifest
+    short = tmp_path / "short"
+    invert_dataset(model, small_data, 10, short, **KW)
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1] + manifest["shards"][2:]
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"missing: shards/shard-00001.safetensors"):
+        InvertedDataset(short)
+    assert len(invert_dataset(model, small_data, 10, short, **KW)) == 10
+    assert _files(short) == reference
+
+
 def test_same_label_and_single_class_data_raise(tmp_path, model):
     one = TensorImageDataset(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="single class"):

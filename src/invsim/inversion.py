@@ -116,7 +116,7 @@ class _Slots:
     first_loss: torch.Tensor
     it: torch.Tensor  # steps taken so far
     limit: torch.Tensor  # steps this example will take (lowered by the stopping rule)
-    checkpoint: torch.Tensor  # best loss at the last tol check
+    checkpoint: torch.Tensor  # best loss at the last tol check (the seed's at first)
     lr: torch.Tensor  # step size (constant for the paper's schedule)
     reference: torch.Tensor  # converge: the best loss when it last gained decay_tol
     stall: torch.Tensor  # converge: steps since then
@@ -168,6 +168,7 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     view = (-1,) + (1,) * (s.x.ndim - 1)
     fresh = s.it == 0
     s.first_loss = torch.where(fresh, loss, s.first_loss)
+    s.checkpoint = torch.where(fresh, loss, s.checkpoint)  # the first tol window: from the seed
     better = loss < s.best_loss
     s.best_loss = torch.where(better, loss, s.best_loss)
     s.best_x = torch.where(better.view(view), s.x, s.best_x)

@@ -333,6 +333,22 @@ def merge_manifest(out_dir: str | Path) -> InvertedDataset | None:
     return InvertedDataset(out)
 
 
+def _check_manifest(root: Path, manifest: dict, cfg: dict) -> None:
+    """Every shard listed once, in order, with the pair count of ``dataset.json``: a shard
+    left out of the manifest is an error naming it, never a silently shorter data set."""
+    n_shards = -(-cfg["pairs"]["n_pairs"] // cfg["shard_size"])
+    listed = [rec["shard"] for rec in manifest["shards"]]
+    missing = sorted(set(range(n_shards)) - set(listed))
+    if missing or listed != list(range(n_shards)) or manifest["n"] != cfg["pairs"]["n_pairs"]:
+        names = ", ".join(f"shards/{_shard_name(s)}.safetensors" for s in missing) or "none"
+        raise StoreError(
+            f"manifest.json in {str(root)!r} does not list the {n_shards} shards of "
+            f"{cfg['pairs']['n_pairs']} pairs (missing: {names}). Run invert_dataset (or "
+            "`invsim invert`) again with the same arguments, or `invsim invert --merge`, to "
+            "rebuild it from the shards."
+        )
+
+
 class InvertedDataset(Dataset):
     """A stored inverted data set: items are (inverted image, target label).
 
@@ -364,6 +380,7 @@ class InvertedDataset(Dataset):
         manifest = json.loads(man_path.read_text())
         if manifest["config_hash"] != self.config["config_hash"]:
             raise StoreError(f"manifest.json in {str(self.root)!r} belongs to another config.")
+        _check_manifest(self.root, manifest, self.config)
         parts: dict[str, list[torch.Tensor]] = {}
         for rec in manifest["shards"]:
             path = self.root / rec["file"]

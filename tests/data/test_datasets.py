@@ -107,3 +107,30 @@ def test_unknown_name_lists_known():
         load_dataset("mnist")
     with pytest.raises(ValueError, match="split must be"):
         load_dataset("mnist5k", split="val")
+
+
+def _idx(path, array):
+    """An MNIST idx file: magic (dtype 0x08, ndim), big-endian sizes, the bytes."""
+    import struct
+
+    head = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(head + array.astype("uint8").tobytes())
+
+
+def test_a_torchvision_data_set_on_disk(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    sets = {"train": (rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 10, 12)),
+            "t10k": (rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7))}  # fmt: skip
+    for prefix, (images, labels) in sets.items():
+        _idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    ds = load_dataset(f"tv:MNIST:{tmp_path}", split="test")
+    assert len(ds) == 7 and ds.id == "tv:MNIST:test"
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and y == int(sets["t10k"][1][3])
+    assert torch.allclose(x[0], torch.from_numpy(sets["t10k"][0][3] / 255.0).float())
+    assert len(load_dataset(f"tv:MNIST:{tmp_path}", split="train")) == 12
+    with pytest.raises(FileNotFoundError, match="invsim never downloads"):
+        load_dataset(f"tv:MNIST:{tmp_path / 'nowhere'}", split="test")

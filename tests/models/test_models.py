@@ -208,3 +208,22 @@ def test_foreign_safetensors_by_path_alone_is_refused(tmp_path, lenet_sd):
     save_file(lenet_sd, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match="not a model saved by invsim"):
         load_model(str(tmp_path / "x.safetensors"))
+
+
+def test_mean_std_precedence_arguments_then_checkpoint_then_spec(tmp_path):
+    from invsim.models import _default_stats
+
+    spec_default = _default_stats(1)
+    m = load_model("lenet", mean=[0.5], std=[0.25])
+    assert m.invsim_meta["mean"] == [0.5] and m.invsim_meta["std"] == [0.25]
+    save_model(m, tmp_path / "m.safetensors")
+    saved = load_model(tmp_path / "m.safetensors")  # the checkpoint's
+    assert saved.invsim_meta["mean"] == [0.5] and saved.invsim_meta["std"] == [0.25]
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(saved(x), m(x), atol=1e-6)
+    given = load_model(tmp_path / "m.safetensors", mean=[0.1], std=[0.3])  # the arguments'
+    assert given.invsim_meta["mean"] == [0.1] and given.invsim_meta["std"] == [0.3]
+    assert not torch.allclose(given(x), m(x), atol=1e-4)
+    plain = load_model("lenet")  # neither: the spec's defaults
+    assert plain.invsim_meta["mean"] == [float(v) for v in spec_default[0]]
+    assert plain.invsim_meta["std"] == [float(v) for v in spec_default[1]]

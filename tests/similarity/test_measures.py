@@ -170,3 +170,17 @@ def test_bad_input_is_named():
         measure("procrustes", x, y[:10])
     with pytest.raises(ValueError, match="shapes"):
         measure("agreement", x, y)
+
+
+def test_cca_warns_where_its_correlations_are_forced_to_one():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 12, generator=g, dtype=torch.float64)  # unrelated: ranks 20 + 12 >= 29
+    with pytest.warns(UserWarning, match="ranks 20 and 12.*CCA overfits"):
+        value = measure("mean_cca", x, y)
+    assert value > 0.5  # high for unrelated data: what the warning is about
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough examples: no warning
+        measure("mean_cca", torch.randn(200, 5, generator=g), torch.randn(200, 4, generator=g))
