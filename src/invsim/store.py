@@ -333,9 +333,21 @@ def merge_manifest(out_dir: str | Path) -> InvertedDataset | None:
     return InvertedDataset(out)
 
 
-def _check_manifest(root: Path, manifest: dict, cfg: dict) -> None:
-    """Every shard listed once, in order, with the pair count of ``dataset.json``: a shard
-    left out of the manifest is an error naming it, never a silently shorter data set."""
+def _read_manifest(root: Path, path: Path, cfg: dict) -> dict:
+    """The manifest of a finished store, checked against ``dataset.json``: every shard
+    listed once, in order, with its pair count. An unfinished store, a foreign manifest or
+    a shard left out of it is an error naming it, never a silently shorter data set."""
+    if not path.exists():
+        done = len(list((root / "shards").glob("shard-*.json")))
+        total = -(-cfg["pairs"]["n_pairs"] // cfg["shard_size"])
+        raise StoreError(
+            f"{str(root)!r} is incomplete: {done} of {total} shards are finished. Run "
+            "invert_dataset (or `invsim invert`) again with the same arguments to resume, "
+            "or `invsim invert --merge` once all parts are done."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest["config_hash"] != cfg["config_hash"]:
+        raise StoreError(f"manifest.json in {str(root)!r} belongs to another config.")
     n_shards = -(-cfg["pairs"]["n_pairs"] // cfg["shard_size"])
     listed = [rec["shard"] for rec in manifest["shards"]]
     missing = sorted(set(range(n_shards)) - set(listed))
@@ -347,6 +359,7 @@ def _check_manifest(root: Path, manifest: dict, cfg: dict) -> None:
             "`invsim invert`) again with the same arguments, or `invsim invert --merge`, to "
             "rebuild it from the shards."
         )
+    return manifest
 
 
 class InvertedDataset(Dataset):
@@ -369,18 +382,7 @@ class InvertedDataset(Dataset):
         if not cfg_path.exists():
             raise StoreError(f"{str(self.root)!r} is not an inverted data set (no dataset.json).")
         self.config = json.loads(cfg_path.read_text())
-        if not man_path.exists():
-            done = len(list((self.root / "shards").glob("shard-*.json")))
-            total = -(-self.config["pairs"]["n_pairs"] // self.config["shard_size"])
-            raise StoreError(
-                f"{str(self.root)!r} is incomplete: {done} of {total} shards are finished. Run "
-                "invert_dataset (or `invsim invert`) again with the same arguments to resume, "
-                "or `invsim invert --merge` once all parts are done."
-            )
-        manifest = json.loads(man_path.read_text())
-        if manifest["config_hash"] != self.config["config_hash"]:
-            raise StoreError(f"manifest.json in {str(self.root)!r} belongs to another config.")
-        _check_manifest(self.root, manifest, self.config)
+        manifest = _read_manifest(self.root, man_path, self.config)
         parts: dict[str, list[torch.Tensor]] = {}
         for rec in manifest["shards"]:
             path = self.root / rec["file"]

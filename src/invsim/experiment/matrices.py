@@ -307,10 +307,17 @@ def inverted_similarity(
             for k, v in mat.stats.items():
                 stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
     return _one_or_many(
-        {m: SimilarityMatrix(rows, cols, v, stats.get(m, {}), merge_interval(about.get(m, [])))
-         for m, v in values.items()},
+        _assemble(rows, cols, values, stats, about),
         (names[0] if isinstance(measures, str) else names),
-    )  # fmt: skip
+    )
+
+
+def _assemble(rows, cols, values, stats, about) -> dict[str, SimilarityMatrix]:
+    """The matrices of a computation done a row or a cell at a time, per measure."""
+    return {
+        m: SimilarityMatrix(rows, cols, v, stats.get(m, {}), merge_interval(about.get(m, [])))
+        for m, v in values.items()
+    }
 
 
 def merge_interval(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -388,8 +395,4 @@ def stir_similarity(
             found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
             _put(values, stats, about, found, i, j)
-    result = {
-        m: SimilarityMatrix(names, names, v, stats.get(m, {}), merge_interval(about.get(m, [])))
-        for m, v in values.items()
-    }
-    return _one_or_many(result, measures), stored
+    return _one_or_many(_assemble(names, names, values, stats, about), measures), stored

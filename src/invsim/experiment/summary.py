@@ -342,6 +342,27 @@ def _stratified_null(xs, ys, n_perm: int, rng: np.random.Generator) -> np.ndarra
     return np.mean(per, axis=0), False
 
 
+def _robustness_spearman(inverted, eps, rng, *, n_boot: int, n_perm: int, quantiles) -> dict:
+    """The older robustness statistic (:func:`claim_statistics`): Spearman over all models
+    of each one's mean inverted similarity with its eps, its interval and p-value."""
+    lo_q, hi_q = quantiles
+    names = [r for r in inverted.rows if r in eps]
+    per = robustness_summary(inverted, eps, {k: "all" for k in eps})["per_model"]
+    x = np.array([eps[n] for n in names])
+    y = np.array([per[n]["mean_similarity"] for n in names])
+    rho = float(_spearman(x, y[None])[0])
+    idx = rng.integers(0, len(names), size=(n_boot, len(names)))
+    boot = np.array([_spearman(x[i], y[i][None])[0] for i in idx])
+    boot = boot[np.isfinite(boot)]  # resamples with a constant eps have no correlation
+    perm = _spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
+    return {
+        "value": rho,
+        "ci_low": float(np.percentile(boot, lo_q)) if len(boot) else None,
+        "ci_high": float(np.percentile(boot, hi_q)) if len(boot) else None,
+        "p_value": float((1 + np.sum(np.abs(perm) >= abs(rho) - 1e-12)) / (1 + n_perm)),
+    }
+
+
 def claim_statistics(
     natural: SimilarityMatrix | None,
     inverted: SimilarityMatrix | None,
@@ -379,21 +400,9 @@ def claim_statistics(
         if within is not None:
             out["robustness_within"] = within
     if inverted is not None and len(set(eps.values())) > 1:
-        names = [r for r in inverted.rows if r in eps]
-        per = robustness_summary(inverted, eps, {k: "all" for k in eps})["per_model"]
-        x = np.array([eps[n] for n in names])
-        y = np.array([per[n]["mean_similarity"] for n in names])
-        rho = float(_spearman(x, y[None])[0])
-        idx = rng.integers(0, len(names), size=(n_boot, len(names)))
-        boot = np.array([_spearman(x[i], y[i][None])[0] for i in idx])
-        boot = boot[np.isfinite(boot)]  # resamples with a constant eps have no correlation
-        perm = _spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
-        out["robustness_spearman"] = {
-            "value": rho,
-            "ci_low": float(np.percentile(boot, lo_q)) if len(boot) else None,
-            "ci_high": float(np.percentile(boot, hi_q)) if len(boot) else None,
-            "p_value": float((1 + np.sum(np.abs(perm) >= abs(rho) - 1e-12)) / (1 + n_perm)),
-        }
+        out["robustness_spearman"] = _robustness_spearman(
+            inverted, eps, rng, n_boot=n_boot, n_perm=n_perm, quantiles=(lo_q, hi_q)
+        )
     if inverted is not None:
         common = [r for r in inverted.rows if r in inverted.cols]
         gaps = np.array(
