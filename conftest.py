@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,12 @@ def _snapshot(roots: list[Path]) -> dict[str, tuple[int, int]]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # hypothesis keeps no example database in the checkout
+    # hypothesis keeps no example database, nor its other files, in the checkout
     try:
         from hypothesis import settings
+        from hypothesis.configuration import set_hypothesis_home_dir
 
+        set_hypothesis_home_dir(tempfile.mkdtemp(prefix="invsim-hypothesis-"))
         settings.register_profile("invsim", database=None)
         settings.load_profile("invsim")
     except ImportError:
