@@ -160,30 +160,47 @@ def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return full, trace + ones / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
 
 
-def _degenerate_variance(k: torch.Tensor, el: torch.Tensor) -> float:
-    """What the jackknife's variance over-states for CKA of the centred Gram matrices k,
-    el: 2 s^2 / (n (n - 1)), with s^2 the mean square of the degenerate (second-order)
-    part r_ij of CKA's linearisation w_ij = (K_ij L_ij - c/2 (K_ij^2 a + L_ij^2 b)) /
-    scale over i != j. The delete-one jackknife counts that part twice (Efron and Stein),
-    which matters where the signal is weak next to the noise."""
-    n = len(k)
+def _square_sums(k: torch.Tensor, kk: torch.Tensor) -> dict:
+    """What :func:`_degenerate_variance` needs of one centred Gram matrix k, given k * k:
+    that square, its diagonal, its off-diagonal row sums and the off-diagonal sums of k^2
+    and k^4 (all float64)."""
+    d, d2 = k.diagonal(), kk.diagonal()
+    rows = kk.sum(1) - d2
+    flat = kk.view(-1)
+    return {"sq": kk, "d": d, "rows": rows, "s2": float(rows.sum()),
+            "s4": float(flat @ flat - (d2 * d2).sum())}  # fmt: skip
+
+
+def _degenerate_variance(kl: torch.Tensor, rows: torch.Tensor, ks: dict, ls: dict) -> float:
+    """What the jackknife's variance over-states for CKA of two centred Gram matrices K, L
+    (``kl`` = K * L, ``rows`` its row sums; ``ks``, ``ls``: :func:`_square_sums`):
+    2 s^2 / (n (n - 1)), with s^2 the mean square over i != j of the degenerate
+    (second-order) part r_ij of CKA's linearisation
+    w_ij = K_ij L_ij / S - c/2 (K_ij^2 / S_xx + L_ij^2 / S_yy)
+    (S_xx, S_yy, S_xy: off-diagonal means, S = sqrt(S_xx S_yy), c = S_xy / S). The
+    delete-one jackknife counts that part twice (Efron and Stein), which matters where the
+    signal is weak next to the noise. All from sums: with h_i the row means of w and u
+    their mean, sum r^2 = sum w^2 - 2 n sum h^2 + n (n + 1) u^2 over i != j."""
+    n = len(kl)
     off = n * (n - 1)
-
-    def mean(a: torch.Tensor) -> float:
-        return float(a.sum() - a.diagonal().sum()) / off
-
-    kl, kk, ll = k * el, k * k, el * el
-    sxy, sxx, syy = mean(kl), mean(kk), mean(ll)
+    dd = ks["d"] * ls["d"]
+    p = rows - dd  # off-diagonal row sums of K * L
+    sxx, syy, sxy = ks["s2"] / off, ls["s2"] / off, float(p.sum()) / off
     scale = math.sqrt(sxx * syy)
     if scale <= 0:
         return 0.0
     c = sxy / scale
-    w = kl.div_(scale).sub_(kk.mul_(c / (2 * sxx))).sub_(ll.mul_(c / (2 * syy)))
-    w.fill_diagonal_(0.0)
-    h = w.sum(1) / (n - 1)
-    w.sub_(h[:, None]).sub_(h[None, :]).add_(float(h.sum()) / n)
-    w.fill_diagonal_(0.0)
-    return 2 * float((w * w).sum()) / off / off
+    alpha, beta, gamma = 1 / scale, c / (2 * sxx), c / (2 * syy)
+    flat = kl.view(-1)
+    pp = float(flat @ flat) - float((dd * dd).sum())  # sum K^2 L^2
+    pq = float(ks["sq"].view(-1) @ flat) - float((dd * ks["d"] ** 2).sum())  # sum K^3 L
+    pr = float(ls["sq"].view(-1) @ flat) - float((dd * ls["d"] ** 2).sum())  # sum K L^3
+    w2 = (alpha**2 * pp + beta**2 * ks["s4"] + gamma**2 * ls["s4"] - 2 * alpha * beta * pq
+          - 2 * alpha * gamma * pr + 2 * beta * gamma * pp)  # fmt: skip
+    h = (alpha * p - beta * ks["rows"] - gamma * ls["rows"]) / (n - 1)
+    u = float(h.sum()) / n
+    r2 = w2 - 2 * n * float((h * h).sum()) + n * (n + 1) * u**2
+    return 2 * max(r2, 0.0) / off / off
 
 
 def _t_interval(centre, spread, df: int, ci: float):
@@ -191,25 +208,42 @@ def _t_interval(centre, spread, df: int, ci: float):
     return centre - z * spread, centre + z * spread
 
 
-def cka_intervals(data, rows, cols, *, ci: float, grams: dict | None = None) -> dict:
+def cka_intervals(
+    data, rows, cols, *, ci: float, grams: dict | None = None, centred: bool = False
+) -> dict:
     """(rows, cols) arrays ``ci_low``, ``ci_high`` and ``ci_centre`` (debiased CKA) of the
     population CKA of every cell of the representations ``data`` (name -> (n, d)):
     the delete-one jackknife of debiased CKA (module doc), from float64 Gram matrices
     (``grams``: each model's, of its centred features, where the caller has them; else made
-    here when n <= ``GRAM_LIMIT``) or, above it, from the features."""
+    here when n <= ``GRAM_LIMIT``) or, above it, from the features; ``centred``: ``data``
+    is already float64 and centred on its mean."""
     models = list(dict.fromkeys([*rows, *cols]))
-    x = {m: _centred(data[m]) for m in models}
+    x = {m: data[m] if centred else _centred(data[m]) for m in models}
     n = len(x[models[0]])
     shape = (len(rows), len(cols))
     out = {k: np.full(shape, np.nan) for k in ("ci_low", "ci_high", "ci_centre")}
     if n < MIN_INTERVAL_N:  # no interval (see interval_method)
         return out
     if grams is None and n <= GRAM_LIMIT:
-        grams = {m: x[m] @ x[m].T for m in models}
+        grams = {m: _gram(x[m]) for m in models}
+
+    squares: dict[str, dict] = {}
+    if grams:  # every K_a diag(K_b) 1 at once: K_a times the stacked diagonals
+        diagonals = torch.stack([grams[m].diagonal() for m in models], dim=1)
+        cross = {m: dict(zip(models, (grams[m] @ diagonals).T, strict=True)) for m in models}
 
     def hsic(a: str, b: str):
-        k = (grams[a], grams[b]) if grams else ()
-        return _unbiased_hsic(_terms(x[a], x[b], *k), n)
+        """Full and delete-one unbiased HSIC, and (Gram form) the degenerate term."""
+        if not grams:
+            return (*_unbiased_hsic(_terms(x[a], x[b]), n), 0.0)
+        k, el = grams[a], grams[b]
+        kl = k * el
+        nx, ny, rows = k.diagonal(), el.diagonal(), kl.sum(1)
+        full, loo = _unbiased_hsic((nx, ny, rows, cross[a][b], cross[b][a]), n)
+        if a == b:
+            squares[a] = _square_sums(k, kl)
+            return full, loo, 0.0
+        return full, loo, _degenerate_variance(kl, rows, squares[a], squares[b])
 
     own = {m: hsic(m, m) for m in models}
     done: dict[tuple[str, str], tuple] = {}
@@ -217,15 +251,27 @@ def cka_intervals(data, rows, cols, *, ci: float, grams: dict | None = None) -> 
         for j, c in enumerate(cols):
             key = tuple(sorted((r, c)))
             if key not in done:
-                full, loo = (1.0, torch.ones(n, dtype=torch.float64)) if r == c else hsic(r, c)
+                full, loo, extra = (1.0, torch.ones(n, dtype=torch.float64), 0.0)
                 if r != c:
+                    full, loo, extra = hsic(r, c)
                     full = float(full / (own[r][0] * own[c][0]).sqrt())
                     loo = loo / (own[r][1] * own[c][1]).sqrt()
                 var = (n - 1) / n * float(((loo - loo.mean()) ** 2).sum())
-                if grams and r != c:
-                    var = max(var - _degenerate_variance(grams[r], grams[c]), 0.0)
+                var = max(var - extra, 0.0)
                 done[key] = (*_t_interval(full, math.sqrt(var), n - 1, ci), full)
             out["ci_low"][i, j], out["ci_high"][i, j], out["ci_centre"][i, j] = done[key]
+    return out
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x x^T, exactly symmetric, from three of its four blocks (0.75 of the product)."""
+    n, m = len(x), len(x) // 2
+    if n < 256:
+        return x @ x.T
+    out = torch.empty(n, n, dtype=x.dtype)
+    torch.mm(x[:m], x.T, out=out[:m])  # the top rows: contiguous, the fastest to write
+    torch.mm(x[m:], x[m:].T, out=out[m:, m:])
+    out[m:, :m] = out[:m, m:].T
     return out
 
 
@@ -261,8 +307,8 @@ def cka_calibration(
     it (a streamed pass does), which saves the null an n d^2 product per model."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: _centred(data[m]) for m in models}
-    grams = {m: x[m] @ x[m].T for m in models}
-    out = cka_intervals(x, rows, cols, ci=ci, grams=grams)
+    grams = {m: _gram(x[m]) for m in models}
+    out = cka_intervals(x, rows, cols, ci=ci, grams=grams, centred=True)
     if not null:
         return out
     n = len(x[models[0]])
