@@ -363,6 +363,28 @@ def _robustness_spearman(inverted, eps, rng, *, n_boot: int, n_perm: int, quanti
     }
 
 
+def _asymmetry(inverted, rng, *, n_boot: int, quantiles) -> dict | None:
+    """Mean |S - S^T| over the inverted matrix's model pairs, with a percentile interval
+    from resampling pairs (:func:`claim_statistics`); None without a pair."""
+    common = [r for r in inverted.rows if r in inverted.cols]
+    gaps = np.array(
+        [
+            abs(inverted[a, b] - inverted[b, a])
+            for i, a in enumerate(common)
+            for b in common[i + 1 :]
+        ]
+    )
+    if not len(gaps):
+        return None
+    boot = gaps[rng.integers(0, len(gaps), size=(n_boot, len(gaps)))].mean(1)
+    lo_q, hi_q = quantiles
+    return {
+        "value": float(gaps.mean()),
+        "ci_low": float(np.percentile(boot, lo_q)),
+        "ci_high": float(np.percentile(boot, hi_q)),
+    }
+
+
 def claim_statistics(
     natural: SimilarityMatrix | None,
     inverted: SimilarityMatrix | None,
@@ -403,22 +425,13 @@ def claim_statistics(
         out["robustness_spearman"] = _robustness_spearman(
             inverted, eps, rng, n_boot=n_boot, n_perm=n_perm, quantiles=(lo_q, hi_q)
         )
-    if inverted is not None:
-        common = [r for r in inverted.rows if r in inverted.cols]
-        gaps = np.array(
-            [
-                abs(inverted[a, b] - inverted[b, a])
-                for i, a in enumerate(common)
-                for b in common[i + 1 :]
-            ]
-        )
-        if len(gaps):
-            boot = gaps[rng.integers(0, len(gaps), size=(n_boot, len(gaps)))].mean(1)
-            out["asymmetry"] = {
-                "value": float(gaps.mean()),
-                "ci_low": float(np.percentile(boot, lo_q)),
-                "ci_high": float(np.percentile(boot, hi_q)),
-            }
+    gaps = (
+        None
+        if inverted is None
+        else _asymmetry(inverted, rng, n_boot=n_boot, quantiles=(lo_q, hi_q))
+    )
+    if gaps is not None:
+        out["asymmetry"] = gaps
     if natural is not None and inverted is not None:
         d = np.array(
             [natural[r, c] - inverted[r, c] for r in inverted.rows for c in inverted.cols if r != c]
