@@ -425,3 +425,32 @@ def test_invert_false_and_arch_kwargs_reach_the_run(tmp_path):
     wide = load_model(str(tmp_path / "run" / "models" / "wide.safetensors"))
     assert wide.invsim_meta["arch_kwargs"] == {"width": 48}
     assert extract(wide, torch.rand(2, 1, 28, 28)).shape == (2, 24)  # width // 2 features
+
+
+def test_a_models_own_layer_is_honoured(tmp_path):
+    """ModelConfig.layer: that model is inverted at its layer and read at it everywhere;
+    the others keep the run's layer."""
+    from invsim.experiment import run_experiment
+    from invsim.store import InvertedDataset
+
+    cfg = validate({
+        "out": str(tmp_path / "run"), "seed": 0,
+        "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
+        "models": [{"name": "early", "spec": "mlp", "layer": "model.2", "train": {"epochs": 1}},
+                   {"name": "late", "spec": "mlp", "train": {"epochs": 1}}],
+        "inversion": {"iterations": 4, "batch_size": 8},
+    })  # fmt: skip
+    results = run_experiment(cfg, quiet=True, report=False)
+    out = tmp_path / "run"
+    early, late = (load_model(str(out / "models" / f"{n}.safetensors")) for n in ("early", "late"))
+    inv = InvertedDataset(out / "inverted" / "early")
+    assert inv.config["inversion"]["layer"] == "model.2"
+    assert InvertedDataset(out / "inverted" / "late").config["inversion"]["layer"] == "penultimate"
+    x = inv.images
+    a, b = extract(early, x, layer="model.2"), extract(late, x)
+    assert a.shape[1] != b.shape[1]  # really another layer
+    got = SimilarityMatrix.from_dict(results["matrices"]["inverted"])
+    assert got["early", "late"] == pytest.approx(linear_cka(a, b), abs=1e-9)
+    # a store made at one layer is refused for another
+    with pytest.raises(ValueError, match="made at layer 'model.2'"):
+        inverted_similarity({"early": early}, {"early": inv}, layer="penultimate")

@@ -149,7 +149,11 @@ class ModelConfig(_Settings):
     image_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    layer: str | None = None
+    layer: str | None = Field(
+        None,
+        description="This model's layer ('penultimate', 'logits' or a module name); default: "
+        "the run's inversion.layer. A row model is inverted at it; every column is read at it.",
+    )
     trust_checkpoint: bool = False
     eps: float | None = None
     arch: str | None = None

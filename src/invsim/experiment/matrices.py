@@ -217,6 +217,15 @@ def _needs_logits(measures: Sequence[str]) -> bool:
     return any(get_measure(m).inputs == "logits" for m in measures)
 
 
+Layers = str | Mapping[str, str]
+
+
+def layer_of(layer: Layers, model: str) -> str:
+    """The layer of ``model`` under ``layer``: one name for every model, or a mapping
+    model name -> layer (a model it leaves out gets the penultimate layer)."""
+    return layer if isinstance(layer, str) else layer.get(model, PENULTIMATE)
+
+
 def _subset(dataset: Dataset, n: int | None) -> tuple[torch.Tensor, str]:
     total = len(dataset)  # type: ignore[arg-type]
     n = total if n is None else min(n, total)
@@ -230,7 +239,7 @@ def natural_similarity(
     *,
     n: int | None = 1000,
     measures: str | Sequence[str] = "linear_cka",
-    layer: str = PENULTIMATE,
+    layer: Layers = PENULTIMATE,
     debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
@@ -255,7 +264,9 @@ def natural_similarity(
     images, data_id = _subset(dataset, n)
     names = _names(measures, debiased)
     kw = {"batch_size": batch_size, "device": device}
-    reps = {k: cache.get(m, images, data_id, layer=layer, **kw) for k, m in models.items()}
+    reps = {
+        k: cache.get(m, images, data_id, layer=layer_of(layer, k), **kw) for k, m in models.items()
+    }
     logit = None
     if _needs_logits(names):
         logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
@@ -270,7 +281,7 @@ def inverted_similarity(
     inverted: Mapping[str, InvertedDataset],
     *,
     measures: str | Sequence[str] = "linear_cka",
-    layer: str = PENULTIMATE,
+    layer: Layers = PENULTIMATE,
     debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
@@ -294,7 +305,11 @@ def inverted_similarity(
     kw = {"batch_size": batch_size, "device": device}
     for i, r in enumerate(rows):
         data = inverted[r]
-        reps = {c: cache.get(models[c], data.images, data.id, layer=layer, **kw) for c in cols}
+        _check_layer(data, r, layer_of(layer, r))
+        reps = {
+            c: cache.get(models[c], data.images, data.id, layer=layer_of(layer, c), **kw)
+            for c in cols
+        }
         logit = None
         if _needs_logits(names):
             logit = {
@@ -310,6 +325,17 @@ def inverted_similarity(
         _assemble(rows, cols, values, stats, about),
         (names[0] if isinstance(measures, str) else names),
     )
+
+
+def _check_layer(data: Any, row: str, layer: str) -> None:
+    """Refuse a row whose inverted set matched another layer than the row is read at."""
+    made = (getattr(data, "config", None) or {}).get("inversion", {}).get("layer")
+    if made is not None and made != layer:
+        raise ValueError(
+            f"the inverted data set of {row!r} was made at layer {made!r}, but its row is "
+            f"read at {layer!r}: pass layer={made!r} for {row!r}, or invert it again at "
+            f"{layer!r}."
+        )
 
 
 def _assemble(rows, cols, values, stats, about) -> dict[str, SimilarityMatrix]:
@@ -361,14 +387,17 @@ def stir_similarity(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     calibration: CalibrationConfig | None = None,
+    layer: Layers | None = None,
     **settings: Any,
 ) -> tuple[SimilarityMatrix | dict[str, SimilarityMatrix], dict[str, InvertedDataset]]:
     """STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
     noise seeds (``seed_images="data"`` for data seeds). Entry (row m1, column m2). The
     inverted sets are stored under ``out_dir/<m1>``; ``inversion`` and ``settings`` are
-    as in :func:`invsim.store.invert_dataset`."""
+    as in :func:`invsim.store.invert_dataset`. ``layer`` (one name, or model -> name;
+    default: the inversion's layer) is where m1 is inverted and m2 is read."""
     cache = cache or RepresentationCache()
     cfg = (inversion or InversionConfig()).replace(**settings)
+    layer = cfg.layer if layer is None else layer
     names, wanted = list(models), _names(measures, False)
     values = {m: np.empty((len(names), len(names))) for m in wanted}
     stats: dict[str, dict[str, np.ndarray]] = {}
@@ -376,7 +405,8 @@ def stir_similarity(
     stored: dict[str, InvertedDataset] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
-        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=cfg, seed=seed,
+        at = cfg.replace(layer=layer_of(layer, m1))
+        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=at, seed=seed,
                              seed_images=seed_images, shard_size=shard_size, device=device,
                              progress=progress)  # fmt: skip
         assert inv is not None
@@ -384,15 +414,16 @@ def stir_similarity(
         originals = dataset_images(dataset, inv.target_index.tolist())
         original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            layers = [cfg.layer] + ([LOGITS] if _needs_logits(wanted) else [])
+            read = layer_of(layer, m2)
+            layers = [read] + ([LOGITS] if _needs_logits(wanted) else [])
             pair = {
-                layer: {
-                    "x": cache.get(models[m2], originals, original_id, layer=layer, **kw),
-                    "x_inv": cache.get(models[m2], inv.images, inv.id, layer=layer, **kw),
+                at_layer: {
+                    "x": cache.get(models[m2], originals, original_id, layer=at_layer, **kw),
+                    "x_inv": cache.get(models[m2], inv.images, inv.id, layer=at_layer, **kw),
                 }
-                for layer in layers
+                for at_layer in layers
             }
-            found = panel(pair[cfg.layer], wanted, logits=pair.get(LOGITS), rows=["x"],
+            found = panel(pair[read], wanted, logits=pair.get(LOGITS), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
             _put(values, stats, about, found, i, j)
     return _one_or_many(_assemble(names, names, values, stats, about), measures), stored

@@ -98,6 +98,13 @@ def train_once(path: Path, train: Callable[[], None], *, device: str | None = No
     return model.to(device) if device else model
 
 
+def layers_of(cfg: ExperimentConfig) -> dict[str, str]:
+    """Each model's layer: its own ``layer`` when set, else the run's
+    (``inversion.layer``). A row model is inverted at its layer, and every column is
+    read at its own."""
+    return {m.name: m.layer or cfg.inversion.layer for m in cfg.models}
+
+
 def _shape_kwargs(m: ModelConfig) -> dict[str, Any]:
     keys = ("num_classes", "in_channels", "image_size", "mean", "std")
     return {**m.arch_kwargs, **{k: getattr(m, k) for k in keys if getattr(m, k) is not None}}
@@ -186,7 +193,7 @@ def invert_models(
             eval_ds,
             cfg.data.pairs,
             Path(cfg.out) / "inverted" / m.name,
-            inversion=cfg.inversion.settings(),
+            inversion=cfg.inversion.settings().replace(layer=layers_of(cfg)[m.name]),
             seed=cfg.seed,
             shard_size=cfg.inversion.shard_size,
             device=cfg.device,
@@ -208,7 +215,7 @@ def compute_matrices(
     """regime -> measure -> matrix, for the regimes and measures the config asks for."""
     kw = {
         "measures": cfg.measures,
-        "layer": cfg.inversion.layer,
+        "layer": layers_of(cfg),
         "cache": cache,
         "device": cfg.device,
         "calibration": cfg.calibration,
@@ -227,7 +234,6 @@ def compute_matrices(
         st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
-        del kw["layer"]
         out["stir"], _ = stir_similarity(
             zoo.models,
             eval_ds,
@@ -265,7 +271,7 @@ def drift(
         zoo.models,
         halves,
         measures=cfg.measures[0],
-        layer=cfg.inversion.layer,
+        layer=layers_of(cfg),
         cache=cache,
         device=cfg.device,
     )
