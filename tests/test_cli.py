@@ -95,7 +95,7 @@ def test_confound_experiment_quick(quick_run):
 
 def test_second_run_uses_the_cache(quick_run, monkeypatch):
     import invsim.experiment.matrices as experiment
-    import invsim.store as store
+    import invsim.store.build as store
     from invsim.demo import run_demo
 
     out, _ = quick_run
@@ -213,7 +213,7 @@ def test_train_invert_similarity_commands(tmp_path):
     cell = next(r["value"] for r in rows if (r["row"], r["column"]) == ("a", "b"))
     assert float(cell) == pytest.approx(got[0][1], rel=1e-9)  # written to 10 digits
     assert "natural (linear_cka):" in proc.stdout and "natural (procrustes):" in proc.stdout
-    assert "built-in" in invsim("models").stdout
+    assert "builtin" in invsim("models").stdout and "tv:NAME" in invsim("models").stdout
 
 
 def test_unconverged_rows_are_flagged_everywhere(tmp_path):

@@ -50,11 +50,46 @@ def test_inversion_defaults_have_one_source():
 
 
 def test_training_defaults_have_one_source():
+    from invsim.cli import TRAIN_FIELDS
+    from invsim.cli import similarity as similarity_command
+    from invsim.config import AdversarialConfig, DataConfig, InversionSection
+
+    # train_model takes a TrainConfig: no recipe default is written in its signature
     signature = inspect.signature(train_model).parameters
+    assert signature["recipe"].default is None
+    assert not set(signature) & (set(TrainConfig.model_fields) - {"dataset"})
     cli = _cli_defaults(train_command)
     recipe = TrainConfig()
-    for name in ("epochs", "lr", "batch_size"):
-        assert signature[name].default == getattr(recipe, name) == cli[name], name
+    for name in TRAIN_FIELDS:
+        assert getattr(recipe, name) == cli[name], name
+    for name in ("norm", "steps"):
+        assert cli[name] == AdversarialConfig.model_fields[name].default, name
+    # the data, pairs, shard and natural-n options come from their groups
+    data = DataConfig(dataset="mnist5k")
+    inv = _cli_defaults(invert_command)
+    assert (inv["split"], inv["size"], inv["crop"]) == (data.eval_split, data.size, data.crop)
+    assert inv["pairs"] == data.pairs and inv["shard_size"] == InversionSection().shard_size
+    assert _cli_defaults(similarity_command)["n"] == data.natural_n
+
+
+def test_train_model_takes_a_recipe_and_keywords_replace_it(digits_small):
+    a, ma = train_model("mlp", digits_small, TrainConfig(epochs=1, seed=3), progress=False)
+    b, mb = train_model("mlp", digits_small, epochs=1, seed=3, progress=False)
+    assert ma["seed"] == mb["seed"] == 3
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert __import__("torch").equal(v, w), k
+    with pytest.raises(ConfigError, match="adversarial.eps"):
+        train_model("mlp", digits_small, adversarial={"norm": "l2"}, progress=False)
+    with pytest.raises(ConfigError, match="'TrainConfig.epochs'"):
+        train_model("mlp", digits_small, TrainConfig(), epochs=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    from invsim.data import TensorImageDataset, load_dataset
+
+    d = load_dataset("digits", split="train", size=28)
+    return TensorImageDataset(d.images[:256], d.labels[:256], id="digits256")
 
 
 def test_settings_are_checked_where_they_enter():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import invsim.store as store
+import invsim.store.format as store_format
 from invsim import linear_cka
 from invsim.config import ConfigError, InversionConfig, load_config, validate
 from invsim.data import TensorImageDataset
@@ -166,7 +167,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     from invsim.experiment import run_experiment
 
     whole = run_experiment(_small_config(tmp_path / "whole"), quiet=True)
-    real = store._write_shard
+    real = store_format.write_shard
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -175,10 +176,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(store, "_write_shard", dying)
+    monkeypatch.setattr(store_format, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_small_config(tmp_path / "cut"), quiet=True)
-    monkeypatch.setattr(store, "_write_shard", real)
+    monkeypatch.setattr(store_format, "write_shard", real)
     resumed = run_experiment(_small_config(tmp_path / "cut"), quiet=True)
     for key in ("natural", "inverted"):
         assert np.array_equal(resumed["matrices"][key]["values"], whole["matrices"][key]["values"])

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-import invsim.store as store
+import invsim.store.build as store_build
+import invsim.store.format as store_format
 from invsim.data import TensorImageDataset
 from invsim.models import load_model
 from invsim.store import InvertedDataset, StoreError, export_image_folder, invert_dataset
@@ -62,7 +63,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
     invert_dataset(model, small_data, 10, whole, **settings)
 
     killed = tmp_path / "killed"
-    real = store._write_shard
+    real = store_format.write_shard
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
@@ -71,21 +72,21 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_write_shard", dying)
+    monkeypatch.setattr(store_format, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         invert_dataset(model, small_data, 10, killed, **settings)
-    monkeypatch.setattr(store, "_write_shard", real)
+    monkeypatch.setattr(store_format, "write_shard", real)
     with pytest.raises(StoreError, match="incomplete: 1 of 3 shards"):
         InvertedDataset(killed)
 
     inverted = []
-    real_invert = store.invert_images
+    real_invert = store_build.invert_images
 
     def counting(*args, **kwargs):
         inverted.append(1)
         return real_invert(*args, **kwargs)
 
-    monkeypatch.setattr(store, "invert_images", counting)
+    monkeypatch.setattr(store_build, "invert_images", counting)
     resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
     assert _files(killed) == _files(whole)

@@ -22,7 +22,13 @@ from typing import Any
 import click
 
 from invsim import __version__
-from invsim.config import InversionConfig, TrainConfig
+from invsim.config import (
+    AdversarialConfig,
+    DataConfig,
+    InversionConfig,
+    InversionSection,
+    TrainConfig,
+)
 
 
 def _fail(e: Exception) -> None:
@@ -50,13 +56,18 @@ def _options(*decorators: Callable) -> Callable:
     return apply
 
 
-def _field_options(model: type, names: list[str], prefix: str = "") -> Callable:
-    """click options for the fields ``names`` of a settings class: same defaults, help."""
+def _field_options(
+    model: type, names: list[str], prefix: str = "", flags: dict[str, str] | None = None
+) -> Callable:
+    """click options for the fields ``names`` of a settings class: same defaults, help.
+    ``flags`` renames a field's option (``{"dataset": "data"}``: ``--data``); the
+    parameter keeps the option's name."""
     decorators = []
     for name in names:
         field = model.model_fields[name]
-        flag = "--" + prefix + name.replace("_", "-")
-        dest = prefix.replace("-", "_") + name
+        opt = (flags or {}).get(name, name)
+        flag = "--" + prefix + opt.replace("_", "-")
+        dest = prefix.replace("-", "_") + opt
         if field.annotation is bool:
             decorators.append(
                 click.option(
@@ -73,28 +84,39 @@ def _field_options(model: type, names: list[str], prefix: str = "") -> Callable:
             kind = click.Choice(args)
         else:
             kind = next(t for t in (bool, int, float, str) if t in (field.annotation, *args))
+        default = CLI_DEFAULTS.get(
+            (model.__name__, name), None if field.is_required() else field.default
+        )
         decorators.append(
             click.option(
                 flag,
                 dest,
-                default=field.default,
+                default=default,
                 type=kind,
-                show_default=field.default is not None,
+                show_default=default is not None,
                 help=field.description,
             )
         )
     return _options(*decorators)
 
 
+# where a command-line default differs from the config group's: the data set a bare
+# command reads, and standard training unless --eps is given
+CLI_DEFAULTS = {("DataConfig", "dataset"): "mnist5k", ("AdversarialConfig", "eps"): 0.0}
+
+
 INVERSION_FIELDS = [f for f in InversionConfig.model_fields]
 device_opt = click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 seed_opt = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-data_opts = _options(
-    click.option("--data", default="mnist5k", show_default=True, help="Data set name or path."),
-    click.option("--split", default="test", show_default=True, help="train, test or all."),
-    click.option("--size", default=None, type=int, help="Resize images (image folders, digits)."),
-    click.option("--crop", default=None, type=int, help="Center-crop images (image folders)."),
+data_opts = _field_options(
+    DataConfig,
+    ["dataset", "eval_split", "size", "crop"],
+    flags={"dataset": "data", "eval_split": "split"},
 )
+pairs_opt = _field_options(DataConfig, ["pairs"])
+shard_opt = _field_options(InversionSection, ["shard_size"])
+adversarial_opts = _field_options(AdversarialConfig, ["eps", "norm", "steps"])
+TRAIN_FIELDS = ["epochs", "lr", "batch_size", "width", "weight_decay", "eval_n", "eval_steps"]
 
 
 def _load_data(data: str, split: str, size: int | None, crop: int | None) -> Any:
@@ -157,54 +179,26 @@ def schema() -> None:
 @main.command()
 @click.argument("spec")
 @data_opts
-@_field_options(TrainConfig, ["epochs", "lr", "batch_size", "width"])
-@click.option(
-    "--eps",
-    default=0.0,
-    show_default=True,
-    type=float,
-    help="Adversarial training eps (0: standard training).",
-)
-@click.option("--norm", default="l2", show_default=True, type=click.Choice(["l2", "linf"]))
-@click.option("--steps", default=7, show_default=True, type=int, help="PGD steps in training.")
+@_field_options(TrainConfig, TRAIN_FIELDS)
+@adversarial_opts
 @click.option("--out", required=True, help="Checkpoint path (.safetensors).")
 @device_opt
 @seed_opt
 @_guard
-def train(
-    spec,
-    data,
-    split,
-    size,
-    crop,
-    epochs,
-    lr,
-    batch_size,
-    width,
-    eps,
-    norm,
-    steps,
-    out,
-    device,
-    seed,
-) -> None:
+def train(spec, data, split, size, crop, eps, norm, steps, out, device, seed, **recipe) -> None:
     """Train SPEC (a built-in name, tv:NAME or timm:NAME) on the train split of DATA and
     save it with its metadata. ``--split`` names the evaluation split."""
     from invsim.train import train_model
 
-    adv = {"norm": norm, "eps": eps, "steps": steps} if eps > 0 else None
+    adv = AdversarialConfig(norm=norm, eps=eps, steps=steps) if eps > 0 else None
+    settings = TrainConfig.checked({**recipe, "adversarial": adv, "seed": seed}, where="train")
     _, metrics = train_model(
         spec,
         _load_data(data, "train", size, crop),
-        epochs=epochs,
-        adversarial=adv,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
+        settings,
         device=device,
         out=out,
         test_dataset=_load_data(data, split, size, crop),
-        **({"width": width} if width else {}),
     )
     click.echo(json.dumps(metrics, indent=2))
 
@@ -225,10 +219,10 @@ def _load_cli_model(model: str, checkpoint: str | None, trust: bool, num_classes
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled checkpoints (unsafe).")
 @click.option("--num-classes", default=None, type=int, help="Classes of MODEL (spec + checkpoint).")
 @data_opts
-@click.option("--pairs", default=1000, show_default=True, type=int, help="Seed/target pairs.")
+@pairs_opt
 @click.option("--out", required=True, help="Directory of the inverted data set.")
 @_field_options(InversionConfig, INVERSION_FIELDS)
-@click.option("--shard-size", default=256, show_default=True, type=int, help="Pairs per shard.")
+@shard_opt
 @click.option("--noise-seeds", is_flag=True, help="Start from noise (STIR).")
 @click.option("--num-shards", default=None, type=int, help="Split the work into K slices.")
 @click.option("--shard-index", default=None, type=int, help="Which slice this job runs.")
@@ -289,7 +283,7 @@ def invert(
     if ds is None:
         click.echo(f"slice done; run `invsim invert --merge --out {out}` when all are done.")
         return
-    from invsim.experiment.summary import diagnostics_line, inversion_diagnostics
+    from invsim.store.diagnostics import diagnostics_line, inversion_diagnostics
 
     click.echo(repr(ds))
     click.echo(diagnostics_line(Path(out).name, inversion_diagnostics(net, ds)))
@@ -314,7 +308,7 @@ def _name_value(specs: tuple[str, ...]) -> dict[str, str]:
     help="NAME=PATH of a saved model (repeat).",
 )
 @data_opts
-@click.option("--n", default=1000, show_default=True, type=int, help="Natural images.")
+@_field_options(DataConfig, ["natural_n"], flags={"natural_n": "n"})
 @click.option(
     "--inverted",
     "inverted_specs",
@@ -344,9 +338,10 @@ def similarity(
         inverted_similarity,
         natural_similarity,
         summarize,
-        write_matrix_csv,
     )
+    from invsim.experiment.stages import write_outputs
     from invsim.models import load_model
+    from invsim.results import Results
     from invsim.store import InvertedDataset
 
     models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
@@ -362,13 +357,15 @@ def similarity(
     if inverted_specs:
         inv = {k: InvertedDataset(v) for k, v in _name_value(inverted_specs).items()}
         matrices["inverted"] = inverted_similarity(models, inv, **kw)
-    res = {}
-    for regime, by_measure in matrices.items():
-        write_matrix_csv(by_measure, outdir / f"{regime}.csv")
-        res[regime] = {
-            m: {"matrix": mat.to_dict(), "summary": summarize(mat)} for m, mat in by_measure.items()
-        }
-        for m, mat in by_measure.items():
+    results = Results(matrices=matrices)
+    results.summary = {regime: summarize(results.matrix(regime)) for regime in matrices}
+    write_outputs(outdir, results, report=False)  # results.json and one CSV per regime
+    res = {
+        regime: {m: {"matrix": mat.to_dict(), "summary": summarize(mat)} for m, mat in by.items()}
+        for regime, by in results.matrices.items()
+    }
+    for regime, by in results.matrices.items():
+        for m, mat in by.items():
             click.echo(f"{regime} ({m}):\n{mat!r}")
     (outdir / "similarity.json").write_text(json.dumps(res, indent=2) + "\n")
 
@@ -385,16 +382,17 @@ def report(directory: str) -> None:
 
 @main.command()
 def models() -> None:
-    """List the model specs load_model understands."""
-    from invsim.catalog import list_models
+    """List the model sources load_model understands, and each one's names."""
+    from invsim.catalog import MODEL_SOURCES, list_models
 
     found = list_models()
-    click.echo("built-in: " + ", ".join(found["builtin"]))
-    click.echo(f"torchvision ({len(found['torchvision'])}): " + ", ".join(found["torchvision"]))
-    if found["timm"]:
-        click.echo("timm: installed (timm:NAME, any name from timm.list_models())")
-    else:
-        click.echo("timm: not installed (pip install 'invsim[timm]')")
+    for name, source in MODEL_SOURCES.items():
+        names = found.get(name, [])
+        if name == "timm" and not names:
+            click.echo("timm: not installed (pip install 'invsim[timm]')")
+            continue
+        listed = f" ({len(names)}): " + ", ".join(names) if names else ""
+        click.echo(f"{source.describe()}{listed}")
 
 
 if __name__ == "__main__":

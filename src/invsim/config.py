@@ -109,10 +109,12 @@ class InversionConfig(_Settings):
 
 
 class AdversarialConfig(_Settings):
-    norm: Literal["l2", "linf"] = "l2"
-    eps: float = Field(ge=0)
-    steps: int = Field(7, ge=1)
-    step_size: float | None = None
+    """Adversarial training (Madry et al.): PGD in the ``norm`` ball of radius ``eps``."""
+
+    norm: Literal["l2", "linf"] = Field("l2", description="The attack's norm.")
+    eps: float = Field(ge=0, description="Adversarial training eps (0: standard training).")
+    steps: int = Field(7, ge=1, description="PGD steps in training.")
+    step_size: float | None = Field(None, description="PGD step (default: 2.5 eps / steps).")
 
 
 class TrainConfig(_Settings):
@@ -123,19 +125,22 @@ class TrainConfig(_Settings):
     seed: int | None = Field(None, description="Training seed (default: the run's seed).")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (one-cycle AdamW).")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
+    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
+    eval_n: int | None = Field(1000, ge=1, description="Test images for the accuracies.")
+    eval_steps: int = Field(20, ge=1, description="PGD steps of the robust accuracy.")
     width: int | None = Field(None, ge=1, description="Width of a built-in architecture.")
     dataset: str | None = Field(None, description="Train on this data set instead.")
     data_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class DataConfig(_Settings):
-    dataset: str
-    train_split: str = "train"
-    eval_split: str = "test"
+    dataset: str = Field(description="Data set name or path (invsim.data.DATASETS).")
+    train_split: str = Field("train", description="The split models train on.")
+    eval_split: str = Field("test", description="train, test or all.")
     natural_n: int | None = Field(1000, ge=2, description="Natural images (None: all).")
     pairs: int = Field(1000, ge=1, description="Seed/target pairs per model.")
-    size: int | None = None
-    crop: int | None = None
+    size: int | None = Field(None, description="Resize images (image folders, digits).")
+    crop: int | None = Field(None, description="Center-crop images (image folders).")
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -241,9 +246,10 @@ class ExperimentConfig(_Settings):
         default_factory=lambda: ["natural", "inverted"],
         description="Which data the matrices are computed on: natural, inverted, stir.",
     )
-    measures: list[str] = Field(
+    measures: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["linear_cka", "debiased_cka"],
-        description="Similarity measures (invsim.similarity.MEASURES); the first is primary.",
+        description="Similarity measures (invsim.similarity.MEASURES); the first is primary. "
+        "A name, 'name:option=value,...' or a mapping {name: mutual_knn, k: 20}.",
     )
     calibration: CalibrationConfig | None = Field(
         default_factory=CalibrationConfig,
@@ -253,12 +259,26 @@ class ExperimentConfig(_Settings):
     confound: ConfoundConfig | None = None
     note: str | None = None
 
+    @property
+    def measure_names(self) -> list[str]:
+        """The measures' names, options stripped; the first is the primary measure."""
+        from invsim.similarity.registry import parse_measure
+
+        return [parse_measure(m)[0] for m in self.measures]
+
+    @property
+    def measure_options(self) -> dict[str, dict[str, Any]]:
+        """name -> the options the config sets (empty: the measure's defaults)."""
+        from invsim.similarity.registry import parse_measure
+
+        return dict(parse_measure(m) for m in self.measures)
+
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
         for r in self.regimes:
             if r not in REGIMES:
                 raise ValueError(f"unknown regime {r!r} in 'regimes'; use {list(REGIMES)}.")
-        moved = [m for m in self.measures if m in REGIMES]
+        moved = [m for m in self.measures if isinstance(m, str) and m in REGIMES]
         if moved:
             raise ValueError(
                 f"'measures' lists {moved}, which are regimes (the data a matrix is computed "
@@ -271,7 +291,11 @@ class ExperimentConfig(_Settings):
         from invsim.similarity.registry import get_measure  # the registry needs torch
 
         for m in self.measures:
-            get_measure(m)
+            get_measure(m)  # an unknown name or option is an error here
+        names = self.measure_names
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"'measures' lists {repeated} more than once.")
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

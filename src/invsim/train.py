@@ -14,13 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from invsim._io import progress_bar
 from invsim.attacks import pgd
-from invsim.config import TrainConfig
+from invsim.config import AdversarialConfig, TrainConfig
 from invsim.models import Normalize, load_model, save_model
 from invsim.representation import eval_mode, logits
 
 __all__ = ["accuracy", "train_ladder", "train_model"]
-
-_T = TrainConfig()  # the single source of train_model's recipe defaults
 
 
 def _shape(dataset: Dataset) -> tuple[int, int, int]:
@@ -56,84 +54,93 @@ def accuracy(
     return correct / max(total, 1)
 
 
-def _attack(adv: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(adv) - {"norm", "eps", "steps", "step_size"}
-    if unknown:
-        raise ValueError(f"unknown adversarial settings {sorted(unknown)}; use norm, eps, steps.")
-    return {
-        "norm": adv.get("norm", "l2"),
-        "eps": float(adv["eps"]),
-        "steps": int(adv.get("steps", 7)),
-        "step_size": adv.get("step_size"),
-    }
+def _attack(adv: Mapping[str, Any] | AdversarialConfig) -> dict[str, Any]:
+    """The PGD settings of an adversarial recipe, validated (:class:`AdversarialConfig`)."""
+    if isinstance(adv, AdversarialConfig):
+        return adv.model_dump()
+    return AdversarialConfig.checked(dict(adv), where="adversarial").model_dump()
+
+
+_RECIPE = set(TrainConfig.model_fields) - {"dataset", "data_options", "width"}
 
 
 def train_model(
     spec: str | nn.Module,
     dataset: Dataset,
+    recipe: TrainConfig | None = None,
     *,
-    epochs: int = _T.epochs,
-    adversarial: Mapping[str, Any] | None = None,
-    seed: int = 0,
     device: str | torch.device | None = None,
     test_dataset: Dataset | None = None,
-    batch_size: int = _T.batch_size,
-    lr: float = _T.lr,
-    weight_decay: float = 5e-4,
-    eval_n: int | None = 1000,
-    eval_steps: int = 20,
     out: str | Path | None = None,
     progress: bool | None = None,
-    **model_kwargs: Any,
+    **kwargs: Any,
 ) -> tuple[Normalize, dict[str, Any]]:
-    """Train a classifier on ``dataset``: standard, or adversarial (Madry et al.) when
-    ``adversarial={"norm": "l2"|"linf", "eps": ..., "steps": ...}`` (eps 0 = standard).
+    """Train a classifier on ``dataset`` with ``recipe`` (a :class:`TrainConfig`; default:
+    its defaults): standard, or adversarial (Madry et al.) when ``recipe.adversarial``
+    sets an eps above 0. Keywords named like a recipe field (``epochs=1``,
+    ``adversarial={"norm": "linf", "eps": 0.3}``) replace it; the others (``width``,
+    ``num_classes``, ...) go to the architecture.
 
-    AdamW with a one-cycle schedule (warm-up then cosine decay), batch 128. Deterministic on
-    CPU for a given ``seed``. Metrics: clean test accuracy and, for robust models, robust
-    test accuracy under PGD-``eval_steps`` at the training eps (on ``eval_n`` test images).
-    With ``out``, saves a checkpoint that ``load_model(out)`` restores with its metadata.
+    AdamW with a one-cycle schedule (warm-up then cosine decay). Deterministic on CPU for
+    a given ``recipe.seed`` (default 0). Metrics: clean test accuracy and, for robust
+    models, robust test accuracy under PGD-``eval_steps`` at the training eps (on
+    ``eval_n`` test images). With ``out``, saves a checkpoint that ``load_model(out)``
+    restores with its metadata.
 
     Example:
+        >>> from invsim.config import AdversarialConfig, TrainConfig
         >>> from invsim.data import load_dataset
         >>> from invsim.train import train_model
         >>> ds = load_dataset("digits", split="train", size=28)
-        >>> model, metrics = train_model("mlp", ds, epochs=1, progress=False,
+        >>> model, metrics = train_model("mlp", ds, TrainConfig(epochs=1), progress=False,
         ...                              test_dataset=load_dataset("digits", size=28))
         >>> metrics["clean_acc"] > 0.5
         True
     """
+    changes = {k: kwargs.pop(k) for k in list(kwargs) if k in _RECIPE}
+    if isinstance(changes.get("adversarial"), Mapping):
+        changes["adversarial"] = _attack(changes["adversarial"])
+    r = (recipe or TrainConfig()).replace(**changes) if changes else (recipe or TrainConfig())
+    seed = 0 if r.seed is None else r.seed
+    if r.width is not None:
+        kwargs.setdefault("width", r.width)
     torch.manual_seed(seed)
-    model = _build(spec, dataset, model_kwargs)
+    model = _build(spec, dataset, kwargs)
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
-    adv = _attack(adversarial) if adversarial and float(adversarial.get("eps", 0)) > 0 else None
+    adv = _attack(r.adversarial) if r.adversarial and r.adversarial.eps > 0 else None
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+    loader = DataLoader(dataset, batch_size=r.batch_size, shuffle=True, generator=g, drop_last=True)
     t0 = time.perf_counter()
-    losses = _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress)
+    losses = _fit(model, loader, r.epochs, r.lr, r.weight_decay, adv, seed, progress)
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - t0,
-        "epochs": epochs,
+        "epochs": r.epochs,
         "final_train_loss": float(sum(losses[-20:]) / max(len(losses[-20:]), 1)),
         "seed": seed,
         "adversarial": dict(adv) if adv else None,
         "dataset": getattr(dataset, "id", None),
     }
     if test_dataset is not None:
-        metrics["clean_acc"] = accuracy(model, test_dataset, n=eval_n, device=dev)
-        if adv is not None:
-            eval_attack = {"norm": adv["norm"], "eps": adv["eps"], "steps": eval_steps}
-            metrics["robust_acc"] = accuracy(
-                model, test_dataset, adversarial=eval_attack, n=eval_n, device=dev, seed=seed
-            )
-            metrics["robust_eval"] = eval_attack
+        metrics.update(_evaluate(model, test_dataset, adv, r, seed, dev))
     meta = {"training": metrics, "eps": adv["eps"] if adv else 0.0, "norm": adv and adv["norm"]}
     model.invsim_meta.update(meta)
     if out is not None:
         save_model(model, out, **meta)
     return model, metrics
+
+
+def _evaluate(model, test_dataset, adv, r: TrainConfig, seed: int, dev) -> dict[str, Any]:
+    """Clean accuracy and, for an adversarial recipe, robust accuracy at its eps."""
+    out: dict[str, Any] = {"clean_acc": accuracy(model, test_dataset, n=r.eval_n, device=dev)}
+    if adv is not None:
+        attack = {"norm": adv["norm"], "eps": adv["eps"], "steps": r.eval_steps}
+        out["robust_acc"] = accuracy(
+            model, test_dataset, adversarial=attack, n=r.eval_n, device=dev, seed=seed
+        )
+        out["robust_eval"] = attack
+    return out
 
 
 def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]) -> Normalize:

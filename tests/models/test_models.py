@@ -211,9 +211,9 @@ def test_foreign_safetensors_by_path_alone_is_refused(tmp_path, lenet_sd):
 
 
 def test_mean_std_precedence_arguments_then_checkpoint_then_spec(tmp_path):
-    from invsim.models import _default_stats
+    from invsim.catalog import source_of
 
-    spec_default = _default_stats(1)
+    spec_default = source_of("lenet").normalisation(None, 1)  # the source's defaults
     m = load_model("lenet", mean=[0.5], std=[0.25])
     assert m.invsim_meta["mean"] == [0.5] and m.invsim_meta["std"] == [0.25]
     save_model(m, tmp_path / "m.safetensors")

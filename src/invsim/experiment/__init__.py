@@ -3,7 +3,7 @@
 - :mod:`invsim.experiment.matrices`: natural, inverted and STIR matrices between models,
   with the on-disk representation cache.
 - :mod:`invsim.experiment.summary`: summaries, the robustness trend, diagnostics, CSV.
-- :mod:`invsim.experiment.stages`: ``run_experiment`` as named, resumable stages.
+- :mod:`invsim.experiment.stages`: ``run_experiment`` as declared, resumable stages.
 """
 
 from invsim.experiment.matrices import (
@@ -13,17 +13,29 @@ from invsim.experiment.matrices import (
     panel,
     stir_similarity,
 )
-from invsim.experiment.stages import confound_config, load_data, run_experiment
+from invsim.experiment.stages import (
+    STAGES,
+    Run,
+    Stage,
+    add_stage,
+    confound_config,
+    load_data,
+    run_experiment,
+)
 from invsim.experiment.summary import (
     headline,
-    inversion_diagnostics,
     robustness_summary,
     summarize,
     write_matrix_csv,
 )
+from invsim.store.diagnostics import inversion_diagnostics
 
 __all__ = [
+    "STAGES",
     "RepresentationCache",
+    "Run",
+    "Stage",
+    "add_stage",
     "confound_config",
     "headline",
     "inversion_diagnostics",

@@ -35,6 +35,7 @@ from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
 from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
 from invsim.similarity.calibration import (
+    CI_CENTRE,
     CI_TARGET,
     GRAM_LIMIT,
     cka_calibration,
@@ -42,6 +43,7 @@ from invsim.similarity.calibration import (
     interval_method,
 )
 from invsim.similarity.matrix import each_cell
+from invsim.similarity.registry import Measure, MeasureLike
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
 
 __all__ = [
@@ -117,7 +119,7 @@ def _extract(model: nn.Module, data: Dataset | torch.Tensor, **kwargs: Any) -> t
 
 def panel(
     reps: Mapping[str, torch.Tensor],
-    measures: Sequence[str],
+    measures: Sequence[MeasureLike],
     *,
     logits: Mapping[str, torch.Tensor] | None = None,
     rows: Sequence[str] | None = None,
@@ -130,7 +132,7 @@ def panel(
     measures read ``logits`` (name -> (n, classes)) instead. With ``calibration``, the
     measures it names get per-cell ``ci_low``, ``ci_high``, ``null_mean``, ``p_value``."""
     names, rows = list(reps), list(rows or reps)
-    found = {m: get_measure(m) for m in measures}
+    found = {m.name: m for m in map(get_measure, measures)}
     out: dict[str, SimilarityMatrix] = {}
     streaming = [m for m, spec in found.items() if spec.streams]
     scatter: dict[str, torch.Tensor] = {}  # each view's centred X^T X, from the pass
@@ -140,7 +142,7 @@ def panel(
         for start in range(0, n, chunk):
             acc.update({k: v[start : start + chunk] for k, v in reps.items()})
         centred = acc.moments.centred()
-        out.update(acc.compute_measures(streaming, rows=rows, centred=centred))
+        out.update(acc.compute_measures([found[m] for m in streaming], rows=rows, centred=centred))
         scatter = {k: centred.cov(i, i) for i, k in enumerate(names)}
     for name, spec in found.items():
         if spec.streams:
@@ -153,13 +155,15 @@ def panel(
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
             out[name].stats, out[name].interval = _calibrated(
-                data, out[name].values, rows, names, name, calibration, seed, scatter
+                data, out[name].values, rows, names, found[name], calibration, seed, scatter
             )
-    return {m: out[m] for m in measures}
+    for name, spec in found.items():
+        out[name].measure, out[name].options = name, dict(spec.options)
+    return {m: out[m] for m in found}
 
 
 def _calibrated(
-    data, values, rows, cols, name, cal: CalibrationConfig, seed: int, scatter=None
+    data, values, rows, cols, spec: Measure, cal: CalibrationConfig, seed: int, scatter=None
 ) -> tuple[dict, dict]:
     """Per-cell interval and null (:mod:`invsim.similarity.calibration`), and what the
     interval is (``ci_method``, ``ci_target``, ``ci_centre``, ``ci_reason``). A measure
@@ -167,11 +171,10 @@ def _calibrated(
     whole matrix (:func:`cka_calibration`, given each view's centred X^T X, ``scatter``,
     when a streamed pass has them); other measures cell by cell, reusing a symmetric
     measure's mirrored cells."""
-    spec = get_measure(name)
     n = len(next(iter(data.values())))
     widths = max(int(np.prod(v.shape[1:])) for v in data.values())
     method, reason = interval_method(spec, n, (widths, widths))
-    centre = "debiased_cka" if spec.interval == "cka_jackknife" else None
+    centre = CI_CENTRE.get(spec.interval)
     about = {"ci_method": method, "ci_target": CI_TARGET, "ci_reason": reason,
              "ci_centre": centre}  # fmt: skip
     if spec.exact_null and n <= GRAM_LIMIT:
@@ -186,7 +189,7 @@ def _calibrated(
         cells = each_cell(
             rows,
             cols,
-            lambda r, c: calibrate(data[r], data[c], measure=name, n_perm=cal.n_perm,
+            lambda r, c: calibrate(data[r], data[c], measure=spec, n_perm=cal.n_perm,
                                    ci=cal.ci, seed=seed, null=cal.null),
             symmetric=spec.symmetric,
         )  # fmt: skip
@@ -203,18 +206,32 @@ def _calibrated(
     return stats, about
 
 
-def _one_or_many(result: dict[str, SimilarityMatrix], measures: str | Sequence[str]):
-    return result[measures] if isinstance(measures, str) else result
+def _one_or_many(result: dict[str, SimilarityMatrix], measures: Any):
+    """One matrix when one measure was asked for (not in a list), else name -> matrix."""
+    return next(iter(result.values())) if isinstance(measures, (str, Mapping, Measure)) else result
 
 
-def _names(measures: str | Sequence[str], debiased: bool) -> list[str]:
-    if isinstance(measures, str):
-        return ["debiased_cka" if debiased and measures == "linear_cka" else measures]
-    return list(measures)
+def _resolve(measures: MeasureLike | Sequence[MeasureLike], debiased: bool) -> list[Measure]:
+    """The measures asked for, options bound; ``debiased=True`` asks for one measure's
+    debiased twin (:attr:`Measure.debiased`)."""
+    one = isinstance(measures, (str, Mapping, Measure))
+    found = [get_measure(m) for m in ([measures] if one else measures)]  # type: ignore[list-item]
+    if debiased:
+        if not one or found[0].debiased is None:
+            raise ValueError(
+                f"debiased=True needs one measure with a debiased twin; got {measures!r}. "
+                "Name the debiased measure instead (measures='debiased_cka')."
+            )
+        found = [get_measure(found[0].debiased)]
+    names = [m.name for m in found]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"measures {repeated} are listed more than once.")
+    return found
 
 
-def _needs_logits(measures: Sequence[str]) -> bool:
-    return any(get_measure(m).inputs == "logits" for m in measures)
+def _needs_logits(measures: Sequence[Measure]) -> bool:
+    return any(m.inputs == "logits" for m in measures)
 
 
 Layers = str | Mapping[str, str]
@@ -262,7 +279,7 @@ def natural_similarity(
     """
     cache = cache or RepresentationCache()
     images, data_id = _subset(dataset, n)
-    names = _names(measures, debiased)
+    names = _resolve(measures, debiased)
     kw = {"batch_size": batch_size, "device": device}
     reps = {
         k: cache.get(m, images, data_id, layer=layer_of(layer, k), **kw) for k, m in models.items()
@@ -271,9 +288,7 @@ def natural_similarity(
     if _needs_logits(names):
         logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
     result = panel(reps, names, logits=logit, calibration=calibration, seed=seed)
-    if isinstance(measures, str):
-        return result[names[0]]
-    return result
+    return _one_or_many(result, measures)
 
 
 def inverted_similarity(
@@ -298,8 +313,8 @@ def inverted_similarity(
     missing = [r for r in inverted if r not in models]
     if missing:
         raise ValueError(f"inverted data sets for unknown models {missing}; known: {cols}.")
-    names = _names(measures, debiased)
-    values = {m: np.empty((len(rows), len(cols))) for m in names}
+    names = _resolve(measures, debiased)
+    values = {m.name: np.empty((len(rows), len(cols))) for m in names}
     stats: dict[str, dict[str, np.ndarray]] = {}
     about: dict[str, list[dict]] = {}
     kw = {"batch_size": batch_size, "device": device}
@@ -321,10 +336,7 @@ def inverted_similarity(
             about.setdefault(m, []).append(mat.interval)
             for k, v in mat.stats.items():
                 stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
-    return _one_or_many(
-        _assemble(rows, cols, values, stats, about),
-        (names[0] if isinstance(measures, str) else names),
-    )
+    return _one_or_many(_assemble(rows, cols, values, stats, about, names), measures)
 
 
 def _check_layer(data: Any, row: str, layer: str) -> None:
@@ -338,12 +350,13 @@ def _check_layer(data: Any, row: str, layer: str) -> None:
         )
 
 
-def _assemble(rows, cols, values, stats, about) -> dict[str, SimilarityMatrix]:
+def _assemble(rows, cols, values, stats, about, measures) -> dict[str, SimilarityMatrix]:
     """The matrices of a computation done a row or a cell at a time, per measure."""
     return {
-        m: SimilarityMatrix(rows, cols, v, stats.get(m, {}), merge_interval(about.get(m, [])))
-        for m, v in values.items()
-    }
+        m.name: SimilarityMatrix(rows, cols, values[m.name], stats.get(m.name, {}),
+                                 merge_interval(about.get(m.name, [])), m.name, dict(m.options))
+        for m in measures
+    }  # fmt: skip
 
 
 def merge_interval(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -398,8 +411,8 @@ def stir_similarity(
     cache = cache or RepresentationCache()
     cfg = (inversion or InversionConfig()).replace(**settings)
     layer = cfg.layer if layer is None else layer
-    names, wanted = list(models), _names(measures, False)
-    values = {m: np.empty((len(names), len(names))) for m in wanted}
+    names, wanted = list(models), _resolve(measures, False)
+    values = {m.name: np.empty((len(names), len(names))) for m in wanted}
     stats: dict[str, dict[str, np.ndarray]] = {}
     about: dict[str, list[dict]] = {}
     stored: dict[str, InvertedDataset] = {}
@@ -426,4 +439,4 @@ def stir_similarity(
             found = panel(pair[read], wanted, logits=pair.get(LOGITS), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
             _put(values, stats, about, found, i, j)
-    return _one_or_many(_assemble(names, names, values, stats, about), measures), stored
+    return _one_or_many(_assemble(names, names, values, stats, about, wanted), measures), stored

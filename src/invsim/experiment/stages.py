@@ -1,12 +1,19 @@
-"""The run as named stages, each a small function usable alone and resumable from its
-cached outputs under ``cfg.out``:
+"""The run as declared stages over a typed run context.
 
-    load_data -> load_models -> invert_models -> compute_matrices -> summarise
-              -> write_outputs                            (run_experiment chains them)
+Each stage is a small function of the :class:`Run` that returns its artefact; the run
+keeps it under the stage's name, and later stages read earlier artefacts from it
+(``run["models"]``). :data:`STAGES` lists them in order, in one place::
+
+    data -> models -> inverted -> matrices -> results -> drift -> statistics
+         -> warnings -> confound -> provenance -> outputs
+
+:func:`run_experiment` walks that list. :func:`add_stage` inserts another (before
+``outputs`` unless told otherwise); its artefact lands in ``results.json`` under the
+stage's name and in the report, with no other change.
 
 Trained models (``models/``), finished inversion shards (``inverted/``) and
-representations (``cache/``) are reused, so an interrupted run started again picks up
-where it stopped and a finished run recomputes nothing. The confound experiment is a
+representations (``cache/``) are kept on disk, so an interrupted run started again picks
+up where it stopped and a finished run recomputes nothing. The confound experiment is a
 config of this same pipeline (:func:`confound_config`), run into ``out/confound``.
 Under torchrun rank 0 trains and writes; inversion and extraction are split by rank.
 """
@@ -17,10 +24,9 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,7 @@ import invsim
 from invsim._io import atomic_write
 from invsim.config import ExperimentConfig, InversionConfig, ModelConfig, validate
 from invsim.data import load_dataset
+from invsim.data.datasets import load_configured
 from invsim.distributed import barrier, init_from_env, is_main
 from invsim.experiment.matrices import (
     RepresentationCache,
@@ -42,7 +49,6 @@ from invsim.experiment.matrices import (
 from invsim.experiment.summary import (
     claim_statistics,
     confound_headline,
-    inversion_diagnostics,
     panel_summary,
     robustness_summary,
     summarize,
@@ -50,21 +56,26 @@ from invsim.experiment.summary import (
     write_matrix_csv,
 )
 from invsim.models import load_model
+from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
 from invsim.store import InvertedDataset, invert_dataset
+from invsim.store.diagnostics import inversion_diagnostics
 from invsim.train import train_model
 
 __all__ = [
+    "STAGES",
+    "Run",
+    "Stage",
     "Zoo",
-    "compute_matrices",
+    "add_stage",
     "confound_config",
-    "invert_models",
+    "layers_of",
     "load_data",
-    "load_models",
     "run_experiment",
-    "summarise",
     "write_outputs",
 ]
+
+Panels = dict[str, dict[str, SimilarityMatrix]]  # regime -> measure -> matrix
 
 
 def log(msg: str, *, quiet: bool = False) -> None:
@@ -81,11 +92,58 @@ class Zoo:
     arch: dict[str, str]
 
 
+@dataclass
+class Run:
+    """A run in progress: its config, how it reports, and each finished stage's artefact
+    (``run["matrices"]``). ``cache`` holds the representations on disk under
+    ``out/cache``."""
+
+    cfg: ExperimentConfig
+    quiet: bool = False
+    report: bool = True
+    artefacts: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.cache = RepresentationCache(self.out / "cache")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def __getitem__(self, stage: str) -> Any:
+        if stage not in self.artefacts:
+            raise KeyError(
+                f"stage {stage!r} has not run yet; finished: {list(self.artefacts)}. A stage "
+                "reads only the artefacts of stages listed before it in STAGES."
+            )
+        return self.artefacts[stage]
+
+    def log(self, msg: str) -> None:
+        log(msg, quiet=self.quiet)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the run: ``run(Run) -> artefact``. With ``in_results``, the artefact
+    goes into ``results.json`` (and the report) under ``name``."""
+
+    name: str
+    run: Callable[[Run], Any]
+    description: str = ""
+    in_results: bool = False
+
+
 def load_data(cfg: ExperimentConfig, split: str | None = None) -> Dataset:
     """The run's data set, the evaluation split unless ``split`` says otherwise."""
-    d = cfg.data
-    size = {k: getattr(d, k) for k in ("size", "crop") if getattr(d, k)}
-    return load_dataset(d.dataset, split=split or d.eval_split, **size, **d.options)
+    return load_configured(cfg.data, split)
+
+
+def layers_of(cfg: ExperimentConfig) -> dict[str, str]:
+    """Each model's layer: its own ``layer`` when set, else the run's
+    (``inversion.layer``). A row model is inverted at its layer, and every column is
+    read at its own."""
+    return {m.name: m.layer or cfg.inversion.layer for m in cfg.models}
 
 
 def train_once(path: Path, train: Callable[[], None], *, device: str | None = None) -> nn.Module:
@@ -96,13 +154,6 @@ def train_once(path: Path, train: Callable[[], None], *, device: str | None = No
     barrier()
     model = load_model(str(path))
     return model.to(device) if device else model
-
-
-def layers_of(cfg: ExperimentConfig) -> dict[str, str]:
-    """Each model's layer: its own ``layer`` when set, else the run's
-    (``inversion.layer``). A row model is inverted at its layer, and every column is
-    read at its own."""
-    return {m.name: m.layer or cfg.inversion.layer for m in cfg.models}
 
 
 def _shape_kwargs(m: ModelConfig) -> dict[str, Any]:
@@ -126,20 +177,14 @@ def _trainer(cfg: ExperimentConfig, m: ModelConfig, eval_ds: Dataset, path: Path
         log(
             f"model {m.name}: training {m.spec} {recipe.model_dump(exclude_none=True)}", quiet=quiet
         )
-        adv = recipe.adversarial.model_dump() if recipe.adversarial else None
-        width = {"width": recipe.width} if recipe.width else {}
+        seeded = recipe.replace(seed=cfg.seed if recipe.seed is None else recipe.seed)
         _, metrics = train_model(
             m.spec,
             ds,
-            epochs=recipe.epochs,
-            adversarial=adv,
-            lr=recipe.lr,
-            batch_size=recipe.batch_size,
+            seeded,
             test_dataset=eval_ds,
             out=path,
             device=cfg.device,
-            seed=cfg.seed if recipe.seed is None else recipe.seed,
-            **width,
             **_shape_kwargs(m),
         )
         robust = metrics.get("robust_acc")
@@ -173,27 +218,38 @@ def load_models(cfg: ExperimentConfig, eval_ds: Dataset, *, quiet: bool = False)
     return zoo
 
 
-def invert_models(
-    cfg: ExperimentConfig, zoo: Zoo, eval_ds: Dataset, *, quiet: bool = False
-) -> dict[str, InvertedDataset]:
-    """Each row model's inverted data set, stored under ``out/inverted/<name>``."""
+# --- the stages -------------------------------------------------------------------------
+
+
+def data_stage(run: Run) -> Dataset:
+    """The evaluation data set (seeds, targets and natural images come from it)."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(run.cfg.seed)
+    return load_data(run.cfg)
+
+
+def models_stage(run: Run) -> Zoo:
+    return load_models(run.cfg, run["data"], quiet=run.quiet)
+
+
+def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
+    """Each row model's inverted data set, stored under ``out/inverted/<name>``, at the
+    model's own layer."""
+    cfg, zoo = run.cfg, run["models"]
     if "inverted" not in cfg.regimes:
         return {}
-    inverted = {}
-    for m in cfg.models:
-        if not m.invert:
-            continue
-        log(
+    inverted, layers = {}, layers_of(cfg)
+    for m in (m for m in cfg.models if m.invert):
+        run.log(
             f"inverting {cfg.data.pairs} pairs through {m.name} "
-            f"({cfg.inversion.iterations} iterations)",
-            quiet=quiet,
+            f"({cfg.inversion.iterations} iterations)"
         )
         inv = invert_dataset(
             zoo.models[m.name],
-            eval_ds,
+            run["data"],
             cfg.data.pairs,
-            Path(cfg.out) / "inverted" / m.name,
-            inversion=cfg.inversion.settings().replace(layer=layers_of(cfg)[m.name]),
+            run.out / "inverted" / m.name,
+            inversion=cfg.inversion.settings().replace(layer=layers[m.name]),
             seed=cfg.seed,
             shard_size=cfg.inversion.shard_size,
             device=cfg.device,
@@ -203,41 +259,34 @@ def invert_models(
     return inverted
 
 
-def compute_matrices(
-    cfg: ExperimentConfig,
-    zoo: Zoo,
-    eval_ds: Dataset,
-    inverted: Mapping[str, InvertedDataset],
-    *,
-    cache: RepresentationCache,
-    quiet: bool = False,
-) -> dict[str, dict[str, SimilarityMatrix]]:
+def matrices_stage(run: Run) -> Panels:
     """regime -> measure -> matrix, for the regimes and measures the config asks for."""
+    cfg, zoo, data = run.cfg, run["models"], run["data"]
     kw = {
         "measures": cfg.measures,
         "layer": layers_of(cfg),
-        "cache": cache,
+        "cache": run.cache,
         "device": cfg.device,
         "calibration": cfg.calibration,
     }
-    out: dict[str, dict[str, SimilarityMatrix]] = {}
+    out: Panels = {}
     if "natural" in cfg.regimes:
-        log("natural similarity", quiet=quiet)
+        run.log("natural similarity")
         out["natural"] = natural_similarity(
-            zoo.models, eval_ds, n=cfg.data.natural_n, seed=cfg.seed, **kw
+            zoo.models, data, n=cfg.data.natural_n, seed=cfg.seed, **kw
         )
-    if inverted:
-        log("inverted similarity", quiet=quiet)
-        out["inverted"] = inverted_similarity(zoo.models, inverted, seed=cfg.seed, **kw)
+    if run["inverted"]:
+        run.log("inverted similarity")
+        out["inverted"] = inverted_similarity(zoo.models, run["inverted"], seed=cfg.seed, **kw)
     if "stir" in cfg.regimes:
-        log("STIR", quiet=quiet)
+        run.log("STIR")
         st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
         out["stir"], _ = stir_similarity(
             zoo.models,
-            eval_ds,
-            Path(cfg.out) / "stir",
+            data,
+            run.out / "stir",
             n=st.n,
             seed=cfg.seed,
             seed_images=st.seed_images or "data",
@@ -248,76 +297,18 @@ def compute_matrices(
     return out
 
 
-DRIFT_THRESHOLD = 0.02
-
-
-def drift(
-    cfg: ExperimentConfig,
-    zoo: Zoo,
-    inverted: Mapping[str, InvertedDataset],
-    full: SimilarityMatrix,
-    *,
-    cache: RepresentationCache,
-) -> dict[str, Any] | None:
-    """The inverted matrix (primary measure) at half the inversion budget, from the
-    stored half-budget images (no extra inversion): the cells that moved more than
-    ``DRIFT_THRESHOLD`` in the second half have not settled."""
-    if not inverted or any(v.half_images is None for v in inverted.values()):
-        return None
-    halves = {
-        k: SimpleNamespace(images=v.half_images, id=f"{v.id}:half") for k, v in inverted.items()
-    }
-    half = inverted_similarity(
-        zoo.models,
-        halves,
-        measures=cfg.measures[0],
-        layer=layers_of(cfg),
-        cache=cache,
-        device=cfg.device,
-    )
-    change = np.abs(full.values - half.values)
-    moved = [
-        {
-            "row": r,
-            "column": c,
-            "value": float(full.values[i, j]),
-            "half_budget_value": float(half.values[i, j]),
-            "change": float(change[i, j]),
-        }
-        for i, r in enumerate(full.rows)
-        for j, c in enumerate(full.cols)
-        if change[i, j] > DRIFT_THRESHOLD
-    ]
-    return {
-        "half_iterations": cfg.inversion.iterations // 2,
-        "threshold": DRIFT_THRESHOLD,
-        "max_change": float(change.max()),
-        "moved": moved,
-    }
-
-
-def summarise(
-    zoo: Zoo,
-    panels: Mapping[str, Mapping[str, SimilarityMatrix]],
-    inverted: Mapping[str, InvertedDataset],
-) -> dict[str, Any]:
-    """results.json's body. ``matrices[regime]`` is the primary measure's (the first
-    listed); ``measures[measure][regime]`` holds every measure's; ``summary`` and
-    ``robustness`` are the primary measure's, ``panel`` the per-measure table."""
-    measures = list(next(iter(panels.values()))) if panels else []
-    primary = {regime: by[measures[0]] for regime, by in panels.items()} if measures else {}
-    results: dict[str, Any] = {
-        "matrices": {k: _labelled(m, measures[0]) for k, m in primary.items()},
-        "measures": {m: {k: _labelled(by[m], m) for k, by in panels.items()} for m in measures},
-        "summary": {k: summarize(m) for k, m in primary.items()},
-        "panel": {m: panel_summary(panels, m, zoo.eps) for m in measures},
-        "diagnostics": {k: inversion_diagnostics(zoo.models[k], v) for k, v in inverted.items()},
-    }
+def results_stage(run: Run) -> Results:
+    """The typed results: every matrix, the primary measure's summaries and robustness
+    trend, the per-measure panel, each row's inversion diagnostics and the models."""
+    zoo, panels, inverted = run["models"], run["matrices"], run["inverted"]
+    r = Results(matrices={k: dict(v) for k, v in panels.items()})
+    primary = {regime: r.matrix(regime) for regime in r.regimes}
+    r.summary = {k: summarize(m) for k, m in primary.items()}
+    r.panel = {m: panel_summary(panels, m, zoo.eps) for m in r.measures}
+    r.diagnostics = {k: inversion_diagnostics(zoo.models[k], v) for k, v in inverted.items()}
     if len(set(zoo.eps.values())) > 1:
-        results["robustness"] = {
-            k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in primary.items()
-        }
-    results["models"] = {
+        r.robustness = {k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in primary.items()}
+    r.models = {
         n: {
             "eps": zoo.eps[n],
             "arch": zoo.arch[n],
@@ -327,20 +318,95 @@ def summarise(
         }
         for n, m in zoo.models.items()
     }
-    return results
+    return r
 
 
-def primary_of(panels, regime: str, cfg: ExperimentConfig) -> SimilarityMatrix | None:
-    """The primary measure's matrix of ``regime``, or None when it was not computed."""
-    return panels[regime][cfg.measures[0]] if regime in panels else None
+DRIFT_THRESHOLD = 0.02
 
 
-def _labelled(matrix: SimilarityMatrix, measure: str) -> dict[str, Any]:
-    return {**matrix.to_dict(), "measure": measure}
+def drift_stage(run: Run) -> dict[str, Any] | None:
+    """The inverted matrix (primary measure) at half the inversion budget, from the
+    stored half-budget images (no extra inversion): the cells that moved more than
+    ``DRIFT_THRESHOLD`` in the second half have not settled."""
+    inverted, r = run["inverted"], run["results"]
+    halves = {k: v.at_half_budget() for k, v in inverted.items()}
+    if "inverted" not in r.matrices or not halves or any(h is None for h in halves.values()):
+        return None
+    cfg, full = run.cfg, r.matrix("inverted")
+    half = inverted_similarity(
+        run["models"].models,
+        halves,
+        measures=cfg.measures[0],
+        layer=layers_of(cfg),
+        cache=run.cache,
+        device=cfg.device,
+    )
+    change = np.abs(full.values - half.values)
+    moved = [
+        {
+            "row": row,
+            "column": c,
+            "value": float(full.values[i, j]),
+            "half_budget_value": float(half.values[i, j]),
+            "change": float(change[i, j]),
+        }
+        for i, row in enumerate(full.rows)
+        for j, c in enumerate(full.cols)
+        if change[i, j] > DRIFT_THRESHOLD
+    ]
+    r.drift = {
+        "half_iterations": cfg.inversion.iterations // 2,
+        "threshold": DRIFT_THRESHOLD,
+        "max_change": float(change.max()),
+        "moved": moved,
+    }
+    return r.drift
 
 
-def provenance(cfg: ExperimentConfig, cache: RepresentationCache, seconds: float) -> dict:
+def statistics_stage(run: Run) -> dict[str, Any]:
+    """The claims' statistics: the asymmetry and the robustness trends, with intervals."""
+    r, zoo = run["results"], run["models"]
+
+    def primary(regime: str) -> SimilarityMatrix | None:
+        return r.matrix(regime) if regime in r.matrices else None
+
+    r.statistics = claim_statistics(
+        primary("natural"), primary("inverted"), zoo.eps, arch=zoo.arch, seed=run.cfg.seed
+    )
+    return r.statistics
+
+
+def warnings_stage(run: Run) -> list[dict[str, Any]]:
+    """Rows whose inversions did not converge, entries not settled; logged as found."""
+    r = run["results"]
+    r.warnings = warnings_of(r.to_dict())
+    for w in r.warnings:
+        run.log(w["message"])
+    return r.warnings
+
+
+def confound_stage(run: Run) -> dict[str, Any] | None:
+    """The confound experiment (only-A, only-B models), when the config asks for it."""
+    cfg = run.cfg
+    if cfg.confound is None:
+        return None
+    run.log("confound experiment")
+    c = run_experiment(confound_config(cfg), quiet=True, report=False)
+    natural, inverted = c.matrix("natural"), c.matrix("inverted")
+    labelled = c.to_dict()["matrices"]
+    run["results"].confound = {
+        "natural": labelled["natural"],
+        "inverted": labelled["inverted"],
+        "headline": confound_headline(natural, inverted),
+        "inversion_loss": {k: v["median_loss"] for k, v in c.diagnostics.items()},
+        "settings": cfg.confound.model_dump(),
+    }
+    return run["results"].confound
+
+
+def provenance_stage(run: Run) -> dict[str, Any]:
     """Versions, the whole config and its hash, and where the run left the paper."""
+    cfg = run.cfg
     paper, used = InversionConfig(), cfg.inversion
     reduced = {
         k: {"used": getattr(used, k), "paper": getattr(paper, k)}
@@ -348,7 +414,7 @@ def provenance(cfg: ExperimentConfig, cache: RepresentationCache, seconds: float
         if getattr(used, k) != getattr(paper, k)
     }
     config = cfg.model_dump(mode="json")
-    return {
+    run["results"].provenance = {
         "invsim": invsim.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -356,24 +422,56 @@ def provenance(cfg: ExperimentConfig, cache: RepresentationCache, seconds: float
         "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
         "deviations_from_paper": reduced,
         "pairs": cfg.data.pairs,
-        "cache": dict(cache.stats),
-        "seconds": seconds,
+        "cache": dict(run.cache.stats),
+        "seconds": time.perf_counter() - run.started,
     }
+    return run["results"].provenance
 
 
-def write_outputs(out: Path, results: Mapping[str, Any], *, report: bool = True) -> None:
+def outputs_stage(run: Run) -> Path:
+    """results.json, the CSVs and (unless ``report=False``) the report."""
+    write_outputs(run.out, run["results"], report=run.report)
+    return run.out / "results.json"
+
+
+STAGES: list[Stage] = [
+    Stage("data", data_stage, "the evaluation data set"),
+    Stage("models", models_stage, "each model, loaded or trained once"),
+    Stage("inverted", inverted_stage, "each row model's inverted data set"),
+    Stage("matrices", matrices_stage, "every regime's matrices, every measure"),
+    Stage("results", results_stage, "the typed results and their summaries"),
+    Stage("drift", drift_stage, "entries that moved in the second half of the budget"),
+    Stage("statistics", statistics_stage, "the claims' statistics"),
+    Stage("warnings", warnings_stage, "unconverged rows and unsettled entries"),
+    Stage("confound", confound_stage, "the confound experiment"),
+    Stage("provenance", provenance_stage, "versions, config and its hash"),
+    Stage("outputs", outputs_stage, "results.json, CSVs, report"),
+]
+
+
+def add_stage(stage: Stage, *, before: str = "outputs") -> Stage:
+    """Insert ``stage`` into :data:`STAGES` before the stage named ``before``; remove it
+    with ``STAGES.remove(stage)``."""
+    names = [s.name for s in STAGES]
+    if stage.name in names:
+        raise ValueError(f"a stage named {stage.name!r} is already in STAGES: {names}.")
+    if before not in names:
+        raise ValueError(f"no stage named {before!r} to insert before; stages: {names}.")
+    STAGES.insert(names.index(before), stage)
+    return stage
+
+
+def write_outputs(out: Path, results: Results, *, report: bool = True) -> None:
     """results.json, one CSV per regime and (with ``report``) the report; rank 0 only."""
+    results = Results.coerce(results)
     if is_main():
-        atomic_write(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
-        for regime in results["matrices"]:
-            by_measure = {
-                m: SimilarityMatrix.from_dict(r[regime]) for m, r in results["measures"].items()
-            }
+        atomic_write(out / "results.json", results.to_json())
+        for regime, by_measure in results.matrices.items():
             write_matrix_csv(by_measure, out / f"{regime}.csv")
         if report:
             from invsim.report import write_report
 
-            write_report(out, results=dict(results))
+            write_report(out, results=results)
     barrier()
 
 
@@ -412,57 +510,23 @@ def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _confound(cfg: ExperimentConfig, quiet: bool) -> dict[str, Any]:
-    log("confound experiment", quiet=quiet)
-    r = run_experiment(confound_config(cfg), quiet=True, report=False)
-    natural, inverted = (
-        SimilarityMatrix.from_dict(r["matrices"][k]) for k in ("natural", "inverted")
-    )
-    return {
-        "natural": r["matrices"]["natural"],
-        "inverted": r["matrices"]["inverted"],
-        "headline": confound_headline(natural, inverted),
-        "inversion_loss": {k: v["median_loss"] for k, v in r["diagnostics"].items()},
-        "settings": cfg.confound.model_dump() if cfg.confound else {},
-    }
-
-
 def run_experiment(
-    cfg: ExperimentConfig | Mapping[str, Any], *, quiet: bool = False, report: bool = True
-) -> dict[str, Any]:
+    cfg: ExperimentConfig | Mapping[str, Any],
+    *,
+    quiet: bool = False,
+    report: bool = True,
+    stages: Sequence[Stage] | None = None,
+) -> Results:
     """Run a config (an :class:`~invsim.config.ExperimentConfig`, or a mapping that is
-    validated into one) stage by stage and write every output in ``cfg.out``:
-    results.json, natural.csv, inverted.csv (stir.csv), figures and report.html.
-    Returns the results dictionary."""
+    validated into one) stage by stage (:data:`STAGES`, or ``stages``) and write every
+    output in ``cfg.out``: results.json, natural.csv, inverted.csv (stir.csv), figures
+    and report.html. Returns the :class:`~invsim.results.Results`."""
     cfg = cfg if isinstance(cfg, ExperimentConfig) else validate(dict(cfg))
-    t0 = time.perf_counter()
     init_from_env(cfg.device)  # under torchrun: join the group; else nothing
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    eval_ds = load_data(cfg)
-    zoo = load_models(cfg, eval_ds, quiet=quiet)
-    inverted = invert_models(cfg, zoo, eval_ds, quiet=quiet)
-    cache = RepresentationCache(out / "cache")
-    matrices = compute_matrices(cfg, zoo, eval_ds, inverted, cache=cache, quiet=quiet)
-    results = summarise(zoo, matrices, inverted)
-    if "inverted" in matrices:
-        moved = drift(cfg, zoo, inverted, matrices["inverted"][cfg.measures[0]], cache=cache)
-        if moved is not None:
-            results["drift"] = moved
-    results["statistics"] = claim_statistics(
-        primary_of(matrices, "natural", cfg),
-        primary_of(matrices, "inverted", cfg),
-        zoo.eps,
-        arch=zoo.arch,
-        seed=cfg.seed,
-    )
-    results["warnings"] = warnings_of(results)
-    for w in results["warnings"]:
-        log(w["message"], quiet=quiet)
-    if cfg.confound is not None:
-        results["confound"] = _confound(cfg, quiet)
-    results["provenance"] = provenance(cfg, cache, time.perf_counter() - t0)
-    write_outputs(out, results, report=report)
-    log(f"done in {time.perf_counter() - t0:.0f} s: {out / 'report.html'}", quiet=quiet)
-    return results
+    run = Run(cfg, quiet=quiet, report=report)
+    for stage in list(STAGES if stages is None else stages):
+        run.artefacts[stage.name] = stage.run(run)
+        if stage.in_results:
+            run["results"].extra[stage.name] = run.artefacts[stage.name]
+    run.log(f"done in {time.perf_counter() - run.started:.0f} s: {run.out / 'report.html'}")
+    return run["results"]

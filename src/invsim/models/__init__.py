@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from invsim._io import atomic_write
-from invsim.catalog import list_models
+from invsim.catalog import IMAGENET_MEAN, IMAGENET_STD, list_models, source_of, split_spec
 from invsim.models.checkpoints import (
     META_KEY,
     CheckpointError,
@@ -26,7 +26,6 @@ from invsim.models.checkpoints import (
     read_checkpoint,
     sha256_file,
 )
-from invsim.models.zoo import ARCHITECTURES, build
 
 __all__ = [
     "CheckpointError",
@@ -36,10 +35,6 @@ __all__ = [
     "read_checkpoint",
     "save_model",
 ]
-
-_SIZED_TIMM = ("vit_", "deit", "swin", "eva", "beit", "cait", "xcit")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
@@ -56,57 +51,18 @@ class Normalize(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def _default_stats(in_channels: int) -> tuple[list[float], list[float]]:
-    return [0.5] * in_channels, [0.5] * in_channels
-
-
 def _build_spec(
     spec: str, num_classes: int, in_channels: int, image_size: int, arch_kwargs: dict
 ) -> tuple[nn.Module, list[float], list[float]]:
-    if spec.startswith("tv:"):
-        import torchvision
-
-        name = spec[3:]
-        kwargs = dict(arch_kwargs)
-        if image_size != 224 and name.startswith(("vit_", "swin", "maxvit")):
-            kwargs.setdefault("image_size", image_size)  # transformers fix their input size
-        try:
-            net = torchvision.models.get_model(
-                name, weights=None, num_classes=num_classes, **kwargs
-            )
-        except ValueError as e:
-            raise ValueError(f"unknown torchvision model {name!r}: {e}") from e
-        return net, list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if spec.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as e:
-            raise ImportError(
-                f"{spec!r} needs timm, an optional extra: pip install 'invsim[timm]'."
-            ) from e
-        kwargs = dict(arch_kwargs)
-        if image_size != 224 and spec[5:].startswith(_SIZED_TIMM):
-            kwargs.setdefault("img_size", image_size)  # transformers fix their input size
-        net = timm.create_model(
-            spec[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
-        )
-        cfg = getattr(net, "pretrained_cfg", {}) or {}
-        return net, list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
-    if spec in ARCHITECTURES:
-        net = build(
-            spec,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            image_size=image_size,
-            **arch_kwargs,
-        )
-        mean, std = _default_stats(in_channels)
-        return net, mean, std
-    known = sorted(ARCHITECTURES)
-    raise ValueError(
-        f"unknown model spec {spec!r}: use a built-in name {known}, 'tv:NAME' (torchvision), "
-        "'timm:NAME', a path to a model saved by invsim, or an nn.Module instance."
-    )
+    """The network a spec names, from its source (:mod:`invsim.catalog`), with the
+    source's default mean and std."""
+    source = source_of(spec)
+    if source.build is None:
+        raise ValueError(f"{spec!r} is a {source.name} spec; load_model reads it directly.")
+    net = source.build(split_spec(spec), num_classes=num_classes, in_channels=in_channels,
+                       image_size=image_size, **arch_kwargs)  # fmt: skip
+    mean, std = source.normalisation(net, in_channels)
+    return net, mean, std
 
 
 def load_model(
@@ -181,18 +137,20 @@ def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
     """(network, its shape metadata, default (mean, std)) for a spec or a module."""
     if isinstance(spec, nn.Module):
         net = spec.model if isinstance(spec, Normalize) else spec
-        in_ch = in_channels or 3
-        stats = _default_stats(in_ch) if in_channels else (IMAGENET_MEAN, IMAGENET_STD)
+        stats = (
+            ([0.5] * in_channels, [0.5] * in_channels)
+            if in_channels
+            else (list(IMAGENET_MEAN), list(IMAGENET_STD))
+        )
         name = f"custom:{type(net).__name__}"
         shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
         return net, {"spec": name, "arch": name, **shape}, stats
-    external = str(spec).startswith(("tv:", "timm:"))
-    in_ch = in_channels or (3 if external else 1)
-    size = image_size or (224 if external else (28 if in_ch == 1 else 32))
-    classes = num_classes or (1000 if external else 10)
-    net, dmean, dstd = _build_spec(str(spec), classes, in_ch, size, arch_kwargs)
-    shape = {"num_classes": classes, "in_channels": in_ch, "image_size": size}
-    return net, {"spec": str(spec), "arch": str(spec), **shape}, (dmean, dstd)
+    d = source_of(str(spec)).defaults(in_channels)
+    d = {"num_classes": num_classes or d["num_classes"], "in_channels": d["in_channels"],
+         "image_size": image_size or d["image_size"]}  # fmt: skip
+    net, dmean, dstd = _build_spec(str(spec), d["num_classes"], d["in_channels"],
+                                   d["image_size"], arch_kwargs)  # fmt: skip
+    return net, {"spec": str(spec), "arch": str(spec), **d}, (dmean, dstd)
 
 
 def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:

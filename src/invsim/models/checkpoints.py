@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "sha256_file"]
+__all__ = [
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "model_fingerprint",
+    "read_checkpoint",
+    "sha256_file",
+]
 
 META_KEY = "invsim"
 
@@ -175,3 +181,19 @@ def load_into(model: torch.nn.Module, ckpt: LoadedCheckpoint, *, strict: bool = 
             "right file."
         )
     model.load_state_dict(ckpt.state_dict, strict=strict)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's weights and buffers (normalisation included).
+
+    It identifies what the model computes, whatever file it came from: two runs that
+    train the same weights share inverted data and cached representations even though
+    their checkpoint files (which carry timings) differ. The checkpoint file's own
+    sha256 is recorded separately as provenance.
+    """
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return "weights:" + h.hexdigest()

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from invsim.catalog import BUILTIN
+
 __all__ = ["ARCHITECTURES", "build"]
 
 
@@ -264,14 +266,9 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+# name -> builder, from the one list of built-in names (invsim.catalog.BUILTIN)
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    "lenet": _lenet,
-    "vgg": VGG,
-    "resnet": ResNet18,
-    "densenet": DenseNet,
-    "mobilenet": MobileNetV2,
-    "vit": ViT,
+    name: globals()[target.split(":")[1]] for name, target in BUILTIN.items()
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from invsim.report.figures import (
     measure_panel,
     robustness_plot,
 )
+from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
+from invsim.store.diagnostics import CONVERGED_LOSS, converged
 
 __all__ = ["write_report"]
 
@@ -83,13 +86,14 @@ def _table(rows: list[list[Any]], head: list[str], classes: list[str] | None = N
 def _grids(out: Path, results: dict) -> list[Path]:
     """Seed / target / inverted image grids, read from the stored data sets."""
     from invsim.config import ExperimentConfig
-    from invsim.experiment.stages import load_data
-    from invsim.store import InvertedDataset, dataset_images
+    from invsim.data import dataset_images
+    from invsim.data.datasets import load_configured
+    from invsim.store import InvertedDataset
 
     rows = results["matrices"].get("inverted", {}).get("rows", [])
     if not rows:
         return []
-    eval_ds = load_data(ExperimentConfig.checked(results["provenance"]["config"]))
+    eval_ds = load_configured(ExperimentConfig.checked(results["provenance"]["config"]).data)
     paths = []
     for name in rows:
         inv = InvertedDataset(out / "inverted" / name)
@@ -197,9 +201,10 @@ def interval_caption(matrices: dict) -> str:
         if method:
             centre = m.get("ci_centre_estimate") or m.get("measure", "")
             why = (
-                " (debiased CKA's HSICs are unbiased; biased CKA's own bias can exceed its "
-                "standard error, so the interval need not contain the value shown)"
-                if centre == "debiased_cka" and m.get("measure") != "debiased_cka"
+                f" ({html.escape(centre)} is unbiased where {html.escape(m.get('measure', ''))} "
+                "is not; that bias can exceed the standard error, so the interval need not "
+                "contain the value shown)"
+                if centre != m.get("measure")
                 else ""
             )
             lines.append(
@@ -229,13 +234,13 @@ def _matrices(out: Path, results: dict) -> list[str]:
             f"full budget (largest change {d['max_change']:.3f}); more iterations or "
             '<code>schedule="converge"</code> would change them.</p>'
         )
-    bad = [n for n, d in results["diagnostics"].items() if not d.get("converged", True)]
+    bad = [n for n, d in results["diagnostics"].items() if not converged(d)]
     flagged = {"inverted": [mats["inverted"].rows.index(n) for n in bad]} if bad else {}
     if bad:
         note += (
             f'<p class="warn" id="not-converged">Not converged: the inversions of {", ".join(bad)} '
-            "did not converge (median relative loss above 0.1), so their inverted data are "
-            "still close to the seeds and their rows (hatched, marked '!') measure "
+            f"did not converge (median relative loss above {CONVERGED_LOSS}), so their inverted "
+            "data are still close to the seeds and their rows (hatched, marked '!') measure "
             "near-natural similarity.</p>"
         )
     if pair:
@@ -275,7 +280,7 @@ def _measures(out: Path, results: dict) -> list[str]:
         for regime, m in regimes.items():
             panels.setdefault(regime, {})[name] = SimilarityMatrix.from_dict(m)
     ranges = {k: MEASURES[k].range for k in by_measure if k in MEASURES}
-    bad = [n for n, d in results["diagnostics"].items() if not d.get("converged", True)]
+    bad = [n for n, d in results["diagnostics"].items() if not converged(d)]
     p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges, flagged=bad)
     rows = []
     for name, s in results["panel"].items():
@@ -362,23 +367,31 @@ def _models(results: dict) -> list[str]:
     return ["<h2>Models</h2>" + _table(rows, head)]
 
 
-def write_report(out_dir: str | Path, *, results: dict | None = None) -> Path:
+def _extras(results: Results) -> list[str]:
+    """The artefacts of stages added to the run (:func:`invsim.experiment.add_stage`),
+    each under its stage's name."""
+    parts = []
+    for name, value in results.extra.items():
+        body = html.escape(json.dumps(value, indent=2, default=str))
+        parts.append(
+            f'<h3 id="stage-{html.escape(name)}">{html.escape(name)}</h3><pre>{body}</pre>'
+        )
+    return ["<h2>Further stages</h2>" + "".join(parts)] if parts else []
+
+
+def write_report(
+    out_dir: str | Path, *, results: Results | Mapping[str, Any] | None = None
+) -> Path:
     """Write figures under ``out_dir/figures`` and ``out_dir/report.html``, from
     ``results`` (default: ``out_dir/results.json``) and the stored inverted data sets."""
     out = Path(out_dir)
-    if results is None:
-        path = out / "results.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} not found: run an experiment into this dir.")
-        results = json.loads(path.read_text())
-    from invsim.experiment.summary import diagnostics_of
-
-    results = {**results, "diagnostics": diagnostics_of(results)}  # older files: "inversion"
+    typed = Results.read(out) if results is None else Results.coerce(results)
+    view = typed.to_dict()  # the sections read results.json's layout
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    parts = _header(results) + _matrices(out, results) + _measures(out, results)
-    parts += _inversion(out, results)
-    parts += _confound(out, results) + _models(results)
-    prov = json.dumps(results["provenance"], indent=2)
+    parts = _header(view) + _matrices(out, view) + _measures(out, view)
+    parts += _inversion(out, view)
+    parts += _confound(out, view) + _models(view) + _extras(typed)
+    prov = json.dumps(view["provenance"], indent=2)
     parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
     path = out / "report.html"
     path.write_text(TEMPLATE.replace("{{BODY}}", "\n".join(parts)))

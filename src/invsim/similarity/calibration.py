@@ -79,6 +79,7 @@ GRAM_LIMIT = 4000  # examples; above it n x n Gram matrices per model cost too m
 NULLS = ("moments", "permutation")
 MIN_INTERVAL_N = 20  # the smallest n at which the benchmark shows honest coverage
 CI_TARGET = "the measure's population value for these two models on the data's distribution"
+CI_CENTRE = {"cka_jackknife": "debiased_cka"}  # interval method -> the estimate it centres on
 CKA_METHOD = "delete-one jackknife of debiased CKA, degenerate-term corrected, t interval"
 
 
@@ -392,7 +393,7 @@ def calibrate(
     X: ArrayLike,
     Y: ArrayLike,
     *,
-    measure: str = "linear_cka",
+    measure: str | Measure = "linear_cka",
     n_perm: int = 200,
     seed: int = 0,
     ci: float = 0.95,
@@ -423,5 +424,5 @@ def calibrate(
     kind = None if not n_perm else "moments" if gram else "permutation"
     if kind == "permutation":
         null_mean, p_value = _permutation_null(spec, x, y, value, n_perm, seed)
-    return Calibrated(value, lo, hi, null_mean, p_value, measure, n, n_perm, ci, kind,
+    return Calibrated(value, lo, hi, null_mean, p_value, spec.name, n, n_perm, ci, kind,
                       centre, method, CI_TARGET, reason)  # fmt: skip

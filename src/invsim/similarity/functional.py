@@ -231,6 +231,7 @@ register(
         description="linear CKA (biased HSIC)",
         interval="cka_jackknife",
         exact_null=True,
+        debiased="debiased_cka",
     )
 )
 register(

@@ -62,6 +62,8 @@ class SimilarityMatrix:
     stats: dict[str, np.ndarray] = field(default_factory=dict)
     # what the intervals are: ci_method, ci_target, ci_centre, ci_reason (where calibrated)
     interval: dict[str, Any] = field(default_factory=dict)
+    measure: str | None = None  # the measure's name, where known
+    options: dict[str, Any] = field(default_factory=dict)  # the measure's options, if set
 
     STATS = ("ci_low", "ci_high", "ci_centre", "null_mean", "p_value")
     INTERVAL = ("ci_method", "ci_target", "ci_centre_estimate", "ci_reason")
@@ -75,6 +77,25 @@ class SimilarityMatrix:
                 f"{len(self.cols)} column labels."
             )
 
+    def __eq__(self, other: object) -> bool:
+        """Same labels, measure and interval description; values and statistics equal
+        element by element (NaN equal to NaN)."""
+        if not isinstance(other, SimilarityMatrix):
+            return NotImplemented
+
+        def same(a: np.ndarray, b: np.ndarray) -> bool:
+            return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+
+        heads = (self.rows, self.cols, self.measure, self.options, self.interval)
+        return (
+            heads == (other.rows, other.cols, other.measure, other.options, other.interval)
+            and same(self.values, other.values)
+            and self.stats.keys() == other.stats.keys()
+            and all(same(np.asarray(v), np.asarray(other.stats[k])) for k, v in self.stats.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]  (mutable)
+
     def __getitem__(self, key: tuple[str, str]) -> float:
         r, c = key
         return float(self.values[self.rows.index(r), self.cols.index(c)])
@@ -87,6 +108,10 @@ class SimilarityMatrix:
         if self.interval:  # the estimate the intervals centre on: ci_centre_estimate
             out |= {("ci_centre_estimate" if k == "ci_centre" else k): v
                     for k, v in self.interval.items()}  # fmt: skip
+        if self.measure is not None:
+            out["measure"] = self.measure
+        if self.options:
+            out["options"] = dict(self.options)
         return out
 
     @classmethod
@@ -95,7 +120,8 @@ class SimilarityMatrix:
         about = {("ci_centre" if k == "ci_centre_estimate" else k): d[k]
                  for k in cls.INTERVAL if k in d}  # fmt: skip
         values = np.asarray(d["values"], dtype=np.float64)
-        return cls(d["rows"], d["cols"], values, stats, about)
+        return cls(d["rows"], d["cols"], values, stats, about, d.get("measure"),
+                   dict(d.get("options") or {}))  # fmt: skip
 
     def long(self) -> list[tuple[str, str, float]]:
         """Long format: (row, column, value) for every entry."""

@@ -21,12 +21,24 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["INVARIANCES", "MEASURES", "Measure", "get_measure", "measure", "register"]
+__all__ = [
+    "INVARIANCES",
+    "MEASURES",
+    "Measure",
+    "MeasureLike",
+    "get_measure",
+    "measure",
+    "parse_measure",
+    "register",
+]
 
 INVARIANCES = (
     "orthogonal",  # X -> X Q, Q orthogonal
@@ -52,6 +64,9 @@ class Measure:
     delete-one jackknife of debiased CKA, for the CKA family) or None (no method was shown
     to cover; no interval is reported).
     ``exact_null``: its permutation null has the exact moments of linear CKA.
+    ``options``: the keyword options this instance is bound to (:meth:`with_options`);
+    empty for a registered measure at its defaults.
+    ``debiased``: the name of this measure's debiased twin, if it has one.
     """
 
     name: str
@@ -66,6 +81,7 @@ class Measure:
     options: dict[str, Any] = field(default_factory=dict)
     interval: str | None = None
     exact_null: bool = False
+    debiased: str | None = None
 
     @property
     def streams(self) -> bool:
@@ -81,6 +97,35 @@ class Measure:
         if self.inputs not in ("representation", "logits"):
             raise ValueError(f"inputs must be 'representation' or 'logits'; got {self.inputs!r}.")
 
+    def option_names(self) -> list[str]:
+        """The keyword options ``fn`` takes after X and Y."""
+        params = list(inspect.signature(self.fn).parameters.values())[2:]
+        return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def with_options(self, **options: Any) -> Measure:
+        """This measure with ``options`` bound (``k=20`` for ``mutual_knn``); an option
+        its function does not take is an error naming the ones it does.
+
+        Example:
+            >>> from invsim.similarity import get_measure
+            >>> get_measure("mutual_knn").with_options(k=20).options
+            {'k': 20}
+        """
+        if not options:
+            return self
+        allowed = self.option_names()
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"measure {self.name!r} has no option {unknown}; its options: {allowed or 'none'}."
+            )
+        merged = {**self.options, **options}
+        fm = self.from_moments and functools.partial(self.from_moments, **merged)
+        return dataclasses.replace(
+            self, fn=functools.partial(_unbound(self.fn), **merged), from_moments=fm,
+            options=merged,
+        )  # fmt: skip
+
     def metadata(self) -> dict[str, Any]:
         """JSON-ready: everything but the functions."""
         return {
@@ -94,6 +139,7 @@ class Measure:
             "description": self.description,
             "interval": self.interval,
             "exact_null": self.exact_null,
+            "options": dict(self.options),
         }
 
 
@@ -108,8 +154,51 @@ def register(m: Measure, *, replace: bool = False) -> Measure:
     return m
 
 
-def get_measure(name: str) -> Measure:
-    """The registered measure ``name``; an unknown name is an error with close matches."""
+MeasureLike = str | Mapping[str, Any] | Measure
+
+
+def _unbound(fn: Callable[..., float]) -> Callable[..., float]:
+    return fn.func if isinstance(fn, functools.partial) else fn
+
+
+def _value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_measure(spec: MeasureLike) -> tuple[str, dict[str, Any]]:
+    """A measure's name and options from ``"mutual_knn"``, ``"mutual_knn:k=20,metric=l2"``
+    (the CLI's form), ``{"name": "mutual_knn", "k": 20}`` (YAML's) or a :class:`Measure`.
+
+    Example:
+        >>> parse_measure("mutual_knn:k=20")
+        ('mutual_knn', {'k': 20})
+    """
+    if isinstance(spec, Measure):
+        return spec.name, dict(spec.options)
+    if isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise ValueError(f"a measure given as a mapping needs a 'name'; got {dict(spec)}.")
+        return str(spec["name"]), {k: v for k, v in spec.items() if k != "name"}
+    name, _, rest = str(spec).partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"measure option {item!r} in {spec!r} must read key=value.")
+        options[key.strip()] = _value(value.strip())
+    return name, options
+
+
+def get_measure(name: MeasureLike) -> Measure:
+    """The registered measure ``name`` (any form :func:`parse_measure` reads), with its
+    options bound; an unknown name is an error with close matches."""
+    if isinstance(name, Measure):
+        return name
+    if not isinstance(name, str) or ":" in name:
+        base, options = parse_measure(name)
+        return get_measure(base).with_options(**options)
     if name in MEASURES:
         return MEASURES[name]
     close = difflib.get_close_matches(name, list(MEASURES), n=3, cutoff=0.4)

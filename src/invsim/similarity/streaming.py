@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -337,7 +338,7 @@ class LinearCKAMatrix:
 
     def compute_measures(
         self,
-        measures: Sequence[str],
+        measures: Sequence[Any],
         *,
         rows: Sequence[str] | None = None,
         centred: CentredMoments | None = None,
@@ -352,8 +353,9 @@ class LinearCKAMatrix:
         rows = list(rows or self.names)
         at = {v: i for i, v in enumerate(self.names)}
         out = {}
-        for name in measures:
-            m = get_measure(name)
+        for spec in measures:
+            m = get_measure(spec)
+            name = m.name
             if m.from_moments is None:
                 raise ValueError(f"measure {name!r} does not stream from moments.")
             values = each_cell(
