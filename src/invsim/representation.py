@@ -210,23 +210,7 @@ def reader(
             for h in handles:
                 h.remove()
             raise ValueError(f"fake_relu: no nn.ReLU module runs before {ref.name!r}.")
-        rname, index = ref.last_relu
-        relu = _named(model)[rname]
-
-        def pre(m: nn.Module, args: tuple) -> tuple | None:
-            if state["calls"] == index:
-                state["input"] = args[0]
-                return (args[0].clone(),)  # an in-place ReLU must not overwrite the original
-            return None
-
-        def post(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            state["calls"] += 1
-            if state["calls"] - 1 == index:
-                x = state["input"]
-                return x + (out - x).detach()  # ReLU forward, identity backward
-            return None
-
-        handles += [relu.register_forward_pre_hook(pre), relu.register_forward_hook(post)]
+        handles += _fake_relu_hooks(model, ref.last_relu, state)
 
     def read(x: torch.Tensor) -> torch.Tensor:
         box.clear()
@@ -245,6 +229,28 @@ def reader(
     finally:
         for h in handles:
             h.remove()
+
+
+def _fake_relu_hooks(model: nn.Module, last_relu: tuple[str, int], state: dict) -> list:
+    """Hooks that make the ``index``-th call of the ReLU module ``name`` a ReLU forward
+    and an identity backward (the robustness library's fake ReLU)."""
+    rname, index = last_relu
+    relu = _named(model)[rname]
+
+    def pre(m: nn.Module, args: tuple) -> tuple | None:
+        if state["calls"] == index:
+            state["input"] = args[0]
+            return (args[0].clone(),)  # an in-place ReLU must not overwrite the original
+        return None
+
+    def post(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        state["calls"] += 1
+        if state["calls"] - 1 == index:
+            x = state["input"]
+            return x + (out - x).detach()  # ReLU forward, identity backward
+        return None
+
+    return [relu.register_forward_pre_hook(pre), relu.register_forward_hook(post)]
 
 
 def _forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef, fake_relu: bool) -> torch.Tensor:

@@ -121,10 +121,12 @@ def _header(results: dict) -> list[str]:
     prov = results["provenance"]
     cfg = prov["config"]
     parts = [f"<h1>invsim report: {html.escape(cfg.get('name', 'experiment'))}</h1>"]
+    layers = [f"{m['name']} {m['layer']}" for m in cfg.get("models", []) if m.get("layer")]
+    own = f" (own layers: {html.escape(', '.join(layers))})" if layers else ""
     parts.append(
         f"<p>Data set <code>{html.escape(cfg['data']['dataset'])}</code>, "
         f"{prov['pairs']} seed/target pairs per model, layer "
-        f"<code>{html.escape(cfg['inversion'].get('layer', 'penultimate'))}</code>, "
+        f"<code>{html.escape(cfg['inversion'].get('layer', 'penultimate'))}</code>{own}, "
         f"invsim {prov['invsim']}, torch {prov['torch']}, config hash "
         f"<code>{prov['config_hash']}</code>.</p>"
     )
@@ -141,7 +143,14 @@ def _header(results: dict) -> list[str]:
     ]
     head = ["regime", "off-diagonal mean", "off-diagonal median", "asymmetry"]
     parts.append("<h2>Summary</h2>" + _table(rows, head))
-    stats = results.get("statistics") or {}
+    return parts + _claims(results.get("statistics") or {})
+
+
+def _claims(stats: dict) -> list[str]:
+    """The paper's claims with their intervals and p-values."""
+    if not stats:
+        return []
+    parts: list[str] = []
     if stats:
         label = {
             "robustness_within": "robustness vs similarity to other architectures, within "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -97,15 +96,3 @@ def check_enough(n: int, *, debiased: bool, what: str = "CKA") -> None:
             f"{kind} needs at least {need} examples; got n={n}. Use more examples"
             + (" or debiased=False." if debiased else ".")
         )
-
-
-def cka_ratio(hxy: float, hxx: float, hyy: float) -> float:
-    """HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)), with a clear error where a self-HSIC is
-    not positive."""
-    if hxx <= 0 or hyy <= 0:
-        side = "X" if hxx <= 0 else "Y"
-        raise ValueError(
-            f"the (debiased) HSIC of {side} with itself is {min(hxx, hyy):.3g} <= 0, so CKA is "
-            "undefined; this happens with very few examples. Use more examples or debiased=False."
-        )
-    return hxy / math.sqrt(hxx * hyy)

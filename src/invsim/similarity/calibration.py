@@ -58,6 +58,7 @@ import torch
 from scipy.stats import t as student_t
 
 from invsim.similarity._inputs import ArrayLike, as_matrix
+from invsim.similarity.core import centred as centre_columns
 from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
 from invsim.similarity.registry import Measure, get_measure
 
@@ -126,11 +127,6 @@ def interval_method(
         "(a jackknife covered Procrustes' 7-96% of the time; docs/trust.md). Its null and "
         "p-value are reported."
     )
-
-
-def _centred(x: ArrayLike) -> torch.Tensor:
-    x = torch.as_tensor(x).reshape(len(x), -1).to("cpu", torch.float64)
-    return x - x.mean(0)
 
 
 def _terms(x, y, kx=None, ky=None) -> tuple[torch.Tensor, ...]:
@@ -219,7 +215,7 @@ def cka_intervals(
     here when n <= ``GRAM_LIMIT``) or, above it, from the features; ``centred``: ``data``
     is already float64 and centred on its mean."""
     models = list(dict.fromkeys([*rows, *cols]))
-    x = {m: data[m] if centred else _centred(data[m]) for m in models}
+    x = {m: data[m] if centred else centre_columns(data[m]) for m in models}
     n = len(x[models[0]])
     shape = (len(rows), len(cols))
     out = {k: np.full(shape, np.nan) for k in ("ci_low", "ci_high", "ci_centre")}
@@ -308,7 +304,7 @@ def cka_calibration(
     float64) and serves both. ``scatter``: each model's centred X^T X where the caller has
     it (a streamed pass does), which saves the null an n d^2 product per model."""
     models = list(dict.fromkeys([*rows, *cols]))
-    x = {m: _centred(data[m]) for m in models}
+    x = {m: centre_columns(data[m]) for m in models}
     grams = {m: _gram(x[m]) for m in models}
     out = cka_intervals(x, rows, cols, ci=ci, grams=grams, centred=True)
     if not null:
@@ -353,7 +349,7 @@ def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
     same permutations for every pair: each permutation reorders each row model's centred
     Gram matrix once, and one matrix product gives the whole row of statistics. The
     permuted statistics are computed in float32 (a null distribution needs no more)."""
-    grams = {m: (lambda x: (x @ x.T).float())(_centred(data[m]))
+    grams = {m: (lambda x: (x @ x.T).float())(centre_columns(data[m]))
              for m in dict.fromkeys([*rows, *cols])}  # fmt: skip
     norms = {m: g.norm() for m, g in grams.items()}
     flat = torch.stack([grams[c].flatten() for c in cols])  # (cols, n^2)

@@ -14,17 +14,18 @@ negative; it is returned as it is.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from invsim.similarity import kernel as kernel_module
 from invsim.similarity import moments
-from invsim.similarity._inputs import (
-    ArrayLike,
-    as_matrix,
-    check_not_constant,
-    check_pair,
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+from invsim.similarity.core import (
+    center_gram,
     cka_ratio,
+    gram_linear,
+    gram_rbf,
+    hsic,
+    hsic_from_moments,
 )
 from invsim.similarity.registry import Measure, register
 
@@ -37,78 +38,6 @@ __all__ = [
     "kernel_cka",
     "linear_cka",
 ]
-
-
-def gram_linear(x: torch.Tensor) -> torch.Tensor:
-    """Linear-kernel Gram matrix ``X X^T`` (n, n)."""
-    return x @ x.T
-
-
-def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """RBF Gram matrix with Kornblith et al.'s bandwidth convention.
-
-    ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))`` with
-    ``sigma^2 = threshold^2 * median(||x_i - x_j||^2)``, the median taken over the full
-    n x n matrix of squared distances (diagonal zeros included), as in Kornblith et al.'s
-    reference code. Other tools use the median distance (not squared) or exclude the
-    diagonal; their values differ.
-    """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be > 0; got {threshold}.")
-    x = x - x.mean(dim=0, keepdim=True)  # distances are translation-free; avoids cancellation
-    _, sq_dist = next(kernel_module.distance_blocks(x, len(x)))  # all rows in one block
-    # numpy's median (mean of the two middle values), as in the reference code.
-    median = float(np.median(sq_dist.cpu().numpy()))
-    if median <= 0:
-        raise ValueError(
-            "the median squared distance between examples is 0 (more than half the pairs are "
-            "identical), so the RBF bandwidth is undefined; use kernel='linear' or more "
-            "diverse examples."
-        )
-    return torch.exp(-sq_dist / (2.0 * threshold**2 * median))
-
-
-def center_gram(gram: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
-    """Double-centre a Gram matrix, or U-centre it when ``unbiased``.
-
-    U-centring (Szekely & Rizzo 2014) zeroes the diagonal and, off the diagonal, sets
-    ``K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2))`` with row sums ``r`` and total ``s``
-    of the zero-diagonal matrix. ``<U(K), U(L)> / (n(n-3))`` is the unbiased HSIC.
-    """
-    n = gram.shape[0]
-    g = gram.to(torch.float64).clone()
-    if not unbiased:
-        row = g.mean(dim=1, keepdim=True)
-        col = g.mean(dim=0, keepdim=True)
-        return g - row - col + g.mean()
-    g.fill_diagonal_(0.0)
-    row = g.sum(dim=1) / (n - 2)
-    col = g.sum(dim=0) / (n - 2)
-    total = g.sum() / ((n - 1) * (n - 2))
-    g = g - row[:, None] - col[None, :] + total
-    g.fill_diagonal_(0.0)
-    return g
-
-
-def hsic(k_centered: torch.Tensor, l_centered: torch.Tensor, *, debiased: bool = False) -> float:
-    """HSIC from two already centred (or U-centred, when ``debiased``) Gram matrices."""
-    n = k_centered.shape[0]
-    dot = float((k_centered * l_centered).sum())
-    return dot / (n * (n - 3)) if debiased else dot / ((n - 1) ** 2)
-
-
-def hsic_from_moments(cross_sq, r_ab, r_a, r_b, n: int, *, debiased: bool):
-    """Linear HSIC from the feature-space moments of *column-centred* data.
-
-    ``cross_sq = ||X_a^T X_b||_F^2``, ``r_ab = sum_i ||x_ai||^2 ||x_bi||^2``,
-    ``r_a = sum_i ||x_ai||^2``. The debiased form is Song et al.'s estimator written
-    in feature space (it needs no n x n matrix); the ``n(n-3)`` factor is applied with
-    explicit parentheses. The arguments may be floats or broadcastable tensors.
-    """
-    if not debiased:
-        return cross_sq / ((n - 1) ** 2)
-    value = cross_sq - r_ab * n / (n - 2) + r_a * r_b / ((n - 1) * (n - 2))
-    return value / (n * (n - 3))
 
 
 def linear_cka(

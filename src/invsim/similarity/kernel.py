@@ -26,32 +26,13 @@ from collections.abc import Iterator
 
 import torch
 
-from invsim.similarity._inputs import (
-    ArrayLike,
-    as_matrix,
-    check_not_constant,
-    check_pair,
-    cka_ratio,
-)
+from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
+from invsim.similarity.core import cka_ratio, distance_blocks
 
 __all__ = ["distance_blocks", "median_sq_distance", "rbf_cka"]
 
 BINS = 4096
 COLLECT = 1 << 20  # the most values sorted at once when selecting the median
-BLOCK_ELEMENTS = 1 << 22  # distances per block: 32 MB of float64
-
-
-def distance_blocks(x: torch.Tensor, block: int | None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, rows start:start+b of the squared-distance matrix of centred x), with
-    ``block`` rows at a time (default: about ``BLOCK_ELEMENTS`` distances)."""
-    n = x.shape[0]
-    block = block or max(1, BLOCK_ELEMENTS // n)
-    sq = (x * x).sum(dim=1)
-    for start in range(0, n, block):
-        rows = x[start : start + block]
-        d = (sq[start : start + block, None] + sq[None, :] - 2.0 * (rows @ x.T)).clamp_min_(0)
-        d[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = 0.0
-        yield start, d
 
 
 def median_sq_distance(x: torch.Tensor, *, block: int | None = None) -> float:

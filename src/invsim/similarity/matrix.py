@@ -13,8 +13,8 @@ from invsim.similarity._inputs import (
     as_matrix,
     check_enough,
     check_not_constant,
-    cka_ratio,
 )
+from invsim.similarity.core import cka_ratio
 from invsim.similarity.functional import (
     center_gram,
     gram_linear,
@@ -116,9 +116,9 @@ class SimilarityMatrix:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimilarityMatrix:
-        stats = {k: np.asarray(d[k], dtype=np.float64) for k in cls.STATS if k in d}
+        stats = {k: np.asarray(d[k], dtype=np.float64) for k in d if k in cls.STATS}
         about = {("ci_centre" if k == "ci_centre_estimate" else k): d[k]
-                 for k in cls.INTERVAL if k in d}  # fmt: skip
+                 for k in d if k in cls.INTERVAL}  # fmt: skip
         values = np.asarray(d["values"], dtype=np.float64)
         return cls(d["rows"], d["cols"], values, stats, about, d.get("measure"),
                    dict(d.get("options") or {}))  # fmt: skip

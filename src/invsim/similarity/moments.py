@@ -15,11 +15,12 @@ largest (a pseudo-inverse; no ridge). SVCCA keeps the leading directions that ex
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from invsim.similarity.core import cka_ratio, hsic_from_moments
 
 __all__ = ["RANK_TOL", "SVCCA_VARIANCE", "CentredMoments", "warn_degenerate_cca"]
 
@@ -130,20 +131,12 @@ def warn_degenerate_cca(rank_a: int, rank_b: int, n: int) -> None:
 
 
 def _cka(c: CentredMoments, a: int, b: int, *, debiased: bool) -> float:
-    from invsim.similarity.functional import hsic_from_moments
-
     def h(i: int, j: int) -> float:
         cross = torch.linalg.matrix_norm(c.cov(i, j)) ** 2
         r2, r1 = c.R2[i, j], c.R1
         return float(hsic_from_moments(cross, r2, r1[i], r1[j], c.n, debiased=debiased))
 
-    hxx, hyy = h(a, a), h(b, b)
-    if hxx <= 0 or hyy <= 0:
-        raise ValueError(
-            f"the HSIC of a view with itself is <= 0 ({hxx:.3g}, {hyy:.3g}): a constant "
-            "representation, or too few examples for the debiased estimator."
-        )
-    return h(a, b) / math.sqrt(hxx * hyy)
+    return cka_ratio(h(a, b), h(a, a), h(b, b))
 
 
 def linear_cka(c: CentredMoments, a: int, b: int) -> float:

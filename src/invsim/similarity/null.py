@@ -40,6 +40,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from invsim.similarity.core import centred_gram, double_centre
+
 __all__ = ["centred_gram", "double_centre", "null_moments", "pattern_sums", "pearson3_sf"]
 
 ORDER = 3  # moments used: mean, variance, skewness
@@ -127,23 +129,6 @@ def _evaluate(plan: tuple, parts: dict, n: int) -> float:
     else:
         value = float(torch.einsum(subs, *[parts[k] for k in keys])) if keys else 1.0
     return value * float(n) ** isolated
-
-
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """The float64 doubly centred linear Gram matrix of ``x`` (n, ...)."""
-    x = torch.as_tensor(x).reshape(len(x), -1).double()
-    x = x - x.mean(0)
-    return x @ x.T
-
-
-def double_centre(gram: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``gram`` as a new float64 tensor with every row and column summing to zero."""
-    a = torch.as_tensor(gram).to(torch.float64, copy=True)
-    rows, cols, total = a.mean(1), a.mean(0), a.mean()
-    a -= cols
-    a -= rows[:, None]
-    a += total
-    return a
 
 
 def pattern_sums(

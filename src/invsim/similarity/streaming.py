@@ -11,7 +11,6 @@ quantity, the ratio of HSIC averaged over batches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +18,14 @@ import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
-from invsim.similarity.functional import center_gram, gram_linear, hsic, hsic_from_moments
+from invsim.similarity.core import (
+    center_gram,
+    cka_ratio,
+    cka_ratio_matrix,
+    gram_linear,
+    hsic,
+    hsic_from_moments,
+)
 from invsim.similarity.matrix import SimilarityMatrix, each_cell
 from invsim.similarity.moments import CentredMoments
 
@@ -227,17 +233,6 @@ class CrossMoments:
         return hsic_from_moments(cross, c.R2, r1[:, None], r1[None, :], c.n, debiased=debiased)
 
 
-def _hsic_to_cka(h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    diag = torch.diagonal(h)
-    for name, v in zip(names, diag.tolist(), strict=True):
-        if v <= 0:
-            raise ValueError(
-                f"the HSIC of {name} with itself is {v:.3g} <= 0, so CKA is undefined (a constant "
-                "representation, or too few examples for the debiased estimator)."
-            )
-    return h / torch.sqrt(torch.outer(diag, diag))
-
-
 class LinearCKA:
     """Exact linear CKA accumulated over batches.
 
@@ -288,7 +283,7 @@ class LinearCKA:
 
     def compute(self, *, debiased: bool | None = None) -> float:
         h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
-        return float(_hsic_to_cka(h, ["X", "Y"])[0, 1])
+        return float(cka_ratio_matrix(h, ["X", "Y"])[0, 1])
 
 
 class LinearCKAMatrix:
@@ -333,7 +328,7 @@ class LinearCKAMatrix:
 
     def compute(self, *, debiased: bool | None = None) -> SimilarityMatrix:
         h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
-        values = _hsic_to_cka(h, self.names)
+        values = cka_ratio_matrix(h, self.names)
         return SimilarityMatrix(self.names, self.names, values.numpy())
 
     def compute_measures(
@@ -449,10 +444,4 @@ class MinibatchCKA:
     def compute(self) -> float:
         if int(self.batches) == 0:
             raise ValueError("no data: call update() before compute().")
-        xx, yy = float(self.hsic_xx), float(self.hsic_yy)
-        if xx <= 0 or yy <= 0:
-            raise ValueError(
-                f"summed HSIC(X, X)={xx:.3g}, HSIC(Y, Y)={yy:.3g}; CKA is undefined for a "
-                "non-positive value (a constant representation)."
-            )
-        return float(self.hsic_xy) / math.sqrt(xx * yy)
+        return cka_ratio(float(self.hsic_xy), float(self.hsic_xx), float(self.hsic_yy))

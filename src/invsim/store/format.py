@@ -70,23 +70,6 @@ def config_record(
     return cfg
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if k in _NOT_HASHED or k == "config_hash":
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
-
-
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The hashed settings that differ between two dataset.json records, one per line."""
     out = []
