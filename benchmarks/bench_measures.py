@@ -61,10 +61,10 @@ def representations():
 
 
 def one_pass(reps, measures):
-    from invsim.similarity import LinearCKAMatrix
+    from invsim.similarity import StreamingPanel
 
     t0 = time.perf_counter()
-    acc = LinearCKAMatrix(list(reps))
+    acc = StreamingPanel(list(reps))
     for start in range(0, N, BATCH):
         acc.update({k: v[start : start + BATCH] for k, v in reps.items()})
     acc.compute_measures(measures)
@@ -78,9 +78,9 @@ def breakdown(reps, streaming) -> dict:
     PWCCA) and without (SVCCA), plus one eigendecomposition per view."""
     import torch
 
-    from invsim.similarity import LinearCKAMatrix
+    from invsim.similarity import StreamingPanel
 
-    acc = LinearCKAMatrix(list(reps))
+    acc = StreamingPanel(list(reps))
     for start in range(0, N, BATCH):
         acc.update({k: v[start : start + BATCH] for k, v in reps.items()})
     own = {}

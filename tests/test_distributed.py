@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from invsim import LinearCKAMatrix, linear_cka
+from invsim import StreamingPanel, linear_cka
 from invsim.store import invert_dataset
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -50,7 +50,7 @@ def _run_group(task: str, out: Path, world: int = 2) -> None:
 def test_distributed_cka_equals_single_process(tmp_path):
     _run_group("cka", tmp_path)
     x, y = dist_worker.data()
-    want_mat = LinearCKAMatrix(["x", "y", "z"])
+    want_mat = StreamingPanel(["x", "y", "z"])
     want_mat.update({"x": x, "y": y, "z": torch.tanh(x[:, :3] - 50)})
     want = want_mat.compute(debiased=True).values
     for rank in (0, 1):

@@ -216,3 +216,28 @@ def test_no_function_over_fifty_lines():
                     if n > 50:
                         long.append(f"{p.relative_to(SRC)}:{node.name} ({n} lines)")
     assert not long, long
+
+
+def test_renamed_names_keep_working_for_one_release_with_a_warning(tmp_path):
+    from invsim import LinearCKAMatrix, StreamingPanel, cka_matrix
+    from invsim.data import TensorImageDataset
+    from invsim.models import load_model
+    from invsim.store import invert_dataset
+
+    x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match="StreamingPanel"):
+        old = LinearCKAMatrix(["a", "b"])
+    new = StreamingPanel(["a", "b"])
+    for acc in (old, new):
+        acc.update({"a": x, "b": x**2})
+    assert old.compute() == new.compute()
+    with pytest.warns(DeprecationWarning, match="kernel="):
+        via_old = cka_matrix({"a": x, "b": x**2}, measure="rbf")
+    assert via_old == cka_matrix({"a": x, "b": x**2}, kernel="rbf")
+    ds = TensorImageDataset(torch.rand(20, 1, 28, 28), torch.arange(20) % 2)
+    model = load_model("mlp")
+    kw = {"shard_size": 4, "iterations": 3, "progress": False}
+    with pytest.warns(DeprecationWarning, match="rng_seed="):
+        a = invert_dataset(model, ds, 6, tmp_path / "a", seed=3, **kw)
+    b = invert_dataset(model, ds, 6, tmp_path / "b", rng_seed=3, **kw)
+    assert torch.equal(a.images, b.images) and a.config["pairs"] == b.config["pairs"]

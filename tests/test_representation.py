@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from invsim import LinearCKA, LinearCKAMatrix, linear_cka
+from invsim import LinearCKA, StreamingPanel, linear_cka
 from invsim.data import load_dataset
 from invsim.models import load_model
 from invsim.models.zoo import ARCHITECTURES
@@ -258,7 +258,7 @@ def test_extract_into_streams_exact_cka(mnist_1000):
     acc = extract_into({"a": a, "b": b}, images, LinearCKA(), batch_size=64)
     want = linear_cka(extract(a, images), extract(b, images))
     assert acc.compute() == pytest.approx(want, abs=1e-6)
-    mat = extract_into({"a": a, "b": b}, images, LinearCKAMatrix(["a", "b"]), batch_size=50)
+    mat = extract_into({"a": a, "b": b}, images, StreamingPanel(["a", "b"]), batch_size=50)
     assert mat.compute()["a", "b"] == pytest.approx(want, abs=1e-6)
 
 
@@ -271,7 +271,7 @@ def test_nan_activations_are_named(mnist_1000):
         extract_into(
             {"good": load_model("mlp"), "bad": m},
             mnist_1000.images[:8],
-            LinearCKAMatrix(["good", "bad"]),
+            StreamingPanel(["good", "bad"]),
         )
 
 

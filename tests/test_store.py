@@ -25,7 +25,7 @@ def model():
     return load_model("lenet")
 
 
-KW = {"iterations": 8, "shard_size": 4, "progress": False, "seed": 1}
+KW = {"iterations": 8, "shard_size": 4, "progress": False, "rng_seed": 1}
 
 
 def _files(root):
@@ -80,13 +80,13 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
         InvertedDataset(killed)
 
     inverted = []
-    real_invert = store_build.invert_images
+    real_invert = store_build.run_inversion
 
     def counting(*args, **kwargs):
         inverted.append(1)
         return real_invert(*args, **kwargs)
 
-    monkeypatch.setattr(store_build, "invert_images", counting)
+    monkeypatch.setattr(store_build, "run_inversion", counting)
     resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
     assert _files(killed) == _files(whole)

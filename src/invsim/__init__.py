@@ -30,12 +30,14 @@ _LAZY: dict[str, str] = {
     "extract": "invsim.representation",
     "InversionConfig": "invsim.config",
     "invert_images": "invsim.inversion",
+    "run_inversion": "invsim.inversion",
     "InversionResult": "invsim.inversion",
     "invert_dataset": "invsim.store",
     "InvertedDataset": "invsim.store",
     # similarity
     "LinearCKA": "invsim.similarity",
-    "LinearCKAMatrix": "invsim.similarity",
+    "StreamingPanel": "invsim.similarity",
+    "LinearCKAMatrix": "invsim.similarity",  # the deprecated name of StreamingPanel
     "MinibatchCKA": "invsim.similarity",
     "SimilarityMatrix": "invsim.similarity",
     "cka_matrix": "invsim.similarity",
@@ -46,6 +48,7 @@ _LAZY: dict[str, str] = {
     "inverted_similarity": "invsim.experiment",
     "stir_similarity": "invsim.experiment",
     "run_experiment": "invsim.experiment",
+    "Results": "invsim.results",
     "train_model": "invsim.train",
 }
 

@@ -274,7 +274,7 @@ def invert(
         pairs,
         out,
         inversion=inversion,
-        seed=seed,
+        rng_seed=seed,
         shard_size=shard_size,
         seed_images="noise" if noise_seeds else "data",
         part=part,

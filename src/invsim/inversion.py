@@ -41,6 +41,7 @@ __all__ = [
     "acting_settings",
     "invert_images",
     "relative_loss",
+    "run_inversion",
 ]
 
 _D = InversionConfig()  # the paper's defaults, the single source of invert_images' defaults
@@ -332,7 +333,7 @@ def invert_images(
     """Invert ``target_images`` through ``model`` starting from ``seed_images``.
 
     The settings are the fields of :class:`~invsim.config.InversionConfig` (defaults: the
-    paper's; pass ``**config.model_dump()`` to use a config object). Beyond the paper, all
+    paper's; :func:`run_inversion` takes them as one config object). Beyond the paper, all
     off by default: ``tol`` stops an example once its best loss improved by less than
     ``tol`` over the last ``patience`` iterations (it leaves the batch, and the next pair
     takes its slot); ``seed_images="noise"`` starts from uniform noise (STIR), drawn from
@@ -358,8 +359,40 @@ def invert_images(
         >>> r.images.shape, bool((r.loss < r.initial_loss).all())
         (torch.Size([4, 1, 28, 28]), True)
     """
-    settings = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
-    cfg = InversionConfig.checked(settings, where="invert_images")
+    # the keyword form of run_inversion: these keywords are exactly InversionConfig's fields
+    fields = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
+    cfg = InversionConfig.checked(fields, where="invert_images")
+    return run_inversion(model, seed_images, target_images, cfg, device=device,
+                         progress=progress, noise_seed=noise_seed, callback=callback,
+                         snapshots=snapshots)  # fmt: skip
+
+
+def run_inversion(
+    model: nn.Module,
+    seed_images: torch.Tensor | str,
+    target_images: torch.Tensor,
+    settings: InversionConfig,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    noise_seed: int = 0,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+    snapshots: Sequence[int] = (),
+) -> InversionResult:
+    """:func:`invert_images` with its settings as one :class:`InversionConfig` object: how
+    a setting travels from the command line, the YAML file and the store to the loop.
+
+    Example:
+        >>> import torch
+        >>> from invsim.config import InversionConfig
+        >>> from invsim.inversion import run_inversion
+        >>> from invsim.models import load_model
+        >>> r = run_inversion(load_model("mlp"), "noise", torch.rand(2, 1, 28, 28),
+        ...                   InversionConfig(iterations=5), progress=False)
+        >>> r.config["iterations"]
+        5
+    """
+    cfg = settings
     seeds = _seed_tensor(seed_images, target_images, noise_seed)
     if device is not None:
         model = model.to(device)

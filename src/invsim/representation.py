@@ -325,7 +325,7 @@ def extract_into(
 ) -> Any:
     """Stream every model's representation of ``data`` into ``accumulator``, batch by batch.
 
-    ``accumulator`` is a :class:`~invsim.LinearCKAMatrix` (updated with a name ->
+    ``accumulator`` is a :class:`~invsim.StreamingPanel` (updated with a name ->
     representation mapping), or, for exactly two models, a :class:`~invsim.LinearCKA` or
     :class:`~invsim.MinibatchCKA` (updated with the two in order). n may exceed memory.
     Returns the accumulator.

@@ -41,14 +41,14 @@ def main() -> None:
     task, rank, world, rdv, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
-    from invsim import LinearCKA, LinearCKAMatrix
+    from invsim import LinearCKA, StreamingPanel
     from invsim.distributed import all_reduce_accumulator
     from invsim.store import invert_dataset
 
     if task == "cka":
         x, y = data()
         acc = LinearCKA()
-        mat = LinearCKAMatrix(["x", "y", "z"])
+        mat = StreamingPanel(["x", "y", "z"])
         # uneven, strided slices with different first batches (so different shifts)
         mine = torch.arange(rank, len(x), world)
         for chunk in mine.split(37 + 11 * rank):

@@ -155,7 +155,7 @@ def test_cka_matrix_matches_pairwise_and_is_symmetric():
         for r in reps:
             for c in reps:
                 assert m[r, c] == pytest.approx(linear_cka(reps[r], reps[c], debiased=debiased))
-    rbf = cka_matrix(reps, measure="rbf", threshold=0.5)
+    rbf = cka_matrix(reps, kernel="rbf", threshold=0.5)
     assert rbf["a", "b"] == pytest.approx(kernel_cka(reps["a"], reps["b"], threshold=0.5))
 
 

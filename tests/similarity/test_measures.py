@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from invsim.similarity import INVARIANCES, MEASURES, LinearCKAMatrix, get_measure, measure
+from invsim.similarity import INVARIANCES, MEASURES, StreamingPanel, get_measure, measure
 
 G = torch.Generator().manual_seed(0)
 
@@ -59,7 +59,7 @@ def test_registry_metadata_is_complete():
 def test_streaming_equals_direct(name):
     x, y = _data(n=300)
     z = torch.tanh(x[:, :4]) + 100.0  # a large mean: no cancellation in the moments
-    acc, other = LinearCKAMatrix(["x", "y", "z"]), LinearCKAMatrix(["x", "y", "z"])
+    acc, other = StreamingPanel(["x", "y", "z"]), StreamingPanel(["x", "y", "z"])
     for i, (xb, yb, zb) in enumerate(zip(x.split(41), y.split(41), z.split(41), strict=True)):
         (acc if i % 2 else other).update({"x": xb, "y": yb, "z": zb})
     acc.merge(other)  # two accumulators with different shifts, merged
@@ -81,7 +81,7 @@ def test_pwcca_both_orders_with_a_zero_canonical_correlation():
     z = z - z.mean(0)
     z = z - xc @ torch.linalg.lstsq(xc, z).solution  # residual: orthogonal to X
     y = torch.cat([y[:, :3], z], dim=1)
-    acc = LinearCKAMatrix(["x", "y"])
+    acc = StreamingPanel(["x", "y"])
     acc.update({"x": x, "y": y})
     assert float(acc.moments.centred().canonical(0, 1)[0][-1]) < 1e-6
     got = acc.compute_measures(["pwcca", "mean_cca"])

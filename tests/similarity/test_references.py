@@ -16,7 +16,7 @@ from scipy.special import softmax
 from scipy.stats import spearmanr
 from sklearn.metrics import cohen_kappa_score
 
-from invsim.similarity import MEASURES, LinearCKAMatrix, measure
+from invsim.similarity import MEASURES, StreamingPanel, measure
 
 
 def _pair(n=90, d1=12, d2=8, seed=0):
@@ -191,7 +191,7 @@ def test_measure_equals_its_reference_in_both_directions(name):
 @pytest.mark.parametrize("name", sorted(n for n, m in MEASURES.items() if m.streams))
 def test_streamed_moments_equal_the_reference(name):
     x, y = _pair()
-    acc = LinearCKAMatrix(["x", "y"])
+    acc = StreamingPanel(["x", "y"])
     for xb, yb in zip(np.array_split(x, 4), np.array_split(y, 4), strict=True):
         acc.update({"x": torch.from_numpy(xb), "y": torch.from_numpy(yb)})
     got = acc.compute_measures([name])[name]

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invsim import LinearCKA, LinearCKAMatrix, MinibatchCKA, cka_matrix, linear_cka
+from invsim import LinearCKA, MinibatchCKA, StreamingPanel, cka_matrix, linear_cka
 from invsim.similarity import center_gram, gram_linear
 
 
@@ -106,7 +106,7 @@ def test_matrix_accumulator_equals_cka_matrix():
     X, Y = _data(5, mean=1.0)
     Z = torch.tanh(X[:, :4])
     reps = {"x": X, "y": Y, "z": Z}
-    acc = LinearCKAMatrix(list(reps))
+    acc = StreamingPanel(list(reps))
     for i in range(0, 120, 25):
         acc.update({k: v[i : i + 25] for k, v in reps.items()})
     for debiased in (False, True):

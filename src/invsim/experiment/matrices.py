@@ -14,7 +14,7 @@ name (a :class:`~invsim.similarity.SimilarityMatrix` comes back) or a list (a di
 each data set is computed once and, with a cache directory, stored on disk keyed by
 (model fingerprint, data set id, layer), so a second run, or a run with one model added,
 computes only what is new. All streaming measures come from one pass of cross-moments
-per data set (:class:`~invsim.LinearCKAMatrix`); the others are computed pairwise.
+per data set (:class:`~invsim.StreamingPanel`); the others are computed pairwise.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invsim._io import atomic_write
+from invsim._io import atomic_write, renamed
 from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
-from invsim.similarity import LinearCKAMatrix, SimilarityMatrix, calibrate, get_measure
+from invsim.similarity import SimilarityMatrix, StreamingPanel, calibrate, get_measure
 from invsim.similarity.calibration import (
     CI_CENTRE,
     CI_TARGET,
@@ -137,7 +137,7 @@ def panel(
     streaming = [m for m, spec in found.items() if spec.streams]
     scatter: dict[str, torch.Tensor] = {}  # each view's centred X^T X, from the pass
     if streaming:
-        acc = LinearCKAMatrix(names)
+        acc = StreamingPanel(names)
         n = len(next(iter(reps.values())))
         for start in range(0, n, chunk):
             acc.update({k: v[start : start + chunk] for k, v in reps.items()})
@@ -391,7 +391,7 @@ def stir_similarity(
     *,
     n: int = 500,
     measures: str | Sequence[str] = "linear_cka",
-    seed: int = 0,
+    rng_seed: int = 0,
     seed_images: str = "noise",
     inversion: InversionConfig | None = None,
     shard_size: int = 256,
@@ -401,13 +401,16 @@ def stir_similarity(
     progress: bool | None = None,
     calibration: CalibrationConfig | None = None,
     layer: Layers | None = None,
+    seed: int | None = None,
     **settings: Any,
 ) -> tuple[SimilarityMatrix | dict[str, SimilarityMatrix], dict[str, InvertedDataset]]:
     """STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
     noise seeds (``seed_images="data"`` for data seeds). Entry (row m1, column m2). The
     inverted sets are stored under ``out_dir/<m1>``; ``inversion`` and ``settings`` are
     as in :func:`invsim.store.invert_dataset`. ``layer`` (one name, or model -> name;
-    default: the inversion's layer) is where m1 is inverted and m2 is read."""
+    default: the inversion's layer) is where m1 is inverted and m2 is read. ``rng_seed``
+    draws the pairs, the noise and the calibration (``seed=``: its deprecated name)."""
+    seed = renamed("seed", seed, "rng_seed", rng_seed)
     cache = cache or RepresentationCache()
     cfg = (inversion or InversionConfig()).replace(**settings)
     layer = cfg.layer if layer is None else layer
@@ -419,9 +422,9 @@ def stir_similarity(
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
         at = cfg.replace(layer=layer_of(layer, m1))
-        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=at, seed=seed,
-                             seed_images=seed_images, shard_size=shard_size, device=device,
-                             progress=progress)  # fmt: skip
+        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=at,
+                             rng_seed=seed, seed_images=seed_images, shard_size=shard_size,
+                             device=device, progress=progress)  # fmt: skip
         assert inv is not None
         stored[m1] = inv
         originals = dataset_images(dataset, inv.target_index.tolist())

@@ -250,7 +250,7 @@ def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
             cfg.data.pairs,
             run.out / "inverted" / m.name,
             inversion=cfg.inversion.settings().replace(layer=layers[m.name]),
-            seed=cfg.seed,
+            rng_seed=cfg.seed,
             shard_size=cfg.inversion.shard_size,
             device=cfg.device,
         )
@@ -288,7 +288,7 @@ def matrices_stage(run: Run) -> Panels:
             data,
             run.out / "stir",
             n=st.n,
-            seed=cfg.seed,
+            rng_seed=cfg.seed,
             seed_images=st.seed_images or "data",
             inversion=settings,
             shard_size=cfg.inversion.shard_size,

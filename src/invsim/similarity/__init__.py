@@ -24,7 +24,13 @@ from invsim.similarity.registry import (
     measure,
     register,
 )
-from invsim.similarity.streaming import CrossMoments, LinearCKA, LinearCKAMatrix, MinibatchCKA
+from invsim.similarity.streaming import (
+    CrossMoments,
+    LinearCKA,
+    LinearCKAMatrix,
+    MinibatchCKA,
+    StreamingPanel,
+)
 
 __all__ = [
     "Calibrated",
@@ -33,6 +39,7 @@ __all__ = [
     "CrossMoments",
     "LinearCKA",
     "LinearCKAMatrix",
+    "StreamingPanel",
     "Measure",
     "MinibatchCKA",
     "SimilarityMatrix",

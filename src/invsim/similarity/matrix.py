@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -154,13 +155,16 @@ def _none_for_nan(values: np.ndarray) -> list:
 def cka_matrix(
     representations: Mapping[str, ArrayLike],
     *,
-    measure: str = "linear",
+    kernel: str = "linear",
     debiased: bool = False,
     threshold: float = 1.0,
+    measure: str | None = None,
 ) -> SimilarityMatrix:
     """CKA between every pair of representations of the same n examples.
 
-    ``measure`` is ``"linear"`` or ``"rbf"`` (bandwidth as in :func:`kernel_cka`). Each
+    ``kernel`` is ``"linear"`` or ``"rbf"`` (bandwidth as in :func:`kernel_cka`);
+    ``measure=`` is its deprecated old name (a *measure* is a similarity index such as
+    ``linear_cka``; the kernel is a choice within CKA). Each
     model's centred representation, Gram matrix and self-HSIC are computed once, not
     once per pair. Returns a symmetric :class:`SimilarityMatrix`.
 
@@ -172,6 +176,10 @@ def cka_matrix(
         >>> round(m["a", "b"], 6), m.values.shape
         (1.0, (3, 3))
     """
+    if measure is not None:
+        warnings.warn("cka_matrix(measure=...) is now cka_matrix(kernel=...); measure= "
+                      "will be removed.", DeprecationWarning, stacklevel=2)  # fmt: skip
+        kernel = measure
     names = list(representations)
     if not names:
         raise ValueError("representations is empty; pass a mapping name -> (n, d) tensor.")
@@ -186,8 +194,8 @@ def cka_matrix(
     m = len(names)
     h = np.zeros((m, m))
     mean_d = sum(x.shape[1] for x in xs) / m
-    if measure == "rbf" or (measure == "linear" and n <= mean_d):
-        if measure == "rbf":
+    if kernel == "rbf" or (kernel == "linear" and n <= mean_d):
+        if kernel == "rbf":
             grams = [center_gram(gram_rbf(x, threshold), unbiased=debiased) for x in xs]
         else:
             grams = [center_gram(gram_linear(x), unbiased=debiased) for x in xs]
@@ -195,10 +203,10 @@ def cka_matrix(
         for i in range(m):
             for j in range(i, m):
                 h[i, j] = h[j, i] = float((grams[i] * grams[j]).sum()) / scale
-    elif measure == "linear":
+    elif kernel == "linear":
         h = linear_hsic_matrix(xs, debiased=debiased).numpy()
     else:
-        raise ValueError(f"measure must be 'linear' or 'rbf'; got {measure!r}.")
+        raise ValueError(f"kernel must be 'linear' or 'rbf'; got {kernel!r}.")
     values = np.empty((m, m))
     for i in range(m):
         for j in range(m):

@@ -1,6 +1,6 @@
 """Streaming CKA accumulators: ``update`` / ``compute`` / ``merge``.
 
-``LinearCKA`` and ``LinearCKAMatrix`` give *exact* full-data linear CKA (biased or
+``LinearCKA`` and ``StreamingPanel`` give *exact* full-data linear CKA (biased or
 debiased) from batches, in memory O((sum of d)^2) independent of n. Their state is a
 flat list of float64 tensors (``state_tensors()``), so a sum across processes is a
 plain all-reduce once every process uses the same shift (``reshift``).
@@ -29,7 +29,7 @@ from invsim.similarity.core import (
 from invsim.similarity.matrix import SimilarityMatrix, each_cell
 from invsim.similarity.moments import CentredMoments
 
-__all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA"]
+__all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA", "StreamingPanel"]
 
 
 class CrossMoments:
@@ -286,18 +286,19 @@ class LinearCKA:
         return float(cka_ratio_matrix(h, ["X", "Y"])[0, 1])
 
 
-class LinearCKAMatrix:
-    """Exact linear CKA between every pair of k named representations, streamed.
+class StreamingPanel:
+    """Every streaming measure (linear CKA, debiased CKA, Procrustes, the CCA family, R²)
+    between k named representations, from one streamed pass of cross-moments; exact.
 
     ``update({"resnet": rep_a, "vgg": rep_b, ...})`` with batches of the same examples;
     ``compute()`` returns a symmetric :class:`SimilarityMatrix`.
 
     Example:
         >>> import torch
-        >>> from invsim import LinearCKAMatrix
+        >>> from invsim import StreamingPanel
         >>> g = torch.Generator().manual_seed(0)
         >>> X = torch.randn(100, 6, generator=g)
-        >>> acc = LinearCKAMatrix(["a", "b"])
+        >>> acc = StreamingPanel(["a", "b"])
         >>> acc.update({"a": X, "b": 2 * X + 1})
         >>> round(acc.compute()["a", "b"], 8)
         1.0
@@ -320,7 +321,7 @@ class LinearCKAMatrix:
             raise ValueError(f"batch sizes differ between representations: {sizes}.")
         self.moments.update(views)
 
-    def merge(self, other: LinearCKAMatrix) -> LinearCKAMatrix:
+    def merge(self, other: StreamingPanel) -> StreamingPanel:
         if other.names != self.names:
             raise ValueError(f"cannot merge matrices over {other.names} into {self.names}.")
         self.moments.merge(other.moments)
@@ -445,3 +446,15 @@ class MinibatchCKA:
         if int(self.batches) == 0:
             raise ValueError("no data: call update() before compute().")
         return cka_ratio(float(self.hsic_xy), float(self.hsic_xx), float(self.hsic_yy))
+
+
+class LinearCKAMatrix(StreamingPanel):
+    """Deprecated name of :class:`StreamingPanel` (it computes every streaming measure,
+    not only linear CKA); kept for one release."""
+
+    def __init__(self, names: Sequence[str], *, debiased: bool = False) -> None:
+        import warnings
+
+        warnings.warn("LinearCKAMatrix is now StreamingPanel; the old name will be removed.",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        super().__init__(names, debiased=debiased)

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from invsim._io import atomic_write, json_bytes
+from invsim._io import atomic_write, json_bytes, renamed
 from invsim.config import InversionConfig
 from invsim.data.base import dataset_images, dataset_labels
 from invsim.data.pairs import check_pairs, sample_pairs
 from invsim.distributed import barrier, init_from_env
-from invsim.inversion import acting_settings, invert_images
+from invsim.inversion import acting_settings, run_inversion
 from invsim.store import format as fmt
 from invsim.store.format import InvertedDataset, StoreError, merge_manifest
 
@@ -33,12 +33,13 @@ def invert_dataset(
     out_dir: str | Path,
     *,
     inversion: InversionConfig | None = None,
-    seed: int = 0,
+    rng_seed: int = 0,
     shard_size: int = 256,
     seed_images: str = "data",
     part: tuple[int, int] | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    seed: int | None = None,
     **settings: Any,
 ) -> InvertedDataset | None:
     """Sample ``n_pairs`` seed/target pairs from ``dataset``, invert them through ``model``
@@ -46,7 +47,9 @@ def invert_dataset(
 
     ``inversion`` holds the settings (default: the paper's); keyword ``settings`` such as
     ``iterations=50`` replace its fields (an unknown name is an error).
-    ``seed_images="noise"`` starts from noise (STIR). Under torchrun the shards are
+    ``rng_seed`` draws the pairs and the noise (``seed=`` is its deprecated old name: a
+    *seed* is the image an inversion starts from). ``seed_images="noise"`` starts from
+    noise (STIR). Under torchrun the shards are
     split over the process group and every rank returns the assembled data set.
     ``part=(i, k)`` does only the shards s with s % k == i (job arrays without a process
     group); the data set is returned once every shard exists, else ``None``.
@@ -62,12 +65,11 @@ def invert_dataset(
         >>> len(out), out.images.dtype
         (6, torch.float32)
     """
-    cfg = inversion or InversionConfig()
-    if settings:
-        cfg = cfg.replace(**settings)
+    rng_seed = renamed("seed", seed, "rng_seed", rng_seed)
+    cfg = (inversion or InversionConfig()).replace(**settings)
     if seed_images not in ("data", "noise"):
         raise ValueError(f"seed_images must be 'data' or 'noise'; got {seed_images!r}.")
-    job = _Job(model, dataset, n_pairs, Path(out_dir), cfg, seed, shard_size, seed_images)
+    job = _Job(model, dataset, n_pairs, Path(out_dir), cfg, rng_seed, shard_size, seed_images)
     if part is not None:
         index, count = part
         if not 0 <= index < count:
@@ -149,11 +151,11 @@ class _Job:
             targets = dataset_images(self.dataset, target_idx[sl])
             seeds = "noise" if noise else dataset_images(self.dataset, seed_idx[sl])
             half = self.inversion.iterations // 2
-            result = invert_images(
+            result = run_inversion(
                 self.model,
                 seeds,
                 targets,
-                **self.inversion.model_dump(),
+                self.inversion,
                 device=device,
                 progress=progress,
                 noise_seed=self.seed * 1_000_003 + s,
