@@ -186,7 +186,19 @@ class InversionSection(InversionConfig):
 class StirConfig(_Settings):
     n: int = Field(500, ge=2)
     iterations: int | None = None
-    seed_images: Literal["noise"] | None = "noise"
+    seed_images: Literal["noise", "data"] = Field(
+        "noise", description="What STIR's inversions start from: noise, or data images."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_meant_data(cls, raw: Any) -> Any:
+        """``seed_images: null`` used to be how a config asked for data seeds."""
+        if isinstance(raw, dict) and "seed_images" in raw and raw["seed_images"] is None:
+            warnings.warn("stir.seed_images: null is now seed_images: data.",
+                          DeprecationWarning, stacklevel=2)  # fmt: skip
+            return {**raw, "seed_images": "data"}
+        return raw
 
 
 class CalibrationConfig(_Settings):

@@ -423,7 +423,7 @@ def run_inversion(
 @contextlib.contextmanager
 def memory_format(model: nn.Module, channels_last: bool):
     """With ``channels_last``, the model's 4-d weights in channels-last layout for the
-    block (bench_passes.py: 1.4-1.9x faster convolutions on CPU), restored afterwards."""
+    block (faster convolutions on CPU; benchmarks/results/passes.json), restored afterwards."""
     if not channels_last:
         yield
         return

@@ -289,7 +289,7 @@ def matrices_stage(run: Run) -> Panels:
             run.out / "stir",
             n=st.n,
             rng_seed=cfg.seed,
-            seed_images=st.seed_images or "data",
+            seed_images=st.seed_images,
             inversion=settings,
             shard_size=cfg.inversion.shard_size,
             **kw,

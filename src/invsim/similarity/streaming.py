@@ -240,9 +240,8 @@ class LinearCKA:
     float64) for any split. ``compute(debiased=...)`` can give both forms from one pass.
     ``product_dtype=torch.float32`` keeps float32 input as it is and runs the d x d
     products of each (shifted) batch in float32, summed in place over up to
-    ``CrossMoments.FLUSH_ROWS`` rows and then into float64 sums: about twice as fast
-    (1.2x the bare float32 matrix products), accurate to ~1e-6 (3e-9 measured at
-    n=50,000, d=2,048).
+    ``CrossMoments.FLUSH_ROWS`` rows and then into float64 sums: faster, and accurate to
+    ~1e-6 (speed and error: benchmarks/bench_cka.py, results in benchmarks/results/).
 
     Example:
         >>> import torch
