@@ -253,19 +253,11 @@ def invert(
     """Invert PAIRS seed/target pairs of DATA through MODEL (a saved invsim model, or a
     spec with --checkpoint) into OUT. Resumes; refuses a different configuration.
     Under torchrun the shards are split across processes automatically."""
-    from invsim.store import invert_dataset, merge_manifest
+    from invsim.store import invert_dataset
 
     if merge_only:
-        ds = merge_manifest(out)
-        if ds is None:
-            _fail(ValueError(f"{out}: some shards are still missing; cannot merge yet."))
-        click.echo(repr(ds))
-        return
-    if model is None:
-        _fail(ValueError("MODEL is required unless --merge is given."))
-    if (num_shards is None) != (shard_index is None):
-        _fail(ValueError("--num-shards and --shard-index go together."))
-    part = None if num_shards is None else (shard_index, num_shards)
+        return _merge(out)
+    part = _part(model, num_shards, shard_index)
     inversion = InversionConfig.checked(settings, where="invert")
     net = _load_cli_model(model, checkpoint, trust_checkpoint, num_classes)
     ds = invert_dataset(
@@ -287,6 +279,25 @@ def invert(
 
     click.echo(repr(ds))
     click.echo(diagnostics_line(Path(out).name, inversion_diagnostics(net, ds)))
+
+
+def _merge(out: str) -> None:
+    """``invert --merge``: assemble the finished slices of a job array."""
+    from invsim.store import merge_manifest
+
+    ds = merge_manifest(out)
+    if ds is None:
+        _fail(ValueError(f"{out}: some shards are still missing; cannot merge yet."))
+    click.echo(repr(ds))
+
+
+def _part(model: str | None, num_shards: int | None, shard_index: int | None):
+    """The (index, count) slice a job-array task runs, checked; None for the whole set."""
+    if model is None:
+        _fail(ValueError("MODEL is required unless --merge is given."))
+    if (num_shards is None) != (shard_index is None):
+        _fail(ValueError("--num-shards and --shard-index go together."))
+    return None if num_shards is None else (shard_index, num_shards)
 
 
 def _name_value(specs: tuple[str, ...]) -> dict[str, str]:

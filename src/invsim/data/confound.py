@@ -91,6 +91,21 @@ def _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, cont
     return images
 
 
+def _check_confound(variant, split, image_size, glyph_size, jitter, num_classes) -> None:
+    """Errors that name the setting: the variant, the split, room for two glyphs."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown confound variant {variant!r}; use one of {VARIANTS}.")
+    check_split(split)
+    margin = 1 + jitter
+    if 2 * (glyph_size + 2 * margin) > image_size + 2:
+        raise ValueError(
+            f"image_size {image_size} is too small for two glyphs of size {glyph_size} with "
+            f"jitter {jitter}; use image_size >= {2 * (glyph_size + 2 * margin) - 2}."
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+
+
 def make_confound(
     variant: str = "both",
     *,
@@ -112,17 +127,7 @@ def make_confound(
     the label's glyph anyway (default: 1 for ``both``, chance otherwise). ``split``
     picks an independent sample ("train": ``n`` defaults to 4,000; "test": 1,000).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown confound variant {variant!r}; use one of {VARIANTS}.")
-    check_split(split)
-    margin = 1 + jitter
-    if 2 * (glyph_size + 2 * margin) > image_size + 2:
-        raise ValueError(
-            f"image_size {image_size} is too small for two glyphs of size {glyph_size} with "
-            f"jitter {jitter}; use image_size >= {2 * (glyph_size + 2 * margin) - 2}."
-        )
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+    _check_confound(variant, split, image_size, glyph_size, jitter, num_classes)
     n = n if n is not None else (4000 if split != "test" else 1000)
     split_salt = {"train": 0, "test": 1, "all": 2}[split]
     rng = np.random.default_rng([seed, split_salt])

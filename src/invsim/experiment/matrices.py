@@ -384,6 +384,18 @@ def _put(values, stats, about, found: Mapping[str, SimilarityMatrix], i: int, j:
             stats.setdefault(m, {}).setdefault(k, np.empty(values[m].shape))[i, j] = v[0, col]
 
 
+def _stir_pair(model, originals, inv, layer: str, measures, cache, kw) -> dict:
+    """One column model's representations (and, when a measure reads them, logits) of the
+    original images X and their inversions X', as ``{"rep": {"x", "x_inv"}, ...}``."""
+    images, data_id = originals
+    wanted = {"rep": layer, **({"logits": LOGITS} if _needs_logits(measures) else {})}
+    return {
+        key: {"x": cache.get(model, images, data_id, layer=at, **kw),
+              "x_inv": cache.get(model, inv.images, inv.id, layer=at, **kw)}
+        for key, at in wanted.items()
+    }  # fmt: skip
+
+
 def stir_similarity(
     models: Mapping[str, nn.Module],
     dataset: Dataset,
@@ -430,16 +442,9 @@ def stir_similarity(
         originals = dataset_images(dataset, inv.target_index.tolist())
         original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            read = layer_of(layer, m2)
-            layers = [read] + ([LOGITS] if _needs_logits(wanted) else [])
-            pair = {
-                at_layer: {
-                    "x": cache.get(models[m2], originals, original_id, layer=at_layer, **kw),
-                    "x_inv": cache.get(models[m2], inv.images, inv.id, layer=at_layer, **kw),
-                }
-                for at_layer in layers
-            }
-            found = panel(pair[read], wanted, logits=pair.get(LOGITS), rows=["x"],
+            x = (originals, original_id)
+            pair = _stir_pair(models[m2], x, inv, layer_of(layer, m2), wanted, cache, kw)
+            found = panel(pair["rep"], wanted, logits=pair.get("logits"), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
             _put(values, stats, about, found, i, j)
     return _one_or_many(_assemble(names, names, values, stats, about, wanted), measures), stored

@@ -43,6 +43,21 @@ def _annotate(ax, m: SimilarityMatrix, lo: float) -> None:
             )
 
 
+def _flag_rows(ax, m: SimilarityMatrix, flagged: Sequence[int]) -> None:
+    """Hatch the ``flagged`` rows (inversions that did not converge) and mark their labels."""
+    for i in flagged:
+        ax.add_patch(
+            plt.Rectangle((-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=2,
+                          hatch="//")
+        )  # fmt: skip
+    if not flagged:
+        return
+    labels = [("! " + r + " (not converged)") if i in flagged else r for i, r in enumerate(m.rows)]
+    ax.set_yticks(range(len(m.rows)), labels, fontsize=8)
+    for i in flagged:
+        ax.get_yticklabels()[i].set_color("darkorange")
+
+
 def heatmaps(
     matrices: Mapping[str, SimilarityMatrix],
     path: Path,
@@ -76,24 +91,7 @@ def heatmaps(
         ax.set_xlabel("column model", fontsize=8)
         ax.set_ylabel("row model", fontsize=8)
         _annotate(ax, m, lo)
-        flagged = (flagged_rows or {}).get(key, [])
-        for i in flagged:
-            ax.add_patch(
-                plt.Rectangle(
-                    (-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=2, hatch="//"
-                )
-            )
-        if flagged:
-            ax.set_yticks(
-                range(len(m.rows)),
-                [
-                    ("! " + r + " (not converged)") if i in flagged else r
-                    for i, r in enumerate(m.rows)
-                ],
-                fontsize=8,
-            )
-            for i in flagged:
-                ax.get_yticklabels()[i].set_color("darkorange")
+        _flag_rows(ax, m, (flagged_rows or {}).get(key, []))
         for i, j in (marks or {}).get(key, []):
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
