@@ -61,12 +61,19 @@ def summarize(matrix: SimilarityMatrix) -> dict[str, Any]:
             c: float(v[:, j][off[:, j]].mean()) for j, c in enumerate(cols) if off[:, j].any()
         },
     }
-    common = [r for r in rows if r in cols]
-    if len(common) > 1:
-        sq = np.array([[matrix[r, c] for c in common] for r in common])
-        mask = ~np.eye(len(common), dtype=bool)
-        out["asymmetry"] = float(np.abs(sq - sq.T)[mask].mean())
+    gaps = asymmetry_gaps(matrix)
+    if len(gaps):
+        out["asymmetry"] = float(gaps.mean())
     return out
+
+
+def asymmetry_gaps(matrix: SimilarityMatrix) -> np.ndarray:
+    """|S[a, b] - S[b, a]| for each unordered pair of models that are both rows and
+    columns: the one definition of asymmetry (its mean is ``summarize``'s)."""
+    common = [r for r in matrix.rows if r in matrix.cols]
+    return np.array(
+        [abs(matrix[a, b] - matrix[b, a]) for i, a in enumerate(common) for b in common[i + 1 :]]
+    )
 
 
 def robustness_summary(
@@ -74,8 +81,6 @@ def robustness_summary(
 ) -> dict[str, Any]:
     """Each model's mean similarity to all others (row and column together) against its
     eps, per architecture, with the Spearman correlation over all models."""
-    from scipy.stats import spearmanr
-
     per_model = {}
     for name in matrix.rows:
         vals = [matrix[name, c] for c in matrix.cols if c != name]
@@ -89,7 +94,7 @@ def robustness_summary(
     ys = [v["mean_similarity"] for v in per_model.values()]
     rho = None
     if len(set(xs)) > 1 and len(set(ys)) > 1:
-        rho = float(spearmanr(xs, ys).statistic)
+        rho = float(_spearman(np.array(xs), np.array(ys)[None])[0])
     return {"per_model": per_model, "spearman": rho}
 
 
@@ -322,14 +327,7 @@ def _robustness_spearman(inverted, eps, rng, *, n_boot: int, n_perm: int, quanti
 def _asymmetry(inverted, rng, *, n_boot: int, quantiles) -> dict | None:
     """Mean |S - S^T| over the inverted matrix's model pairs, with a percentile interval
     from resampling pairs (:func:`claim_statistics`); None without a pair."""
-    common = [r for r in inverted.rows if r in inverted.cols]
-    gaps = np.array(
-        [
-            abs(inverted[a, b] - inverted[b, a])
-            for i, a in enumerate(common)
-            for b in common[i + 1 :]
-        ]
-    )
+    gaps = asymmetry_gaps(inverted)
     if not len(gaps):
         return None
     boot = gaps[rng.integers(0, len(gaps), size=(n_boot, len(gaps)))].mean(1)
