@@ -200,7 +200,8 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
 @pytest.mark.parametrize(
     "rule",
     [{"tol": 0.03, "patience": 10},
-     {"schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}],
+     {"schedule": "converge", "decay_patience": 3, "decay_tol": 0.1, "horizon": 10,
+      "stop_tol": 0.2}],
     ids=["tol", "converge"],
 )  # fmt: skip
 def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):
@@ -238,13 +239,41 @@ def test_the_converging_rule_and_min_step_size_as_documented():
     torch.manual_seed(0)
     m = load_model("mlp", num_classes=10, in_channels=1)
     s, t = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    kw = {"iterations": 100, "schedule": "converge", "decay_tol": 1.0, "decay_patience": 3,
-          "progress": False}  # fmt: skip
+    kw = {
+        "iterations": 100,
+        "schedule": "converge",
+        "decay_tol": 1.0,
+        "decay_patience": 3,
+        "progress": False,
+        "horizon": None,
+    }  # fmt: skip  (the rule before invsim 0.2)
     assert invert_images(m, s, t, min_step_size=1 / 16, **kw).iterations.tolist() == [6] * 6
     assert invert_images(m, s, t, min_step_size=1 / 64, **kw).iterations.tolist() == [12] * 6
     # with a real decay_tol an improving example keeps its step and goes on
     slow = invert_images(m, s, t, min_step_size=1 / 64, **{**kw, "decay_tol": 1e-9})
     assert int(slow.iterations.min()) > 12
+
+
+def test_the_horizon_rule_stops_only_a_stalled_example_or_one_at_rest_at_the_criterion():
+    """The default converging rule: the step no longer falls below min_step_size, and an
+    example above the criterion stops only once its best loss gained less than stop_tol
+    over a horizon; one at the criterion stops once its step is down to the floor."""
+    from invsim.inversion import CONVERGED_LOSS
+
+    torch.manual_seed(0)
+    m = load_model("mlp", num_classes=10, in_channels=1)
+    s, t = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    kw = {"iterations": 100, "schedule": "converge", "decay_tol": 1.0, "decay_patience": 3,
+          "min_step_size": 1 / 16, "progress": False}  # fmt: skip
+    far = invert_images(m, s, t, horizon=20, stop_tol=1e9, **kw)  # every horizon "stalls"
+    assert far.iterations.tolist() == [20] * 6 and bool((far.loss > CONVERGED_LOSS).all())
+    # a gain of at least 0 always counts (stop_tol=0 stops only a best loss that did not
+    # move): a falling loss is never stopped at the floor, as the rule before 0.2 did at 6
+    going = invert_images(m, s, t, horizon=20, stop_tol=0.0, **kw)
+    assert int(going.iterations.min()) > 6
+    # at the criterion (the seed is its own target: loss 0) and at the floor: at rest
+    rest = invert_images(m, t, t, horizon=50, **kw)
+    assert bool((rest.loss <= CONVERGED_LOSS).all()) and int(rest.iterations.max()) < 50
 
 
 def test_the_tol_patience_rule_as_documented():

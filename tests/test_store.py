@@ -54,7 +54,15 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-CONVERGE = {**KW, "iterations": 80, "schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}
+CONVERGE = {
+    **KW,
+    "iterations": 80,
+    "schedule": "converge",
+    "decay_patience": 3,
+    "decay_tol": 0.1,
+    "horizon": 10,
+    "stop_tol": 0.1,
+}
 
 
 @pytest.mark.parametrize("settings", [KW, CONVERGE], ids=["paper", "converge"])

@@ -275,10 +275,10 @@ def invert(
     if ds is None:
         click.echo(f"slice done; run `invsim invert --merge --out {out}` when all are done.")
         return
-    from invsim.store.diagnostics import diagnostics_line, inversion_diagnostics
+    from invsim.store.diagnostics import diagnostics_line
 
     click.echo(repr(ds))
-    click.echo(diagnostics_line(Path(out).name, inversion_diagnostics(net, ds)))
+    click.echo(diagnostics_line(Path(out).name, ds.diagnostics))  # kept in its dataset.json
 
 
 def _merge(out: str) -> None:

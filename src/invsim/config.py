@@ -99,8 +99,19 @@ class InversionConfig(_Settings):
     )
     decay_tol: float = Field(0.02, ge=0, description="converge: relative loss gain that counts.")
     min_step_size: float = Field(
-        1 / 256, gt=0, description="converge: stop once the step is below this."
+        1 / 256,
+        gt=0,
+        description="converge: the smallest step; at it, an example at the "
+        "loss criterion has come to rest and stops.",
     )
+    horizon: int | None = Field(
+        250,
+        ge=1,
+        description="converge: an example also stops once its best loss gained "
+        "less than stop_tol over this many steps (None: stop when the step falls below "
+        "min_step_size, the older rule).",
+    )
+    stop_tol: float = Field(0.01, ge=0, description="converge: relative gain over a horizon.")
     fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
     channels_last: bool = Field(

@@ -38,6 +38,7 @@ from invsim.steps import _TINY, l2_norm, project
 __all__ = [
     "InversionConfig",
     "InversionResult",
+    "CONVERGED_LOSS",
     "acting_settings",
     "invert_images",
     "relative_loss",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 _D = InversionConfig()  # the paper's defaults, the single source of invert_images' defaults
+# the convergence criterion: an example (and, by its median, a data set) whose relative
+# representation loss is at most this has reached its target (docs/trust.md)
+CONVERGED_LOSS = 0.1
 
 
 @dataclass
@@ -121,6 +125,7 @@ class _Slots:
     lr: torch.Tensor  # step size (constant for the paper's schedule)
     reference: torch.Tensor  # converge: the best loss when it last gained decay_tol
     stall: torch.Tensor  # converge: steps since then
+    window: torch.Tensor  # converge: the best loss at the start of this horizon
 
     def select(self, keep: torch.Tensor) -> _Slots:
         return _Slots(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
@@ -161,6 +166,7 @@ def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) ->
         lr=torch.full((k,), cfg.step_size, device=dev, dtype=dtype),
         reference=inf.clone(),
         stall=torch.zeros(k, dtype=torch.int64, device=dev),
+        window=inf.clone(),
     )
 
 
@@ -170,6 +176,7 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     fresh = s.it == 0
     s.first_loss = torch.where(fresh, loss, s.first_loss)
     s.checkpoint = torch.where(fresh, loss, s.checkpoint)  # the first tol window: from the seed
+    s.window = torch.where(fresh, loss, s.window)  # the first horizon, too
     better = loss < s.best_loss
     s.best_loss = torch.where(better, loss, s.best_loss)
     s.best_x = torch.where(better.view(view), s.x, s.best_x)
@@ -206,18 +213,29 @@ def _stop_rule(s: _Slots, cfg: InversionConfig) -> None:
 
 
 def _converge(s: _Slots, cfg: InversionConfig) -> None:
-    """The converging schedule: once the best loss has not gained ``decay_tol``
-    (relative) for ``decay_patience`` steps, the step size halves; once it is below
-    ``min_step_size`` the image has come to rest (each step moves it by at most the step
-    size) and the example takes no more steps."""
+    """The converging schedule. The step size halves once the best loss has not gained
+    ``decay_tol`` (relative) for ``decay_patience`` steps, down to ``min_step_size``.
+    An example stops once it has reached ``CONVERGED_LOSS`` and its step has come down to
+    ``min_step_size`` (it is at rest at the criterion), or once its best loss gained less
+    than ``stop_tol`` (relative) over the last ``horizon`` steps: a horizon long enough
+    to see slow progress (docs/scaling.md). With ``horizon=None`` (the rule before
+    invsim 0.2), it stops as soon as the step falls below ``min_step_size``."""
     gained = s.best_loss < s.reference * (1.0 - cfg.decay_tol)
     s.reference = torch.where(gained, s.best_loss, s.reference)
     s.stall = torch.where(gained, 0, s.stall + 1)
     decay = s.stall >= cfg.decay_patience
     s.lr = torch.where(decay, s.lr * 0.5, s.lr)
     s.stall = torch.where(decay, 0, s.stall)
-    rest = (s.lr < cfg.min_step_size) & (s.it < s.limit)
-    s.limit = torch.where(rest, s.it, s.limit)
+    running = s.it < s.limit
+    if cfg.horizon is None:
+        s.limit = torch.where((s.lr < cfg.min_step_size) & running, s.it, s.limit)
+        return
+    s.lr = s.lr.clamp_min(cfg.min_step_size)
+    at_rest = (s.lr <= cfg.min_step_size) & (s.best_loss <= CONVERGED_LOSS)
+    check = s.it % cfg.horizon == 0
+    stalled = check & (s.best_loss > s.window * (1.0 - cfg.stop_tol))
+    s.window = torch.where(check, s.best_loss, s.window)
+    s.limit = torch.where((at_rest | stalled) & running, s.it, s.limit)
 
 
 def _loss_and_grad(rep, s: _Slots, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -321,6 +339,8 @@ def invert_images(
     decay_patience: int = _D.decay_patience,
     decay_tol: float = _D.decay_tol,
     min_step_size: float = _D.min_step_size,
+    horizon: int | None = _D.horizon,
+    stop_tol: float = _D.stop_tol,
     fake_relu: bool = _D.fake_relu,
     amp: bool = _D.amp,
     channels_last: bool = _D.channels_last,
@@ -443,6 +463,13 @@ def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
     if not cfg.channels_last:  # a layout, not a setting of the method; absent from old records
         del out["channels_last"]
     if cfg.schedule == "paper":
-        for k in ("schedule", "decay_patience", "decay_tol", "min_step_size"):
+        for k in (
+            "schedule",
+            "decay_patience",
+            "decay_tol",
+            "min_step_size",
+            "horizon",
+            "stop_tol",
+        ):
             del out[k]
     return out

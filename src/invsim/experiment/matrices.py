@@ -45,6 +45,7 @@ from invsim.similarity.calibration import (
 from invsim.similarity.matrix import each_cell
 from invsim.similarity.registry import Measure, MeasureLike
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
+from invsim.store.diagnostics import warn_unconverged
 
 __all__ = [
     "RepresentationCache",
@@ -306,7 +307,10 @@ def inverted_similarity(
 ) -> SimilarityMatrix | dict[str, SimilarityMatrix]:
     """Asymmetric matrix: row r, column c = measure(Rep_r(X_r), Rep_c(X_r)) on row model
     r's inverted data set X_r. Rows are the models in ``inverted``, columns all
-    ``models``."""
+    ``models``. A row whose inversions did not converge (its set's ``diagnostics``) is
+    warned about (:class:`~invsim.store.diagnostics.InversionWarning`, naming the model,
+    its median loss and the criterion) and listed in each matrix's
+    ``flags["not_converged"]``."""
     cache = cache or RepresentationCache()
     cols = list(models)
     rows = [r for r in models if r in inverted]
@@ -336,7 +340,17 @@ def inverted_similarity(
             about.setdefault(m, []).append(mat.interval)
             for k, v in mat.stats.items():
                 stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
-    return _one_or_many(_assemble(rows, cols, values, stats, about, names), measures)
+    result = _assemble(rows, cols, values, stats, about, names)
+    _flag_unconverged(result, inverted, rows)
+    return _one_or_many(result, measures)
+
+
+def _flag_unconverged(result: Mapping[str, SimilarityMatrix], inverted, rows) -> None:
+    """Warn about rows whose inversions did not converge and flag them on every matrix."""
+    bad = warn_unconverged(inverted, rows)
+    if bad:
+        for m in result.values():
+            m.flags["not_converged"] = list(bad)
 
 
 def _check_layer(data: Any, row: str, layer: str) -> None:
@@ -447,4 +461,6 @@ def stir_similarity(
             found = panel(pair["rep"], wanted, logits=pair.get("logits"), rows=["x"],
                           calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
             _put(values, stats, about, found, i, j)
-    return _one_or_many(_assemble(names, names, values, stats, about, wanted), measures), stored
+    result = _assemble(names, names, values, stats, about, wanted)
+    _flag_unconverged(result, stored, names)
+    return _one_or_many(result, measures), stored

@@ -24,9 +24,11 @@ from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
 from invsim.store.diagnostics import (
     CONVERGED_LOSS,
+    converged,
     diagnostics_line,
     diagnostics_of,
     inversion_diagnostics,
+    unconverged_message,
 )
 
 __all__ = [
@@ -102,13 +104,13 @@ def warnings_of(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The run's warnings: rows whose inversions did not converge, entries not settled."""
     out = []
     for name, d in diagnostics_of(results).items():
-        if not d.get("converged", True):
+        if not converged(d):
             out.append(
                 {
                     "kind": "not_converged",
                     "model": name,
                     "median_loss": d["median_loss"],
-                    "message": diagnostics_line(name, d).split("\n", 1)[1],
+                    "message": unconverged_message(name, d),
                 }
             )
     drift = results.get("drift") or {}

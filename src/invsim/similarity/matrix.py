@@ -65,6 +65,8 @@ class SimilarityMatrix:
     interval: dict[str, Any] = field(default_factory=dict)
     measure: str | None = None  # the measure's name, where known
     options: dict[str, Any] = field(default_factory=dict)  # the measure's options, if set
+    # what to distrust: "not_converged" -> rows whose inversions did not converge
+    flags: dict[str, list[str]] = field(default_factory=dict)
 
     STATS = ("ci_low", "ci_high", "ci_centre", "null_mean", "p_value")
     INTERVAL = ("ci_method", "ci_target", "ci_centre_estimate", "ci_reason")
@@ -87,9 +89,11 @@ class SimilarityMatrix:
         def same(a: np.ndarray, b: np.ndarray) -> bool:
             return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
-        heads = (self.rows, self.cols, self.measure, self.options, self.interval)
+        heads = (self.rows, self.cols, self.measure, self.options, self.interval, self.flags)
+        theirs = (other.rows, other.cols, other.measure, other.options, other.interval,
+                  other.flags)  # fmt: skip
         return (
-            heads == (other.rows, other.cols, other.measure, other.options, other.interval)
+            heads == theirs
             and same(self.values, other.values)
             and self.stats.keys() == other.stats.keys()
             and all(same(np.asarray(v), np.asarray(other.stats[k])) for k, v in self.stats.items())
@@ -113,6 +117,8 @@ class SimilarityMatrix:
             out["measure"] = self.measure
         if self.options:
             out["options"] = dict(self.options)
+        if self.flags:
+            out["flags"] = {k: list(v) for k, v in self.flags.items()}
         return out
 
     @classmethod
@@ -122,7 +128,7 @@ class SimilarityMatrix:
                  for k in d if k in cls.INTERVAL}  # fmt: skip
         values = np.asarray(d["values"], dtype=np.float64)
         return cls(d["rows"], d["cols"], values, stats, about, d.get("measure"),
-                   dict(d.get("options") or {}))  # fmt: skip
+                   dict(d.get("options") or {}), dict(d.get("flags") or {}))  # fmt: skip
 
     def long(self) -> list[tuple[str, str, float]]:
         """Long format: (row, column, value) for every entry."""

@@ -76,12 +76,12 @@ def invert_dataset(
             raise ValueError(f"part=(index, count) needs 0 <= index < count; got {part}.")
         job.open()
         job.run(part, device, progress)
-        return merge_manifest(job.out)
+        return _diagnosed(merge_manifest(job.out), model)
     rank, world = init_from_env(device)
     if world == 1:
         job.open()
         job.run((0, 1), device, progress)
-        return merge_manifest(job.out)
+        return _diagnosed(merge_manifest(job.out), model)
     if device is not None and str(device).startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"
     if rank == 0:  # rank 0 writes dataset.json first; the others then check against it
@@ -92,9 +92,16 @@ def invert_dataset(
     job.run((rank, world), device, progress if rank == 0 else False)
     barrier()
     if rank == 0:
-        merge_manifest(job.out)
+        _diagnosed(merge_manifest(job.out), model)
     barrier()
     return InvertedDataset(job.out)
+
+
+def _diagnosed(inv: InvertedDataset | None, model: torch.nn.Module) -> InvertedDataset | None:
+    """The finished set with its diagnostics in dataset.json (computed once)."""
+    if inv is not None and "target_accuracy" not in inv.config.get("diagnostics", {}):
+        inv.record_diagnostics(model)
+    return inv
 
 
 @dataclass

@@ -33,7 +33,7 @@ __all__ = [
 
 FORMAT = "invsim-inverted/1"
 # provenance that does not change the data: recorded, but not part of the config hash
-_NOT_HASHED = ("versions", "checkpoint", "passes")
+_NOT_HASHED = ("versions", "checkpoint", "passes", "diagnostics")
 
 
 class StoreError(ValueError):
@@ -250,6 +250,35 @@ class InvertedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """How far to trust this set (:mod:`invsim.store.diagnostics`): kept in
+        dataset.json when the store was written; for an older store, computed from its
+        losses on first use (without the target accuracy, which needs the model)."""
+        if "diagnostics" not in self.config:
+            from invsim.store.diagnostics import loss_diagnostics
+
+            self.config["diagnostics"] = loss_diagnostics(self)
+        return self.config["diagnostics"]
+
+    @property
+    def stop_reasons(self) -> list[str]:
+        """Each example's stopping reason: ``reached`` (the loss criterion), ``at_rest``
+        (stopped above it before the cap) or ``cap``."""
+        from invsim.store.diagnostics import stop_reasons
+
+        cap = int(self.config["inversion"]["iterations"])
+        return stop_reasons(self.loss, self.iterations, cap=cap)
+
+    def record_diagnostics(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Compute this set's diagnostics with ``model`` (the one it was inverted
+        through) and keep them in dataset.json (not part of the config hash)."""
+        from invsim.store.diagnostics import inversion_diagnostics
+
+        self.config["diagnostics"] = inversion_diagnostics(model, self)
+        atomic_write(self.root / "dataset.json", json_bytes(self.config))
+        return self.config["diagnostics"]
 
     def at_half_budget(self) -> ImageSet | None:
         """The images that half the iteration budget returned (the drift check), or None
