@@ -23,6 +23,32 @@ def replace(text: str, marker: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def _settings_line(results: dict, dev: dict) -> str:
+    """How this run's inversion differs from the paper's, its size and its time."""
+    inv = results["provenance"]["config"]["inversion"]
+    if dev:
+        how = "Reduced for time: " + ", ".join(
+            f"{k} {v['used']} (paper {v['paper']})" for k, v in dev.items()
+        )
+    else:
+        how = "The paper's settings"
+    if inv.get("schedule") == "converge":
+        how += f", on the converging schedule capped at {inv['iterations']} iterations"
+    drift = results.get("drift") or {}
+    moved = len(drift.get("moved", []))
+    settled = (
+        f"; {moved} inverted entries moved by more than {drift['threshold']} "
+        f"between {drift['half_iterations']} iterations and the cap"
+        if drift
+        else ""
+    )
+    return (
+        f"{how}; {results['provenance']['pairs']} pairs per model"
+        f"{settled}; {results['provenance']['seconds'] / 60:.1f} minutes on this run's "
+        "machine, training included."
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--demo-dir", default=str(ROOT / "runs" / "demo"))
@@ -81,10 +107,7 @@ def main() -> None:
             headline(results),
             "```",
             "",
-            "Reduced for time: "
-            + ", ".join(f"{k} {v['used']} (paper {v['paper']})" for k, v in dev.items())
-            + f"; {results['provenance']['pairs']} pairs per model; "
-            + f"{results['provenance']['seconds'] / 60:.1f} minutes on this run's machine.",
+            _settings_line(results, dev),
             "",
             *rows,
             "",
