@@ -284,3 +284,38 @@ def test_extract_on_a_dataloader_equals_the_tensor(mnist_1000):
     got = extract(m, loader)
     assert got.shape == (1000, 84)
     assert torch.allclose(got, extract(m, mnist_1000.images), atol=1e-6)
+
+
+def test_select_layers_by_name_pattern_and_stage():
+    """Naming many layers (the layer-by-layer issue's first step): patterns stay within
+    one dotted part, ``blocks`` is the backbone's stages (timm's feature_info where it
+    has one), unknown names and patterns are errors with close matches."""
+    from invsim.representation import select_layers
+
+    r18 = load_model("tv:resnet18")
+    assert select_layers(r18, "layer*") == [f"model.layer{i}" for i in range(1, 5)]
+    assert select_layers(r18, ["bn1", "layer1.*", "penultimate", "logits", "bn1"]) == [
+        "model.bn1", "model.layer1.0", "model.layer1.1", "penultimate", "logits",
+    ]  # fmt: skip
+    blocks = select_layers(r18, "blocks")
+    assert blocks[0] == "model.conv1" and "model.layer4" in blocks and blocks[-1] == "model.fc"
+    with pytest.raises(ValueError, match="Close matches"):
+        select_layers(r18, "layr1")
+    with pytest.raises(ValueError, match="pattern 'layr\\*' matches no module.*Close names"):
+        select_layers(r18, "layr*")
+    timm = pytest.importorskip("timm")
+    assert timm is not None
+    t = load_model("timm:resnet18", num_classes=10)
+    assert select_layers(t, "blocks") == ["model.act1"] + [f"model.layer{i}" for i in range(1, 5)]
+
+
+def test_invsim_layers_lists_a_selection_without_running_the_model():
+    from click.testing import CliRunner
+
+    from invsim.cli import main
+
+    out = CliRunner().invoke(main, ["layers", "tv:resnet18", "--select", "layer*"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines() == [f"model.layer{i}\tSequential" for i in range(1, 5)]
+    bad = CliRunner().invoke(main, ["layers", "lenet", "--select", "nosuch*"])
+    assert bad.exit_code == 2 and "matches no module" in bad.output

@@ -392,6 +392,30 @@ def report(directory: str) -> None:
 
 
 @main.command()
+@click.argument("model")
+@click.option(
+    "--select",
+    "selection",
+    multiple=True,
+    default=["blocks"],
+    show_default=True,
+    help="Module names, patterns (layer*, blocks.*), penultimate, logits or blocks (repeat).",
+)
+@_guard
+def layers(model: str, selection: tuple[str, ...]) -> None:
+    """List the layers of MODEL (a spec or a saved model) that --select names, without
+    running the model."""
+    from invsim.models import load_model
+    from invsim.representation import _named, select_layers
+
+    net = load_model(model)
+    modules = _named(net)
+    for name in select_layers(net, list(selection)):
+        kind = type(modules[name]).__name__ if name in modules else "(read by a probe)"
+        click.echo(f"{name}\t{kind}")
+
+
+@main.command()
 def models() -> None:
     """List the model sources load_model understands, and each one's names."""
     from invsim.catalog import MODEL_SOURCES, list_models

@@ -14,7 +14,7 @@ import contextlib
 import difflib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "eval_mode",
     "extract",
     "extract_into",
+    "select_layers",
     "logits",
     "representation",
     "resolve_layer",
@@ -105,6 +106,77 @@ def _lookup(model: nn.Module, layer: str) -> str:
         f"unknown layer {layer!r}: no module of that name in the model.{hint} Use "
         "'penultimate' or a name from model.named_modules()."
     )
+
+
+BLOCKS = "blocks"
+
+
+def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
+    """The wrapped network and the prefix its module names carry (``model.`` inside
+    invsim's Normalize wrapper)."""
+    inner = getattr(model, "model", None)
+    return (inner, "model.") if isinstance(inner, nn.Module) else (model, "")
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """The outputs of the model's top-level stages: timm's ``feature_info`` where the
+    network has it, else each child of the backbone (torchvision, built-in, your own)."""
+    net, prefix = _backbone(model)
+    info = getattr(net, "feature_info", None)
+    modules = [f.get("module") for f in info] if isinstance(info, list) else []
+    if modules and all(modules):
+        return [prefix + m for m in modules]
+    children = [n for n, _ in net.named_children()]
+    if len(children) == 1:  # a lone container (nn.Sequential): its children are the stages
+        only = children[0]
+        return [f"{prefix}{only}.{n}" for n, _ in getattr(net, only).named_children()]
+    return [prefix + n for n in children]
+
+
+def _glob(pattern: str, name: str) -> bool:
+    """Shell-style match of a dotted module name; ``*`` and ``?`` never cross a dot."""
+    import re
+
+    rx = "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, name) is not None
+
+
+def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """The layer names that ``layers`` selects, in the model's module order: each item is
+    ``"penultimate"``, ``"logits"``, ``"blocks"`` (the top-level stages, see
+    :func:`_blocks`), a module name, or a pattern (``"layer*"``, ``"blocks.*"``) matched
+    against the module names with or without the wrapper's ``model.`` prefix (``*`` and
+    ``?`` stay within one dotted part: ``layer*`` is layer1..layer4, not their blocks). An item
+    that selects nothing is an error naming close matches. Nothing runs.
+
+    Example:
+        >>> from invsim.models import load_model
+        >>> from invsim.representation import select_layers
+        >>> select_layers(load_model("tv:resnet18"), ["layer*", "penultimate"])
+        ['model.layer1', 'model.layer2', 'model.layer3', 'model.layer4', 'penultimate']
+    """
+    items = [layers] if isinstance(layers, str) else list(layers)
+    names = [n for n in _named(model) if n]
+    out: list[str] = []
+    for item in items:
+        if item in (PENULTIMATE, LOGITS):
+            found = [item]
+        elif item == BLOCKS:
+            found = _blocks(model)
+        elif any(c in item for c in "*?["):
+            found = [n for n in names if _glob(item, n) or _glob(item, n.removeprefix("model."))]
+            if not found:
+                stem = item.split("*")[0].split("?")[0].split("[")[0].rstrip(".")
+                close = difflib.get_close_matches(stem, names, n=5, cutoff=0.4)
+                raise ValueError(
+                    f"layer pattern {item!r} matches no module of the model."
+                    + (f" Close names: {close}." if close else "")
+                    + " `invsim layers MODEL --select '*'` lists the top-level ones."
+                )
+        else:
+            found = [_lookup(model, item)]
+        out += [n for n in found if n not in out]
+    return out
 
 
 def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
