@@ -100,6 +100,10 @@ class ModelSource:
             return list(self.mean), list(self.std)
         return [0.5] * in_channels, [0.5] * in_channels
 
+    def name_in(self, spec: str) -> str:
+        """The name part of a spec of this source (``tv:resnet18`` -> ``resnet18``)."""
+        return spec.split(":", 1)[1] if self.prefix else spec
+
     def describe(self) -> str:
         how = f"{self.prefix}:NAME" if self.prefix else self.name
         return f"{how}: {self.description}"
@@ -131,12 +135,6 @@ def source_of(spec: str) -> ModelSource:
     hint = f" Did you mean {close}?" if close else ""
     known = "; ".join(s.describe() for s in MODEL_SOURCES.values())
     raise ValueError(f"unknown model spec {spec!r}.{hint} Model sources: {known}.")
-
-
-def split_spec(spec: str) -> str:
-    """The name part of a spec (``tv:resnet18`` -> ``resnet18``; a bare name is itself)."""
-    source = source_of(spec)
-    return spec.split(":", 1)[1] if source.prefix else spec
 
 
 def _package_dir(name: str) -> Path | None:

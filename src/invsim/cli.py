@@ -406,10 +406,10 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
     """List the layers of MODEL (a spec or a saved model) that --select names, without
     running the model."""
     from invsim.models import load_model
-    from invsim.representation import _named, select_layers
+    from invsim.representation import select_layers
 
     net = load_model(model)
-    modules = _named(net)
+    modules = dict(net.named_modules())
     for name in select_layers(net, list(selection)):
         kind = type(modules[name]).__name__ if name in modules else "(read by a probe)"
         click.echo(f"{name}\t{kind}")

@@ -380,8 +380,8 @@ def invert_images(
         (torch.Size([4, 1, 28, 28]), True)
     """
     # the keyword form of run_inversion: these keywords are exactly InversionConfig's fields
-    fields = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
-    cfg = InversionConfig.checked(fields, where="invert_images")
+    given = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
+    cfg = InversionConfig.checked(given, where="invert_images")
     return run_inversion(model, seed_images, target_images, cfg, device=device,
                          progress=progress, noise_seed=noise_seed, callback=callback,
                          snapshots=snapshots)  # fmt: skip

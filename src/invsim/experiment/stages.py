@@ -304,7 +304,7 @@ def results_stage(run: Run) -> Results:
     primary = {regime: r.matrix(regime) for regime in r.regimes}
     r.summary = {k: summarize(m) for k, m in primary.items()}
     r.panel = {m: panel_summary(panels, m, zoo.eps) for m in r.measures}
-    r.diagnostics = {k: _diagnostics(zoo.models[k], v) for k, v in inverted.items()}
+    r.diagnostics = {k: v.diagnostics_with(zoo.models[k]) for k, v in inverted.items()}
     if len(set(zoo.eps.values())) > 1:
         r.robustness = {k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in primary.items()}
     r.models = {
@@ -318,13 +318,6 @@ def results_stage(run: Run) -> Results:
         for n, m in zoo.models.items()
     }
     return r
-
-
-def _diagnostics(model: nn.Module, inv: InvertedDataset) -> dict[str, Any]:
-    """The set's own diagnostics (kept in its dataset.json); a store from before they
-    were kept gets them computed and recorded now."""
-    d = inv.diagnostics
-    return d if "target_accuracy" in d else inv.record_diagnostics(model)
 
 
 DRIFT_THRESHOLD = 0.02

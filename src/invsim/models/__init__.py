@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from invsim._io import atomic_write
-from invsim.catalog import IMAGENET_MEAN, IMAGENET_STD, list_models, source_of, split_spec
+from invsim.catalog import IMAGENET_MEAN, IMAGENET_STD, ModelSource, list_models, source_of
 from invsim.models.checkpoints import (
     META_KEY,
     CheckpointError,
@@ -52,15 +52,24 @@ class Normalize(nn.Module):
 
 
 def _build_spec(
-    spec: str, num_classes: int, in_channels: int, image_size: int, arch_kwargs: dict
+    source: ModelSource,
+    spec: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    arch_kwargs: dict,
 ) -> tuple[nn.Module, list[float], list[float]]:
-    """The network a spec names, from its source (:mod:`invsim.catalog`), with the
+    """The network ``spec`` names in its ``source`` (:mod:`invsim.catalog`), with the
     source's default mean and std."""
-    source = source_of(spec)
     if source.build is None:
         raise ValueError(f"{spec!r} is a {source.name} spec; load_model reads it directly.")
-    net = source.build(split_spec(spec), num_classes=num_classes, in_channels=in_channels,
-                       image_size=image_size, **arch_kwargs)  # fmt: skip
+    net = source.build(
+        source.name_in(spec),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        **arch_kwargs,
+    )
     mean, std = source.normalisation(net, in_channels)
     return net, mean, std
 
@@ -145,10 +154,11 @@ def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
         name = f"custom:{type(net).__name__}"
         shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
         return net, {"spec": name, "arch": name, **shape}, stats
-    d = source_of(str(spec)).defaults(in_channels)
+    source = source_of(str(spec))  # resolved once: a file source checks the disk
+    d = source.defaults(in_channels)
     d = {"num_classes": num_classes or d["num_classes"], "in_channels": d["in_channels"],
          "image_size": image_size or d["image_size"]}  # fmt: skip
-    net, dmean, dstd = _build_spec(str(spec), d["num_classes"], d["in_channels"],
+    net, dmean, dstd = _build_spec(source, str(spec), d["num_classes"], d["in_channels"],
                                    d["image_size"], arch_kwargs)  # fmt: skip
     return net, {"spec": str(spec), "arch": str(spec), **d}, (dmean, dstd)
 

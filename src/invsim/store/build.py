@@ -99,8 +99,8 @@ def invert_dataset(
 
 def _diagnosed(inv: InvertedDataset | None, model: torch.nn.Module) -> InvertedDataset | None:
     """The finished set with its diagnostics in dataset.json (computed once)."""
-    if inv is not None and "target_accuracy" not in inv.config.get("diagnostics", {}):
-        inv.record_diagnostics(model)
+    if inv is not None:
+        inv.diagnostics_with(model)
     return inv
 
 

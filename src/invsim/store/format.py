@@ -271,6 +271,13 @@ class InvertedDataset(Dataset):
         cap = int(self.config["inversion"]["iterations"])
         return stop_reasons(self.loss, self.iterations, cap=cap)
 
+    def diagnostics_with(self, model: torch.nn.Module) -> dict[str, Any]:
+        """:attr:`diagnostics` with the target accuracy, which needs ``model`` (the one
+        it was inverted through): the stored ones when they have it, else computed and
+        recorded now."""
+        d = self.diagnostics
+        return d if "target_accuracy" in d else self.record_diagnostics(model)
+
     def record_diagnostics(self, model: torch.nn.Module) -> dict[str, Any]:
         """Compute this set's diagnostics with ``model`` (the one it was inverted
         through) and keep them in dataset.json (not part of the config hash)."""
