@@ -45,6 +45,8 @@ _LAZY: dict[str, str] = {
     "linear_cka": "invsim.similarity",
     # experiments
     "natural_similarity": "invsim.experiment",
+    "layer_similarity": "invsim.experiment",
+    "LayerSimilarity": "invsim.experiment",
     "inverted_similarity": "invsim.experiment",
     "stir_similarity": "invsim.experiment",
     "run_experiment": "invsim.experiment",

@@ -32,6 +32,7 @@ __all__ = [
     "eval_mode",
     "extract",
     "extract_into",
+    "capture_layers",
     "select_layers",
     "logits",
     "representation",
@@ -295,6 +296,106 @@ def reader(
         if not isinstance(value, torch.Tensor):
             value = logits(value)
         return value.flatten(1)
+
+    try:
+        yield read
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Every module call of one forward on ``x[:1]``, in execution order."""
+    names = {id(m): n for n, m in _named(model).items()}
+    calls: list[tuple[str, nn.Module]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: calls.append((names[id(mod)], mod)))
+        for m in model.modules()
+    ]
+    try:
+        with eval_mode(model, warn=False), torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+@contextlib.contextmanager
+def capture_layers(
+    model: nn.Module, layers: Sequence[str], *, example_input: torch.Tensor
+) -> Iterator[Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """Hook every layer of ``layers`` at once; yields ``read(x) -> {layer: (n, d)}``.
+
+    One forward per batch gives every layer's representation. Each output is copied the
+    moment its module returns it, so a later in-place operation (torchvision's ``bn1``
+    followed by ``ReLU(inplace=True)``) cannot overwrite it: ``bn1`` keeps its negative
+    values. The forward stops after the deepest layer unless ``"logits"`` is asked for.
+    A module that runs more than once per forward is refused (its output would be
+    ambiguous), as in :func:`resolve_layer`. The hooks are removed when the block ends,
+    also on an exception; the caller sets eval mode and grad mode.
+
+    Example:
+        >>> import torch
+        >>> from invsim.models import load_model
+        >>> from invsim.representation import capture_layers
+        >>> m = load_model("lenet").eval()
+        >>> x = torch.rand(4, 1, 28, 28)
+        >>> with capture_layers(m, ["model.0", "penultimate"], example_input=x) as read:
+        ...     {k: tuple(v.shape) for k, v in read(x).items()}
+        {'model.0': (4, 4704), 'penultimate': (4, 84)}
+    """
+    names = list(dict.fromkeys(layers))
+    calls = _calls(model, example_input)
+    order = [n for n, _ in calls]
+    targets: dict[str, tuple[str, nn.Module]] = {}  # layer -> (capture, module)
+    for layer in names:
+        if layer == LOGITS:
+            continue
+        if layer == PENULTIMATE:
+            linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError("'penultimate' needs an nn.Linear classifier in the model.")
+            name, module, how = *linears[-1], "input"
+        else:
+            name = _lookup(model, layer)
+            module, how = _named(model)[name], "output"
+        count = order.count(name)
+        if count != 1:
+            raise ValueError(
+                f"module {name!r} (layer {layer!r}) runs {count} times in one forward, so its "
+                f"{how} is ambiguous; name a module that runs once (e.g. a block's output)."
+            )
+        targets[layer] = (how, module)
+    box: dict[str, torch.Tensor] = {}
+
+    def keep(layer: str, value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            value = logits(value)
+        box[layer] = value.flatten(1).clone()  # a copy: later in-place ops cannot touch it
+        if LOGITS not in names and len(box) == len(targets):  # the deepest one: stop here
+            raise _LayerReachedError
+
+    handles = []
+    for layer, (how, module) in targets.items():
+        if how == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, k=layer: keep(k, args[0])))  # fmt: skip
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, k=layer: keep(k, out)))  # fmt: skip
+
+    def read(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        box.clear()
+        out = None
+        with contextlib.suppress(_LayerReachedError):
+            out = model(x)
+        if LOGITS in names:
+            box[LOGITS] = logits(out).flatten(1)
+        missing = [k for k in names if k not in box]
+        if missing:
+            raise RuntimeError(f"the forward finished without reaching layers {missing}.")
+        return {k: box[k] for k in names}
 
     try:
         yield read

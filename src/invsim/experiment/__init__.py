@@ -3,9 +3,11 @@
 - :mod:`invsim.experiment.matrices`: natural, inverted and STIR matrices between models,
   with the on-disk representation cache.
 - :mod:`invsim.experiment.summary`: summaries, the robustness trend, diagnostics, CSV.
+- :mod:`invsim.experiment.layers`: layer-by-layer matrices (every depth, bounded memory).
 - :mod:`invsim.experiment.stages`: ``run_experiment`` as declared, resumable stages.
 """
 
+from invsim.experiment.layers import LayerSimilarity, layer_similarity
 from invsim.experiment.matrices import (
     RepresentationCache,
     inverted_similarity,
@@ -32,6 +34,7 @@ from invsim.store.diagnostics import inversion_diagnostics
 
 __all__ = [
     "STAGES",
+    "LayerSimilarity",
     "RepresentationCache",
     "Run",
     "Stage",
@@ -40,6 +43,7 @@ __all__ = [
     "headline",
     "inversion_diagnostics",
     "inverted_similarity",
+    "layer_similarity",
     "load_data",
     "natural_similarity",
     "panel",

@@ -1,0 +1,375 @@
+"""Similarity at every depth: layer-by-layer matrices between models, in bounded memory.
+
+:func:`layer_similarity` hooks every requested layer of every model at once
+(:func:`invsim.representation.capture_layers`, copies that survive in-place ReLUs) and
+feeds :class:`invsim.similarity.layerwise.GramTiles`, which sums exact linear-HSIC
+statistics over tiles of example pairs, so no layer's n x d representation, d x d
+cross-moments or n x n Gram matrix is ever held. What is held is one *block* of m
+examples' (shifted) features for every layer, for one pass over the examples after it:
+
+- if the whole data set's features fit in the memory budget, m = n: one pass;
+- otherwise m is the largest multiple of the batch size that fits, and pass p holds
+  block p and streams examples ``[p m, n)`` past it: ``ceil(n / m)`` passes, about
+  ``n * passes / 2`` images forwarded per model (:func:`plan_passes`, recorded in the
+  result's ``schedule``).
+
+Every unordered example pair is one tile of one pass, so the values are exact full-data
+CKA (float64 products by default) for any budget. Under torchrun each process takes
+every world-th pass and the sums are all-reduced: the same numbers as one process.
+``estimator="minibatch"`` (Nguyen et al. 2021: unbiased HSIC per batch, averaged) is a
+different quantity, one pass, for very large n; never chosen silently.
+
+Example:
+    >>> import torch
+    >>> from invsim import layer_similarity
+    >>> from invsim.models import load_model
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> models = {"a": load_model("lenet"), "b": load_model("lenet")}
+    >>> res = layer_similarity(models, torch.rand(64, 1, 28, 28), layers=["model.0", "penultimate"])
+    >>> m = res.pair("a", "b")
+    >>> m.rows, m.cols, round(res.pair("a", "a")["model.0", "model.0"], 8)
+    (['model.0', 'penultimate'], ['model.0', 'penultimate'], 1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from invsim._io import progress_bar
+from invsim.config import PENULTIMATE
+from invsim.representation import capture_layers, eval_mode, select_layers
+from invsim.similarity.layerwise import GramTiles, minibatch_hsic
+from invsim.similarity.matrix import SimilarityMatrix
+
+__all__ = ["LayerSimilarity", "Schedule", "depth_profile", "layer_similarity", "plan_passes"]
+
+# measure -> debiased; the layer-by-layer matrices are the linear-CKA family (from Grams)
+LAYER_MEASURES = {"linear_cka": False, "debiased_cka": True}
+ESTIMATORS = ("exact", "minibatch")
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the work fits the budget: held block of ``block`` examples, ``passes`` over
+    the data, ``forwarded`` images per model in all, ``bytes`` the estimated peak of the
+    held statistics (the models' own activations come on top)."""
+
+    n: int
+    batch_size: int
+    block: int
+    passes: int
+    forwarded: int
+    bytes: int
+    budget: int
+
+
+def plan_passes(
+    dims: Sequence[int], n: int, *, batch_size: int, budget: float, itemsize: int = 8
+) -> Schedule:
+    """The block size and number of passes for views of widths ``dims`` over ``n``
+    examples within ``budget`` bytes. Raises when even one batch does not fit.
+
+    Example:
+        >>> s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9)
+        >>> s.block, s.passes
+        (1600, 7)
+    """
+    total, views = sum(dims), len(dims)
+    fixed = batch_size * total * (8 + itemsize) + 16 * views * n  # one batch, rows, diagonals
+    per_example = total * itemsize + 16 * views * batch_size  # held features, tile stacks
+    room = int((budget - fixed) // per_example)
+    block = n if room >= n else (room // batch_size) * batch_size
+    if block < batch_size and block < n:
+        need = (fixed + per_example * batch_size) / GB
+        raise ValueError(
+            f"a memory budget of {budget / GB:.3g} GB cannot hold one batch of {batch_size} "
+            f"examples of these layers ({total:,} features in all): it needs about "
+            f"{need:.3g} GB. Raise memory_gb or lower batch_size."
+        )
+    passes = math.ceil(n / block)
+    forwarded = sum(n - p * block for p in range(passes))
+    return Schedule(n, batch_size, block, passes, forwarded, fixed + per_example * block,
+                    int(budget))  # fmt: skip
+
+
+@dataclass
+class LayerSimilarity:
+    """Layer-by-layer similarity of every model with every other.
+
+    ``values[measure]`` is the (V, V) matrix over all (model, layer) views in
+    ``models``' order; :meth:`pair` labels the block of two models (rows: the first
+    model's layers, columns: the second's). ``images`` names the examples (natural data,
+    or a row model's inverted set), ``row`` the model whose inverted set it is."""
+
+    models: list[str]
+    layers: dict[str, list[str]]
+    dims: dict[str, list[int]]
+    values: dict[str, np.ndarray]
+    n: int
+    estimator: str = "exact"
+    schedule: dict[str, Any] = field(default_factory=dict)
+    images: str = ""
+    row: str | None = None
+
+    @property
+    def measures(self) -> list[str]:
+        return list(self.values)
+
+    def _span(self, model: str) -> slice:
+        if model not in self.layers:
+            raise KeyError(f"no model {model!r} here; models: {self.models}.")
+        start = sum(len(self.layers[k]) for k in self.models[: self.models.index(model)])
+        return slice(start, start + len(self.layers[model]))
+
+    def pair(self, a: str, b: str, measure: str | None = None) -> SimilarityMatrix:
+        """The L_a x L_b matrix of models ``a`` (rows) and ``b`` (columns)."""
+        name = measure or self.measures[0]
+        if name not in self.values:
+            raise KeyError(f"no {name!r} here; measures: {self.measures}.")
+        block = self.values[name][self._span(a), self._span(b)]
+        flags = {"estimator": self.estimator} if self.estimator != "exact" else {}
+        return SimilarityMatrix(self.layers[a], self.layers[b], np.array(block), measure=name,
+                                flags=flags)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["values"] = {k: _nan_list(v) for k, v in self.values.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerSimilarity:
+        values = {k: np.array(v, dtype=float) for k, v in d["values"].items()}
+        return cls(**{**d, "values": values})
+
+
+def _nan_list(a: np.ndarray) -> list:
+    return [[None if not math.isfinite(x) else float(x) for x in row] for row in a]
+
+
+def depth_profile(result: LayerSimilarity, measure: str | None = None) -> list[dict[str, Any]]:
+    """Similarity by relative depth: for each of the row models' layers at relative depth
+    t = i / (L - 1), the mean over other models b of the entry at b's layer of nearest
+    relative depth (the diagonal of "same relative depth"). With ``result.row`` set (an
+    inverted set), only that row model's layers; else every model's, pooled."""
+    name = measure or result.measures[0]
+    rows = [result.row] if result.row else result.models
+    points = []
+    for a in rows:
+        others = [b for b in result.models if b != a]
+        la = result.layers[a]
+        for i, layer in enumerate(la):
+            t = i / max(len(la) - 1, 1)
+            vals = []
+            for b in others:
+                lb = result.layers[b]
+                j = round(t * (len(lb) - 1))
+                vals.append(float(result.pair(a, b, name).values[i, j]))
+            finite = [v for v in vals if math.isfinite(v)]
+            points.append({"model": a, "layer": layer, "depth": t,
+                           "mean": float(np.mean(finite)) if finite else None})  # fmt: skip
+    return points
+
+
+def _measures(measures: str | Sequence[str]) -> list[str]:
+    names = [measures] if isinstance(measures, str) else list(measures)
+    bad = [m for m in names if m not in LAYER_MEASURES]
+    if bad:
+        raise ValueError(
+            f"layer_similarity computes {sorted(LAYER_MEASURES)} (from Gram tiles, exact at "
+            f"any width); got {bad}. For other measures compare one layer at a time with "
+            "natural_similarity(..., layer=NAME)."
+        )
+    return names
+
+
+def _images(data: Any, n: int | None) -> torch.Tensor:
+    from invsim.data.base import dataset_images
+
+    if isinstance(data, torch.Tensor):
+        images = data
+    elif isinstance(getattr(data, "images", None), torch.Tensor):
+        images = data.images
+    else:
+        images = dataset_images(data, range(len(data)))
+    if n is not None:
+        if n > len(images):
+            raise ValueError(f"n={n} asked for, but the data hold {len(images)} images.")
+        images = images[:n]
+    return images
+
+
+def _layer_names(models: Mapping[str, nn.Module], layers: Any) -> dict[str, list[str]]:
+    """Each model's layers: one selection for all, or a mapping name -> selection (a
+    model it leaves out gets the penultimate layer)."""
+    out = {}
+    for k, m in models.items():
+        spec = layers.get(k, PENULTIMATE) if isinstance(layers, Mapping) else layers
+        out[k] = select_layers(m, spec)
+    return out
+
+
+class _Readers:
+    """Every model's layers hooked for a block of passes; ``views(x)`` is one list of
+    (b, d) tensors over all (model, layer) views in order."""
+
+    def __init__(self, models: Mapping[str, nn.Module], layers: dict[str, list[str]],
+                 example: torch.Tensor, device: Any) -> None:  # fmt: skip
+        self.stack = contextlib.ExitStack()
+        self.device = device
+        self.reads = []
+        for k, m in models.items():
+            self.stack.enter_context(eval_mode(m, what="layer_similarity"))
+            if device is not None:
+                m.to(device)
+            dev = next((p.device for p in m.parameters()), torch.device("cpu"))
+            read = self.stack.enter_context(
+                capture_layers(m, layers[k], example_input=example.to(dev)))  # fmt: skip
+            self.reads.append((read, layers[k], dev))
+        self.stack.enter_context(torch.inference_mode())
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for read, names, dev in self.reads:
+            got = read(x.to(dev))
+            out += [got[k].cpu() for k in names]
+        return out
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def _batches(images: torch.Tensor, start: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for j in range(start, len(images), size):
+        yield j, images[j : j + size]
+
+
+def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int, block: int,
+                batch_size: int, bar: Any) -> None:  # fmt: skip
+    """One pass: hold examples [i0, i0 + block), stream [i0, n) past them."""
+    held: list[torch.Tensor] | None = None
+    chunks: list[tuple[int, int]] = []
+    stop = min(i0 + block, len(images))
+    for j0, x in _batches(images, i0, batch_size):
+        views = acc.shifted(readers.views(x))
+        bar.update(len(x))
+        if j0 < stop:
+            if held is None:
+                held = [torch.empty(stop - i0, v.shape[1], dtype=v.dtype) for v in views]
+            for h, v in zip(held, views, strict=True):
+                h[j0 - i0 : j0 - i0 + len(x)] = v
+            chunks.append((j0, len(x)))
+            if j0 + len(x) >= stop:  # the block is complete: its own pairs
+                for c0, w in chunks:
+                    part = [h[c0 - i0 : c0 - i0 + w] for h in held]
+                    acc.add_tile(held, i0, part, c0, shifted=True)
+            continue
+        assert held is not None
+        acc.add_tile(held, i0, views, j0, shifted=True)
+
+
+def _all_reduce(tensors: Sequence[torch.Tensor]) -> None:
+    from invsim.distributed import rank_world
+
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def layer_similarity(
+    models: Mapping[str, nn.Module],
+    data: Any,
+    *,
+    layers: str | Sequence[str] | Mapping[str, Any] = "blocks",
+    measures: str | Sequence[str] = ("linear_cka",),
+    n: int | None = None,
+    batch_size: int = 128,
+    memory_gb: float = 4.0,
+    estimator: str = "exact",
+    product_dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> LayerSimilarity:
+    """Layer-by-layer similarity of every model with every other on the same images.
+
+    ``data``: a tensor of images, a Dataset, an :class:`~invsim.InvertedDataset` or
+    ImageSet (its images); the first ``n`` are used. ``layers``: one selection for every
+    model (names, patterns, "penultimate", "logits", "blocks"; see
+    :func:`invsim.representation.select_layers`) or a mapping model -> selection.
+    ``measures``: ``linear_cka`` and/or ``debiased_cka``. ``memory_gb`` bounds the held
+    statistics (see the module doc for the schedule). ``product_dtype=torch.float32``
+    computes the tiles' products in float32 on shifted features (faster, ~1e-6).
+    """
+    from invsim.distributed import rank_world
+
+    names = _measures(measures)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
+    images = _images(data, n)
+    count = len(images)
+    if count < 4:
+        raise ValueError(f"layer_similarity needs at least 4 images; got {count}.")
+    chosen = _layer_names(models, layers)
+    readers = _Readers(models, chosen, images[:1], device)
+    rank, world = rank_world()
+    try:
+        first = readers.views(images[:batch_size])
+        dims = [v.shape[1] for v in first]
+        isz = torch.empty((), dtype=product_dtype).element_size()
+        plan = plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
+                           itemsize=isz)  # fmt: skip
+        if estimator == "minibatch":
+            plan = Schedule(count, batch_size, batch_size, 1, count, plan.bytes, plan.budget)
+        with progress_bar(plan.forwarded, "layers", progress) as bar:
+            if estimator == "exact":
+                hsic = _exact(readers, images, plan, first, names, product_dtype, bar, rank, world)
+            else:
+                hsic = _minibatch(readers, images, len(dims), batch_size, bar, rank, world)
+    finally:
+        readers.close()
+    values = {}
+    for m in names:
+        h = hsic[LAYER_MEASURES[m]]
+        scale = h.diagonal().clamp(min=0).sqrt()
+        v = (h / torch.outer(scale, scale)).numpy()
+        v[(scale == 0).numpy()] = np.nan
+        v[:, (scale == 0).numpy()] = np.nan
+        values[m] = v
+    widths, at = {}, 0
+    for k in models:
+        widths[k] = dims[at : at + len(chosen[k])]
+        at += len(chosen[k])
+    return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
+                           asdict(plan), images=str(getattr(data, "id", "")))  # fmt: skip
+
+
+def _exact(
+    readers, images, plan, first, names, dtype, bar, rank, world
+) -> dict[bool, torch.Tensor]:
+    acc = GramTiles(plan.n, shifts=[v.double().mean(dim=0) for v in first], product_dtype=dtype)
+    for p in range(rank, plan.passes, world):
+        _exact_pass(acc, readers, images, p * plan.block, plan.block, plan.batch_size, bar)
+    _all_reduce(acc.state_tensors())
+    return {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
+
+
+def _minibatch(readers, images, views, batch_size, bar, rank, world) -> dict[bool, torch.Tensor]:
+    """Sum of per-batch unbiased HSIC (a last batch of fewer than 4 is left out)."""
+    total = torch.zeros(views, views, dtype=torch.float64)
+    for i, (_, x) in enumerate(_batches(images, 0, batch_size)):
+        if i % world == rank and len(x) > 3:
+            total += minibatch_hsic(readers.views(x))
+            bar.update(len(x))
+    _all_reduce([total])
+    return {False: total, True: total}
