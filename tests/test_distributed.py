@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,34 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
             assert np.isfinite(a).all() and np.allclose(a, b, atol=1e-6), (key, stat, a, b)
     for p in (tmp_path / "one" / "inverted").rglob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "two" / p.relative_to(tmp_path / "one")).read_bytes()
+
+
+def test_torchrun_layer_similarity_matches_single_process(tmp_path):
+    # two saved random LeNets; a budget so small that the 60 images take several passes,
+    # which the two processes split between them (and the first batch fixes the shift)
+    from invsim.models import load_model, save_model
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    specs = []
+    for i in (0, 1):
+        torch.manual_seed(i)
+        save_model(
+            load_model("lenet", in_channels=1, image_size=28), tmp_path / f"m{i}.safetensors"
+        )
+        specs += ["--model", f"m{i}={tmp_path / f'm{i}.safetensors'}"]
+    args = ["layer-similarity", *specs, "--data", "digits", "--size", "28", "--natural-n", "60",
+            "--measure", "linear_cka", "--measure", "debiased_cka", "--batch-size", "8",
+            "--memory-gb", "0.008"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "invsim", *args, "--out", str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "invsim", *args,
+                          "--out", str(tmp_path / "two")], env=ENV, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "layers.json").read_text())["natural"]
+    b = json.loads((tmp_path / "two" / "layers.json").read_text())["natural"]
+    assert a["schedule"]["passes"] >= 3 and a["schedule"] == b["schedule"]
+    for measure in ("linear_cka", "debiased_cka"):
+        x, y = np.array(a["values"][measure], float), np.array(b["values"][measure], float)
+        assert np.isfinite(x).all() and np.abs(x - y).max() < 1e-10, measure

@@ -109,9 +109,11 @@ def test_a_module_run_twice_per_forward_is_refused():
             return self.fc(self.block(self.block(x.flatten(1))))
 
     x = torch.rand(5, 1, 2, 2)
-    with pytest.raises(ValueError, match="'block'.*runs 2 times"):
-        with capture_layers(Twice(), ["block"], example_input=x):
-            pass
+    with (
+        pytest.raises(ValueError, match="'block'.*runs 2 times"),
+        capture_layers(Twice(), ["block"], example_input=x),
+    ):
+        pass
 
 
 def test_the_schedule_fits_the_budget_and_says_when_it_cannot():

@@ -415,6 +415,76 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
         click.echo(f"{name}\t{kind}")
 
 
+@main.command("layer-similarity")
+@click.option("--model", "model_specs", multiple=True, required=True,
+              help="NAME=SPEC of a model: a saved model or a spec (repeat).")  # fmt: skip
+@data_opts
+@click.option(
+    "--natural-n",
+    "--n",
+    "n",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Natural images (--natural-n under torchrun, which claims --n).",
+)
+@click.option(
+    "--select",
+    "selection",
+    multiple=True,
+    default=["blocks"],
+    show_default=True,
+    help="Layers of every model: names, patterns, penultimate, logits, blocks.",
+)
+@click.option("--select-for", "select_for", multiple=True,
+              help="NAME=SELECTION for one model (comma-separated), e.g. a=layer*,fc.")  # fmt: skip
+@click.option("--inverted", "inverted_specs", multiple=True,
+              help="NAME=DIR of a model's inverted data set (repeat): also on it.")  # fmt: skip
+@click.option("--measure", "measures", multiple=True, default=["linear_cka"], show_default=True,
+              type=click.Choice(["linear_cka", "debiased_cka"]))  # fmt: skip
+@click.option("--memory-gb", default=4.0, show_default=True, help="Budget of held statistics.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
+@click.option("--estimator", default="exact", show_default=True,
+              type=click.Choice(["exact", "minibatch"]))  # fmt: skip
+@click.option("--out", required=True, help="Output directory (layers.json, CSVs).")
+@device_opt
+@_guard
+def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, select_for,
+                         inverted_specs, measures, memory_gb, batch_size, estimator, out,
+                         device) -> None:  # fmt: skip
+    """Layer-by-layer similarity of every model with every other: one L_a x L_b matrix
+    per pair, exact linear CKA within a memory budget, on natural images (and with
+    --inverted on each model's inverted set). Under torchrun the passes are split
+    across processes; the numbers equal one process's."""
+    from invsim.distributed import init_from_env, is_main
+    from invsim.experiment.layers import layer_similarity, write_layers_csv
+    from invsim.models import load_model
+    from invsim.store import InvertedDataset
+
+    init_from_env(device)
+    models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
+    layers: dict[str, Any] = {k: list(selection) for k in models}
+    layers.update({k: v.split(",") for k, v in _name_value(select_for).items()})
+    kw = {"layers": layers, "measures": list(measures), "memory_gb": memory_gb,
+          "batch_size": batch_size, "estimator": estimator, "device": device}  # fmt: skip
+    dataset = _load_data(data, split, size, crop)
+    found = {"natural": layer_similarity(models, dataset, n=min(n, len(dataset)), **kw)}
+    for k, d in _name_value(inverted_specs).items():
+        found[f"inverted-{k}"] = layer_similarity(models, InvertedDataset(d), **kw)
+        found[f"inverted-{k}"].row = k
+    if not is_main():
+        return
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for key, res in found.items():
+        write_layers_csv(res, outdir / f"layers-{key}.csv")
+        s = res.schedule
+        click.echo(f"{key}: {sum(len(v) for v in res.layers.values())} layers, n={res.n}, "
+                   f"{s['passes']} pass(es), ~{s['bytes'] / 1e9:.2f} GB held")  # fmt: skip
+    payload = {k: v.to_dict() for k, v in found.items()}
+    (outdir / "layers.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
 @main.command()
 def models() -> None:
     """List the model sources load_model understands, and each one's names."""

@@ -36,6 +36,7 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "InversionConfig",
+    "LayersConfig",
     "ModelConfig",
     "REGIMES",
     "StirConfig",
@@ -177,6 +178,11 @@ class ModelConfig(_Settings):
         default_factory=dict, description="Passed to the architecture (e.g. width_per_group)."
     )
     invert: bool = Field(True, description="Build this model's inverted data set (a row).")
+    layers: str | list[str] | None = Field(
+        None,
+        description="This model's layers in the layer-by-layer view (names, patterns such "
+        "as 'layer*', 'penultimate', 'logits', 'blocks'); default: the 'layers:' section's.",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -248,6 +254,25 @@ class CalibrationConfig(_Settings):
         return self
 
 
+class LayersConfig(_Settings):
+    """The layer-by-layer view (invsim.experiment.layers): every selected layer of every
+    model against every other, on natural images and on each row's inverted set."""
+
+    select: str | list[str] = Field(
+        "blocks", description="Layers of every model (a model's own 'layers' overrides)."
+    )
+    n: int | None = Field(None, ge=4, description="Natural images (None: data.natural_n).")
+    measures: list[Literal["linear_cka", "debiased_cka"]] = Field(
+        default_factory=lambda: ["linear_cka"], description="From Gram tiles, exact."
+    )
+    inverted: bool = Field(True, description="Also on each row model's inverted set.")
+    memory_gb: float = Field(4.0, gt=0, description="Budget of the held statistics (GB).")
+    batch_size: int = Field(128, ge=4, description="Images per forward.")
+    estimator: Literal["exact", "minibatch"] = Field(
+        "exact", description="exact full-data CKA, or Nguyen et al.'s minibatch estimate."
+    )
+
+
 class ConfoundConfig(_Settings):
     epochs: int = 4
     pairs: int = 300
@@ -280,6 +305,9 @@ class ExperimentConfig(_Settings):
     )
     stir: StirConfig = Field(default_factory=StirConfig)
     confound: ConfoundConfig | None = None
+    layers: LayersConfig | None = Field(
+        None, description="Layer-by-layer matrices at every selected depth (null: none)."
+    )
     note: str | None = None
 
     @property

@@ -68,6 +68,8 @@ def demo_config(
         "regimes": ["natural", "inverted"],
         "measures": DEMO_MEASURES,
         "confound": confound,
+        # every top-level stage of every model, natural and on each inverted set
+        "layers": {"select": "blocks", "n": 500, "measures": ["linear_cka"]},
     }
     return validate(raw)
 

@@ -9,6 +9,8 @@ the report, ``invsim report`` and ``invsim similarity`` consume. Its JSON form i
 - ``summary``, ``robustness``: the primary measure's summaries; ``panel``: per measure;
 - ``diagnostics``: each row model's inversion diagnostics; ``drift``, ``statistics``,
   ``warnings``, ``confound``, ``models``, ``provenance``;
+- ``layers``: the layer-by-layer view, ``natural`` and ``inverted[row]``, each a
+  :class:`~invsim.experiment.layers.LayerSimilarity` (layer names on both axes);
 - one key per added stage (:func:`invsim.experiment.stages.add_stage`), in ``extra``.
 
 Example:
@@ -66,6 +68,7 @@ class Results:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     confound: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -117,6 +120,8 @@ class Results:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.layers is not None:
+            out["layers"] = _layers_json(self.layers)
         for key, value in self.extra.items():
             if key in out or key in _FIELDS:
                 raise ValueError(f"stage artefact {key!r} would overwrite results.{key}.")
@@ -130,9 +135,14 @@ class Results:
         """Equal matrices, and equal values elsewhere (NaN equal to NaN)."""
         if not isinstance(other, Results):
             return NotImplemented
-        return self.matrices == other.matrices and all(
-            _comparable(getattr(self, f)) == _comparable(getattr(other, f))
-            for f in _FIELDS - {"matrices"}
+        return (
+            self.matrices == other.matrices
+            and _comparable(_layers_json(self.layers or {}))
+            == _comparable(_layers_json(other.layers or {}))
+            and all(
+                _comparable(getattr(self, f)) == _comparable(getattr(other, f))
+                for f in _FIELDS - {"matrices", "layers"}
+            )
         )
 
     __hash__ = None  # type: ignore[assignment]  (mutable)
@@ -155,9 +165,10 @@ class Results:
         plain = {k: d[k] for k in _PLAIN if k in d}
         if "diagnostics" not in plain and "inversion" in d:
             plain["diagnostics"] = d["inversion"]
-        known = {"matrices", "measures", "inversion", *_PLAIN}
+        known = {"matrices", "measures", "inversion", "layers", *_PLAIN}
         extra = {k: v for k, v in d.items() if k not in known}
-        return cls(matrices=matrices, **plain, extra=extra)
+        layers = _layers_typed(d["layers"]) if d.get("layers") is not None else None
+        return cls(matrices=matrices, **plain, layers=layers, extra=extra)
 
     @classmethod
     def from_json(cls, text: str) -> Results:
@@ -179,6 +190,29 @@ class Results:
 
 
 _FIELDS = {f.name for f in fields(Results)}
+
+
+def _layers_json(layers: dict[str, Any]) -> dict[str, Any]:
+    """The layer-by-layer view as JSON: ``natural`` one result, ``inverted`` one per row."""
+    out: dict[str, Any] = {}
+    for key, value in layers.items():
+        if hasattr(value, "to_dict"):
+            out[key] = value.to_dict()
+        else:
+            out[key] = {row: v.to_dict() for row, v in value.items()}
+    return out
+
+
+def _layers_typed(d: dict[str, Any]) -> dict[str, Any]:
+    from invsim.experiment.layers import LayerSimilarity
+
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if "values" in value:
+            out[key] = LayerSimilarity.from_dict(value)
+        else:
+            out[key] = {row: LayerSimilarity.from_dict(v) for row, v in value.items()}
+    return out
 
 
 def _labelled(matrix: SimilarityMatrix, measure: str) -> dict[str, Any]:

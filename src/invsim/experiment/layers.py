@@ -50,7 +50,15 @@ from invsim.representation import capture_layers, eval_mode, select_layers
 from invsim.similarity.layerwise import GramTiles, minibatch_hsic
 from invsim.similarity.matrix import SimilarityMatrix
 
-__all__ = ["LayerSimilarity", "Schedule", "depth_profile", "layer_similarity", "plan_passes"]
+__all__ = [
+    "LayerSimilarity",
+    "Schedule",
+    "depth_profile",
+    "layer_similarity",
+    "plan_passes",
+    "run_layers",
+    "write_layers_csv",
+]
 
 # measure -> debiased; the layer-by-layer matrices are the linear-CKA family (from Grams)
 LAYER_MEASURES = {"linear_cka": False, "debiased_cka": True}
@@ -373,3 +381,54 @@ def _minibatch(readers, images, views, batch_size, bar, rank, world) -> dict[boo
             bar.update(len(x))
     _all_reduce([total])
     return {False: total, True: total}
+
+
+def run_layers(cfg: Any, models: Mapping[str, nn.Module], data: Any,
+               inverted: Mapping[str, Any]) -> dict[str, Any] | None:  # fmt: skip
+    """The run's layer-by-layer view (the ``layers:`` section of the config): natural
+    images (the first ``n``), and each row model's inverted set, which was inverted at
+    that model's own layer (``ModelConfig.layer``) and is read here at every layer."""
+    section = cfg.layers
+    if section is None:
+        return None
+    chosen = {m.name: m.layers or section.select for m in cfg.models}
+    kw = {
+        "layers": chosen,
+        "measures": list(section.measures),
+        "batch_size": section.batch_size,
+        "memory_gb": section.memory_gb,
+        "estimator": section.estimator,
+        "device": cfg.device,
+    }
+    n = section.n or cfg.data.natural_n
+    total = len(data)
+    out: dict[str, Any] = {
+        "natural": layer_similarity(models, data, n=min(n or total, total), **kw)
+    }
+    if section.inverted and inverted:
+        out["inverted"] = {}
+        for row, inv in inverted.items():
+            res = layer_similarity(models, inv, **kw)
+            res.row = row
+            res.images = f"{row}'s inverted set ({inv.config['inversion'].get('layer')})"
+            out["inverted"][row] = res
+    return out
+
+
+def write_layers_csv(result: LayerSimilarity, path: Any) -> None:
+    """Long format, one row per (model, layer) x (model, layer) cell and measure."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["images", "row_model", "row_layer", "column_model", "column_layer",
+                    "measure", "value"])  # fmt: skip
+        for name in result.measures:
+            for a in result.models:
+                for b in result.models:
+                    m = result.pair(a, b, name)
+                    for i, la in enumerate(m.rows):
+                        for j, lb in enumerate(m.cols):
+                            v = m.values[i, j]
+                            w.writerow([result.row or "natural", a, la, b, lb, name,
+                                        "" if not math.isfinite(v) else f"{v:.10g}"])  # fmt: skip

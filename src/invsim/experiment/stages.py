@@ -320,6 +320,18 @@ def results_stage(run: Run) -> Results:
     return r
 
 
+def layers_stage(run: Run) -> dict[str, Any] | None:
+    """The layer-by-layer view (config ``layers:``), into ``results.layers``."""
+    if run.cfg.layers is None:
+        return None
+    from invsim.experiment.layers import run_layers
+
+    run.log("layer-by-layer similarity")
+    found = run_layers(run.cfg, run["models"].models, run["data"], run["inverted"])
+    run["results"].layers = found
+    return found
+
+
 DRIFT_THRESHOLD = 0.02
 
 
@@ -439,6 +451,7 @@ STAGES: list[Stage] = [
     Stage("inverted", inverted_stage, "each row model's inverted data set"),
     Stage("matrices", matrices_stage, "every regime's matrices, every measure"),
     Stage("results", results_stage, "the typed results and their summaries"),
+    Stage("layers", layers_stage, "layer-by-layer matrices, natural and inverted"),
     Stage("drift", drift_stage, "entries that moved in the second half of the budget"),
     Stage("statistics", statistics_stage, "the claims' statistics"),
     Stage("warnings", warnings_stage, "unconverged rows and unsettled entries"),
@@ -467,11 +480,23 @@ def write_outputs(out: Path, results: Results, *, report: bool = True) -> None:
         atomic_write(out / "results.json", results.to_json())
         for regime, by_measure in results.matrices.items():
             write_matrix_csv(by_measure, out / f"{regime}.csv")
+        _write_layer_csvs(out, results.layers)
         if report:
             from invsim.report import write_report
 
             write_report(out, results=results)
     barrier()
+
+
+def _write_layer_csvs(out: Path, layers: dict[str, Any] | None) -> None:
+    """layers-natural.csv and layers-inverted-ROW.csv, layer names on both axes."""
+    if not layers:
+        return
+    from invsim.experiment.layers import write_layers_csv
+
+    write_layers_csv(layers["natural"], out / "layers-natural.csv")
+    for row, res in layers.get("inverted", {}).items():
+        write_layers_csv(res, out / f"layers-inverted-{row}.csv")
 
 
 def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:

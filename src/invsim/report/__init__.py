@@ -376,6 +376,70 @@ def _models(results: dict) -> list[str]:
     return ["<h2>Models</h2>" + _table(rows, head)]
 
 
+MAX_LAYER_MAPS = 12  # heatmaps per regime in the report (all are in results.json)
+DEPTH_BINS = 10
+
+
+def _binned(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """A depth profile averaged in ``DEPTH_BINS`` bins of relative depth (bin centres)."""
+    bins: dict[int, list[float]] = {}
+    for p in points:
+        if p["mean"] is not None:
+            bins.setdefault(min(int(p["depth"] * DEPTH_BINS), DEPTH_BINS - 1), []).append(p["mean"])
+    return [((b + 0.5) / DEPTH_BINS, sum(v) / len(v)) for b, v in sorted(bins.items())]
+
+
+def _layers(out: Path, results: Results) -> list[str]:
+    """The layer-by-layer heatmaps (natural; inverted where computed) and similarity by
+    depth, natural against inverted."""
+    from invsim.experiment.layers import depth_profile
+    from invsim.report.figures import depth_plot, layer_heatmaps
+
+    if not results.layers:
+        return []
+    nat = results.layers["natural"]
+    measure = nat.measures[0]
+    label = measure.replace("_", " ")
+    pairs = [(a, b) for i, a in enumerate(nat.models) for b in nat.models[i + 1 :]]
+    blocks = [(f"{a} (rows) x {b}", nat.pair(a, b)) for a, b in pairs[:MAX_LAYER_MAPS]]
+    parts = [
+        '<h2 id="layers">Layer by layer</h2><p>Each heatmap compares every selected layer of '
+        "one model (rows, input side at the top) with every layer of another (columns), "
+        f"{label} on the same {nat.n} images, exact full-data values "
+        f"({nat.estimator}; {nat.schedule.get('passes', 1)} pass(es) in a "
+        f"{nat.schedule.get('budget', 0) / 1e9:g} GB budget). The dashed line is the "
+        'diagonal of "same relative depth".</p>'
+    ]
+    if blocks:
+        p = layer_heatmaps(blocks, out / "figures" / "layers-natural.png", label=label)
+        parts.append(f'<h3 id="layers-natural">Natural images</h3>{_img(p)}')
+    curves = {"natural": _binned(depth_profile(nat, measure))}
+    inverted = results.layers.get("inverted") or {}
+    inv_blocks = [(f"{row}'s inverted set: {row} x {b}", res.pair(row, b))
+                  for row, res in inverted.items() for b in res.models if b != row]  # fmt: skip
+    if inv_blocks:
+        p = layer_heatmaps(inv_blocks[:MAX_LAYER_MAPS], out / "figures" / "layers-inverted.png",
+                           label=label)  # fmt: skip
+        parts.append(
+            '<h3 id="layers-inverted">Inverted images</h3><p>Row model r\'s layers against '
+            "every other model's, on r's inverted set (inverted at r's own layer).</p>" + _img(p)
+        )
+        for row, res in inverted.items():
+            curves[f"inverted ({row})"] = [
+                (p["depth"], p["mean"]) for p in depth_profile(res, measure)
+            ]
+    if len(nat.models) > 1:
+        p = depth_plot(curves, out / "figures" / "layers-depth.png", label=label)
+        parts.append(
+            '<h3 id="layers-depth">Similarity by depth</h3><p>At each relative depth of a row '
+            "model, its mean similarity with the other models at the same relative depth: "
+            "natural images against each row's inverted set. Where the inverted curve lies far "
+            "below the natural one, the natural similarity at that depth is the confound.</p>"
+            + _img(p)
+        )
+    return parts
+
+
 def _extras(results: Results) -> list[str]:
     """The artefacts of stages added to the run (:func:`invsim.experiment.add_stage`),
     each under its stage's name."""
@@ -399,7 +463,7 @@ def write_report(
     (out / "figures").mkdir(parents=True, exist_ok=True)
     parts = _header(view) + _matrices(out, view) + _measures(out, view)
     parts += _inversion(out, view)
-    parts += _confound(out, view) + _models(view) + _extras(typed)
+    parts += _layers(out, typed) + _confound(out, view) + _models(view) + _extras(typed)
     prov = json.dumps(view["provenance"], indent=2)
     parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
     path = out / "report.html"

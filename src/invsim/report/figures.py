@@ -15,7 +15,15 @@ import torch  # noqa: E402
 
 from invsim.similarity import SimilarityMatrix  # noqa: E402
 
-__all__ = ["confound_examples", "heatmaps", "image_grid", "measure_panel", "robustness_plot"]
+__all__ = [
+    "confound_examples",
+    "depth_plot",
+    "heatmaps",
+    "image_grid",
+    "layer_heatmaps",
+    "measure_panel",
+    "robustness_plot",
+]
 
 TITLES = {
     "natural": "natural images (symmetric)",
@@ -213,3 +221,46 @@ def confound_examples(path: Path, *, per_variant: int = 6, seed: int = 0) -> Pat
         ds = make_confound(variant, n=per_variant, split="test", seed=seed)
         rows.append((variant, ds.images))
     return image_grid(rows, path, title="confound set: A top-left, B bottom-right")
+
+
+def layer_heatmaps(blocks: Sequence[tuple[str, SimilarityMatrix]], path: Path, *,
+                   label: str = "linear CKA", columns: int = 3) -> Path:  # fmt: skip
+    """Layer-by-layer heatmaps, one per (title, matrix): rows the first model's layers
+    (shallow at the top), columns the second's, one colour scale; the dashed line is the
+    diagonal of "same relative depth"."""
+    lo = min(0.0, *(float(np.nanmin(m.values)) for _, m in blocks))
+    cols = min(columns, len(blocks))
+    rows = -(-len(blocks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 4.0 * rows), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    im = None
+    for ax, (title, m) in zip(axes.flat, blocks, strict=False):
+        im = ax.imshow(m.values, vmin=lo, vmax=1.0, cmap="magma", aspect="auto")
+        short = [c.removeprefix("model.") for c in m.cols]
+        ax.set_xticks(range(len(m.cols)), short, rotation=70, ha="right", fontsize=6)
+        ax.set_yticks(range(len(m.rows)), [r.removeprefix("model.") for r in m.rows], fontsize=6)
+        ax.plot([-0.5, len(m.cols) - 0.5], [-0.5, len(m.rows) - 0.5], "--", color="cyan", lw=1)
+        ax.set_title(title, fontsize=9)
+    for ax in list(axes.flat)[len(blocks) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label=label)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def depth_plot(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *,
+               label: str = "linear CKA") -> Path:  # fmt: skip
+    """Similarity by relative depth: one line per curve (natural, each row's inverted)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    for name, pts in curves.items():
+        pts = sorted(p for p in pts if p[1] is not None)
+        style = "-o" if name == "natural" else "--s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=name)
+    ax.set_xlabel("relative depth of the row model's layer (0: input side, 1: output side)")
+    ax.set_ylabel(f"mean {label} with other models\nat the same relative depth")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
