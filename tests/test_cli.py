@@ -140,6 +140,10 @@ def test_report_renders_in_headless_chromium(quick_run, tmp_path):
     loaded = re.search(r'data-images-loaded="(\d+)"', dom.stdout)
     assert total and loaded, dom.stderr[-2000:]
     assert int(total.group(1)) >= 7
+    # the layer-by-layer heatmaps (natural and inverted) and the similarity-by-depth figure
+    for section in ("layers-natural", "layers-inverted", "layers-depth"):
+        block = re.search(f'id="{section}".*?<img[^>]*alt="([^"]+)"', dom.stdout, re.S)
+        assert block and block.group(1) == section, section
     assert loaded.group(1) == total.group(1)
     # the screenshot stays in the test's own directory unless asked for (INVSIM_ARTIFACTS)
     keep = os.environ.get("INVSIM_ARTIFACTS")
@@ -313,3 +317,20 @@ def test_schema_is_the_config_json_schema():
     from invsim.config import ExperimentConfig
 
     assert schema == json.loads(json.dumps(ExperimentConfig.model_json_schema()))
+
+
+def test_invert_at_an_intermediate_layer_then_every_layer_of_it(tmp_path):
+    model = tmp_path / "m.safetensors"
+    invsim("train", "mlp", "--data", "digits", "--epochs", "1", "--out", str(model))
+    invsim("invert", str(model), "--data", "digits", "--pairs", "8", "--iterations", "5",
+           "--layer", "model.2", "--out", str(tmp_path / "inv"))  # fmt: skip
+    record = json.loads((tmp_path / "inv" / "dataset.json").read_text())
+    assert record["inversion"]["layer"] == "model.2"
+    invsim("layer-similarity", "--model", f"a={model}", "--data", "digits", "--natural-n", "30",
+           "--select", "model.*", "--inverted", f"a={tmp_path / 'inv'}", "--out",
+           str(tmp_path / "ls"))  # fmt: skip
+    found = json.loads((tmp_path / "ls" / "layers.json").read_text())
+    inv = found["inverted-a"]
+    assert inv["n"] == 8 and inv["row"] == "a" and inv["layers"]["a"][2] == "model.2"
+    assert found["natural"]["n"] == 30
+    assert (tmp_path / "ls" / "layers-inverted-a.csv").exists()

@@ -24,6 +24,7 @@ from invsim.experiment import (
 )
 from invsim.models import load_model
 from invsim.representation import extract
+from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
 from invsim.store import invert_dataset
 
@@ -440,6 +441,7 @@ def test_a_models_own_layer_is_honoured(tmp_path):
         "models": [{"name": "early", "spec": "mlp", "layer": "model.2", "train": {"epochs": 1}},
                    {"name": "late", "spec": "mlp", "train": {"epochs": 1}}],
         "inversion": {"iterations": 4, "batch_size": 8},
+        "layers": {"select": "blocks", "n": 40, "measures": ["linear_cka", "debiased_cka"]},
     })  # fmt: skip
     results = run_experiment(cfg, quiet=True, report=False)
     out = tmp_path / "run"
@@ -455,3 +457,15 @@ def test_a_models_own_layer_is_honoured(tmp_path):
     # a store made at one layer is refused for another
     with pytest.raises(ValueError, match="made at layer 'model.2'"):
         inverted_similarity({"early": early}, {"early": inv}, layer="penultimate")
+    # the layer-by-layer view: early's inverted set (inverted at model.2) read at every
+    # stage of both models, labelled, in results.json and the CSVs, and it round-trips
+    by_depth = results.layers["inverted"]["early"].pair("early", "late", "debiased_cka")
+    assert by_depth.rows == [f"model.{i}" for i in range(6)] == by_depth.cols
+    want = linear_cka(extract(early, x, layer="model.2"), extract(late, x, layer="model.4"),
+                      debiased=True)  # fmt: skip
+    assert by_depth["model.2", "model.4"] == pytest.approx(want, abs=1e-6)
+    assert results.layers["natural"].n == 40
+    assert Results.read(out) == results
+    head = (out / "layers-inverted-early.csv").read_text().splitlines()[:2]
+    assert head[0].startswith("images,row_model,row_layer,column_model,column_layer")
+    assert head[1].startswith("early,early,model.0,early,model.0,linear_cka,1")

@@ -10,7 +10,7 @@ from torch import nn
 from invsim import LayerSimilarity, MinibatchCKA, layer_similarity, linear_cka
 from invsim.experiment.layers import depth_profile, plan_passes
 from invsim.models import load_model
-from invsim.representation import capture_layers, extract
+from invsim.representation import capture_layers, extract, select_layers
 from invsim.similarity.layerwise import GramTiles
 
 
@@ -179,3 +179,33 @@ def test_depth_profile_reads_the_diagonal_of_same_relative_depth():
     got = [p["mean"] for p in depth_profile(res)]
     # a's layer i at depth i/2 meets b's layer round(i/2 * 4) = 0, 2, 4 (columns 3, 5, 7)
     assert got == [v[0, 3], v[1, 5], v[2, 7]]
+
+
+TINY_VIT = {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64}  # fmt: skip
+
+
+def test_hugging_face_models_are_one_more_source_with_named_layers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from invsim.models import save_model
+
+    torch.manual_seed(7)
+    vit = load_model("hf:vit", num_classes=10, in_channels=3, image_size=32, **TINY_VIT)
+    assert isinstance(vit.model, transformers.ViTForImageClassification)
+    assert select_layers(vit, "blocks") == ["model.vit.layers.0", "model.vit.layers.1"]
+    # a local directory (save_pretrained) and an invsim checkpoint load the same network
+    vit.model.save_pretrained(tmp_path / "vit")
+    x = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    same = load_model(f"hf:{tmp_path / 'vit'}")
+    save_model(vit, tmp_path / "vit.safetensors")
+    again = load_model(str(tmp_path / "vit.safetensors"))
+    with torch.inference_mode():
+        want = vit(x).logits
+        assert torch.allclose(same(x).logits, want) and torch.allclose(again(x).logits, want)
+    models = {"vit": vit, "lenet": load_model("lenet", in_channels=3, image_size=32)}
+    layers = {"vit": ["blocks", "penultimate"], "lenet": ["model.3", "penultimate"]}
+    res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
+                           batch_size=5)  # fmt: skip
+    _check(res, _exact_reference(models, x, res.layers, 5))
+    with pytest.raises(ValueError, match="unknown Hugging Face model type 'nosuch'"):
+        load_model("hf:nosuch")

@@ -42,6 +42,7 @@ __all__ = [
     "list_models",
     "register_model_source",
     "source_of",
+    "hf_available",
     "timm_available",
 ]
 
@@ -203,6 +204,56 @@ def _timm_stats(net: Any) -> tuple[list[float], list[float]]:
     return list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
 
 
+def hf_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _hf(name: str, *, num_classes: int, in_channels: int, image_size: int, **kw: Any):
+    """A Hugging Face transformers image classifier: ``hf:DIR`` (a local directory saved
+    with ``save_pretrained``: its config and weights), ``hf:CONFIG.json`` (a config, random
+    weights) or ``hf:MODEL_TYPE`` (``vit``, ``convnext``, ...: a fresh config from ``kw``,
+    random weights). Nothing is downloaded."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"'hf:{name}' needs transformers: pip install transformers.") from e
+    auto = transformers.AutoModelForImageClassification
+    path = Path(name)
+    if path.is_dir():
+        return auto.from_pretrained(str(path), local_files_only=True, **kw)
+    if path.suffix == ".json":
+        if not path.exists():
+            raise FileNotFoundError(f"no Hugging Face config at {name!r}.")
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, **kw)
+    else:
+        try:
+            config = transformers.AutoConfig.for_model(name, num_labels=num_classes, **kw)
+        except ValueError as e:
+            raise ValueError(
+                f"unknown Hugging Face model type {name!r} (hf:DIR, hf:CONFIG.json or a "
+                f"model type such as vit or convnext): {e}"
+            ) from e
+        if hasattr(config, "num_channels"):
+            config.num_channels = in_channels
+        if hasattr(config, "image_size") and "image_size" not in kw:
+            config.image_size = image_size
+    return auto.from_config(config)
+
+
+def _hf_stats(net: Any) -> tuple[list[float], list[float]]:
+    """The image processor's mean and std when the directory has one, else 0.5 (ViT's)."""
+    import json
+
+    path = Path(str(getattr(getattr(net, "config", None), "_name_or_path", "") or "."))
+    proc = path / "preprocessor_config.json"
+    channels = int(getattr(net.config, "num_channels", 3))
+    if path.is_dir() and proc.exists():
+        cfg = json.loads(proc.read_text())
+        if "image_mean" in cfg and "image_std" in cfg:
+            return list(cfg["image_mean"]), list(cfg["image_std"])
+    return [0.5] * channels, [0.5] * channels
+
+
 def _is_file(spec: str) -> bool:
     return bool(Path(spec).suffix) and Path(spec).exists()
 
@@ -222,6 +273,12 @@ register_model_source(ModelSource(
     "timm", _timm, lambda: ["timm:NAME"] if timm_available() else [],
     "any timm.list_models() name, random weights (its own mean and std)", prefix="timm",
     stats=_timm_stats, **_IMAGENET,
+))  # fmt: skip
+register_model_source(ModelSource(
+    "hf", _hf, lambda: ["hf:DIR", "hf:CONFIG.json", "hf:MODEL_TYPE"] if hf_available() else [],
+    "a Hugging Face transformers image classifier from a local directory, a config file or "
+    "a model type with its config's keywords (random weights; no download)", prefix="hf",
+    stats=_hf_stats, **_IMAGENET,
 ))  # fmt: skip
 register_model_source(ModelSource(
     "file", None, lambda: [], "a model saved by invsim (.safetensors); all it needs travels "

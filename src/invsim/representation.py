@@ -121,12 +121,20 @@ def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
 
 def _blocks(model: nn.Module) -> list[str]:
     """The outputs of the model's top-level stages: timm's ``feature_info`` where the
-    network has it, else each child of the backbone (torchvision, built-in, your own)."""
+    network has it; a Hugging Face model's blocks (its longest ``nn.ModuleList``); else
+    each child of the backbone (torchvision, built-in, your own)."""
     net, prefix = _backbone(model)
     info = getattr(net, "feature_info", None)
     modules = [f.get("module") for f in info] if isinstance(info, list) else []
     if modules and all(modules):
         return [prefix + m for m in modules]
+    if isinstance(getattr(net, "base_model", None), nn.Module) and hasattr(net, "config"):
+        # Hugging Face: the blocks of the longest nn.ModuleList (ViT's layers, ConvNeXt's
+        # stages), in module order
+        lists = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.ModuleList)]
+        if lists:
+            name, longest = max(lists, key=lambda nm: len(nm[1]))
+            return [f"{prefix}{name}.{i}" for i in range(len(longest))]
     children = [n for n, _ in net.named_children()]
     if len(children) == 1:  # a lone container (nn.Sequential): its children are the stages
         only = children[0]
