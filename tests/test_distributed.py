@@ -146,7 +146,7 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
 
 
 def test_torchrun_layer_similarity_matches_single_process(tmp_path):
-    # two saved random LeNets; a budget so small that the 60 images take several passes,
+    # two saved random LeNets; blocks of 16 examples, so the 60 images take four passes,
     # which the two processes split between them (and the first batch fixes the shift)
     from invsim.models import load_model, save_model
 
@@ -160,7 +160,7 @@ def test_torchrun_layer_similarity_matches_single_process(tmp_path):
         specs += ["--model", f"m{i}={tmp_path / f'm{i}.safetensors'}"]
     args = ["layer-similarity", *specs, "--data", "digits", "--size", "28", "--natural-n", "60",
             "--measure", "linear_cka", "--measure", "debiased_cka", "--batch-size", "8",
-            "--memory-gb", "0.008"]  # fmt: skip
+            "--block", "16"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "invsim", *args, "--out", str(tmp_path / "one")],
                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -170,7 +170,8 @@ def test_torchrun_layer_similarity_matches_single_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "layers.json").read_text())["natural"]
     b = json.loads((tmp_path / "two" / "layers.json").read_text())["natural"]
-    assert a["schedule"]["passes"] >= 3 and a["schedule"] == b["schedule"]
+    same = ("block", "passes", "forwarded")
+    assert a["schedule"]["passes"] == 4 and all(a["schedule"][k] == b["schedule"][k] for k in same)
     for measure in ("linear_cka", "debiased_cka"):
         x, y = np.array(a["values"][measure], float), np.array(b["values"][measure], float)
         assert np.isfinite(x).all() and np.abs(x - y).max() < 1e-10, measure

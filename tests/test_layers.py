@@ -58,8 +58,8 @@ def test_layer_matrix_equals_per_layer_cka_for_resnets_in_one_pass_and_in_many(r
     _check(one, want)
     # a budget too small for one block: several passes, the same numbers
     many = layer_similarity(resnets, x, layers="blocks", measures=["linear_cka", "debiased_cka"],
-                            batch_size=8, memory_gb=0.03)  # fmt: skip
-    assert many.schedule["passes"] >= 3 and many.schedule["bytes"] <= 0.03e9
+                            batch_size=8, block=8)  # fmt: skip
+    assert many.schedule["passes"] == 5
     _check(many, want)
     assert one.pair("a", "a")["model.layer1", "model.layer1"] == pytest.approx(1.0, abs=1e-12)
     # a round trip through JSON keeps every value and the labels
@@ -78,7 +78,7 @@ def test_layer_matrix_equals_per_layer_cka_for_a_timm_vit():
     x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     layers = {"vit": ["patch_embed", "blocks.*", "penultimate"], "lenet": "blocks"}
     res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
-                           batch_size=6, memory_gb=0.006)  # fmt: skip
+                           batch_size=6, block=12)  # fmt: skip
     assert res.layers["vit"][1:4] == [f"model.blocks.{i}" for i in range(3)]
     assert max(res.dims["vit"]) > 24 and res.schedule["passes"] > 1
     _check(res, _exact_reference(models, x, res.layers, 6))
@@ -117,12 +117,14 @@ def test_a_module_run_twice_per_forward_is_refused():
 
 
 def test_the_schedule_fits_the_budget_and_says_when_it_cannot():
-    s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9)
-    assert s.bytes <= 4e9 and s.passes == -(-10_000 // s.block)
+    s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9, reserved=1e9)
+    assert s.bytes <= 4e9 and s.passes == -(-10_000 // s.block) and s.block % 100 == 0
+    assert plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9).block > s.block
     assert s.forwarded == sum(10_000 - p * s.block for p in range(s.passes))
     assert plan_passes([64, 32], 500, batch_size=100, budget=4e9).passes == 1
     with pytest.raises(ValueError, match="0.1 GB cannot hold one batch.*Raise memory_gb"):
         plan_passes([200_704], 10_000, batch_size=100, budget=1e8)
+    assert plan_passes([64], 500, batch_size=100, budget=4e9, block=250).block == 200
 
 
 def test_gram_tiles_equal_full_data_cka_for_any_tiling():

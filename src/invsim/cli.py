@@ -442,7 +442,8 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
               help="NAME=DIR of a model's inverted data set (repeat): also on it.")  # fmt: skip
 @click.option("--measure", "measures", multiple=True, default=["linear_cka"], show_default=True,
               type=click.Choice(["linear_cka", "debiased_cka"]))  # fmt: skip
-@click.option("--memory-gb", default=4.0, show_default=True, help="Budget of held statistics.")
+@click.option("--memory-gb", default=4.0, show_default=True, help="Peak memory budget (GB).")
+@click.option("--block", default=None, type=int, help="Examples held per pass (default: fit).")
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
 @click.option("--estimator", default="exact", show_default=True,
               type=click.Choice(["exact", "minibatch"]))  # fmt: skip
@@ -450,8 +451,8 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
 @device_opt
 @_guard
 def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, select_for,
-                         inverted_specs, measures, memory_gb, batch_size, estimator, out,
-                         device) -> None:  # fmt: skip
+                         inverted_specs, measures, memory_gb, block, batch_size, estimator,
+                         out, device) -> None:  # fmt: skip
     """Layer-by-layer similarity of every model with every other: one L_a x L_b matrix
     per pair, exact linear CKA within a memory budget, on natural images (and with
     --inverted on each model's inverted set). Under torchrun the passes are split
@@ -465,7 +466,7 @@ def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, sel
     models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
     layers: dict[str, Any] = {k: list(selection) for k in models}
     layers.update({k: v.split(",") for k, v in _name_value(select_for).items()})
-    kw = {"layers": layers, "measures": list(measures), "memory_gb": memory_gb,
+    kw = {"layers": layers, "measures": list(measures), "memory_gb": memory_gb, "block": block,
           "batch_size": batch_size, "estimator": estimator, "device": device}  # fmt: skip
     dataset = _load_data(data, split, size, crop)
     found = {"natural": layer_similarity(models, dataset, n=min(n, len(dataset)), **kw)}

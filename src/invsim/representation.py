@@ -331,7 +331,11 @@ def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
 
 @contextlib.contextmanager
 def capture_layers(
-    model: nn.Module, layers: Sequence[str], *, example_input: torch.Tensor
+    model: nn.Module,
+    layers: Sequence[str],
+    *,
+    example_input: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
     """Hook every layer of ``layers`` at once; yields ``read(x) -> {layer: (n, d)}``.
 
@@ -341,7 +345,8 @@ def capture_layers(
     values. The forward stops after the deepest layer unless ``"logits"`` is asked for.
     A module that runs more than once per forward is refused (its output would be
     ambiguous), as in :func:`resolve_layer`. The hooks are removed when the block ends,
-    also on an exception; the caller sets eval mode and grad mode.
+    also on an exception; the caller sets eval mode and grad mode. ``dtype`` makes the
+    copy in that dtype (float64 for exact sums: one copy, not two).
 
     Example:
         >>> import torch
@@ -380,7 +385,8 @@ def capture_layers(
     def keep(layer: str, value: Any) -> None:
         if not isinstance(value, torch.Tensor):
             value = logits(value)
-        box[layer] = value.flatten(1).clone()  # a copy: later in-place ops cannot touch it
+        flat = value.flatten(1)  # a copy, below: later in-place ops cannot touch it
+        box[layer] = flat.clone() if dtype is None else flat.to(dtype, copy=True)
         if LOGITS not in names and len(box) == len(targets):  # the deepest one: stop here
             raise _LayerReachedError
 

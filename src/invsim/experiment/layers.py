@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -82,10 +83,19 @@ class Schedule:
 
 
 def plan_passes(
-    dims: Sequence[int], n: int, *, batch_size: int, budget: float, itemsize: int = 8
+    dims: Sequence[int],
+    n: int,
+    *,
+    batch_size: int,
+    budget: float,
+    itemsize: int = 8,
+    reserved: float = 0,
+    block: int | None = None,
 ) -> Schedule:
     """The block size and number of passes for views of widths ``dims`` over ``n``
-    examples within ``budget`` bytes. Raises when even one batch does not fit.
+    examples within ``budget`` bytes, of which ``reserved`` are taken already (the
+    process, the models' activations). ``block`` forces the examples held per pass
+    (rounded down to a multiple of the batch size). Raises when one batch does not fit.
 
     Example:
         >>> s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9)
@@ -93,15 +103,19 @@ def plan_passes(
         (1600, 7)
     """
     total, views = sum(dims), len(dims)
-    fixed = batch_size * total * (8 + itemsize) + 16 * views * n  # one batch, rows, diagonals
+    fixed = int(reserved) + batch_size * total * (8 + itemsize) + 16 * views * n  # + rows, diag
     per_example = total * itemsize + 16 * views * batch_size  # held features, tile stacks
     room = int((budget - fixed) // per_example)
-    block = n if room >= n else (room // batch_size) * batch_size
+    fits = n if room >= n else (room // batch_size) * batch_size
+    if block is not None:  # asked for: a multiple of the batch size, at most n
+        fits = min(n, max(batch_size, (block // batch_size) * batch_size))
+    block = fits
     if block < batch_size and block < n:
         need = (fixed + per_example * batch_size) / GB
         raise ValueError(
             f"a memory budget of {budget / GB:.3g} GB cannot hold one batch of {batch_size} "
-            f"examples of these layers ({total:,} features in all): it needs about "
+            f"examples of these layers ({total:,} features in all) beside the "
+            f"{reserved / GB:.3g} GB the process and the forwards take: it needs about "
             f"{need:.3g} GB. Raise memory_gb or lower batch_size."
         )
     passes = math.ceil(n / block)
@@ -240,8 +254,8 @@ class _Readers:
             if device is not None:
                 m.to(device)
             dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-            read = self.stack.enter_context(
-                capture_layers(m, layers[k], example_input=example.to(dev)))  # fmt: skip
+            read = self.stack.enter_context(capture_layers(
+                m, layers[k], example_input=example.to(dev), dtype=torch.float64))  # fmt: skip
             self.reads.append((read, layers[k], dev))
         self.stack.enter_context(torch.inference_mode())
 
@@ -256,6 +270,18 @@ class _Readers:
         self.stack.close()
 
 
+def _reserved(batch_size: int, dims: Sequence[int]) -> int:
+    """Bytes the budget must leave to what is not held statistics: the process as it
+    stands (the models, the images, torch) and the forwards' own activations (about
+    twice one batch of the selected layers in float32)."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = 0
+    return rss + 2 * 4 * batch_size * sum(dims)
+
+
 def _batches(images: torch.Tensor, start: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
     for j in range(start, len(images), size):
         yield j, images[j : j + size]
@@ -268,7 +294,7 @@ def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int
     chunks: list[tuple[int, int]] = []
     stop = min(i0 + block, len(images))
     for j0, x in _batches(images, i0, batch_size):
-        views = acc.shifted(readers.views(x))
+        views = acc.shifted(readers.views(x), inplace=True)  # the readers' own copies
         bar.update(len(x))
         if j0 < stop:
             if held is None:
@@ -276,13 +302,22 @@ def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int
             for h, v in zip(held, views, strict=True):
                 h[j0 - i0 : j0 - i0 + len(x)] = v
             chunks.append((j0, len(x)))
-            if j0 + len(x) >= stop:  # the block is complete: its own pairs
-                for c0, w in chunks:
-                    part = [h[c0 - i0 : c0 - i0 + w] for h in held]
-                    acc.add_tile(held, i0, part, c0, shifted=True)
+            if j0 + len(x) >= stop:  # the block is complete: its own pairs, each once
+                _block_tiles(acc, held, i0, chunks)
             continue
         assert held is not None
         acc.add_tile(held, i0, views, j0, shifted=True)
+
+
+def _block_tiles(acc: GramTiles, held: list[torch.Tensor], i0: int,
+                 chunks: list[tuple[int, int]]) -> None:  # fmt: skip
+    """The held block's own pairs as chunk x chunk tiles, each unordered pair once: a
+    chunk with itself (the diagonal), and with each later chunk (standing for both
+    orders), half the products of the whole block against each chunk."""
+    parts = [(c0, [h[c0 - i0 : c0 - i0 + w] for h in held]) for c0, w in chunks]
+    for k, (c0, first) in enumerate(parts):
+        for c1, second in parts[k:]:
+            acc.add_tile(first, c0, second, c1, shifted=True)
 
 
 def _all_reduce(tensors: Sequence[torch.Tensor]) -> None:
@@ -304,6 +339,7 @@ def layer_similarity(
     n: int | None = None,
     batch_size: int = 128,
     memory_gb: float = 4.0,
+    block: int | None = None,
     estimator: str = "exact",
     product_dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = None,
@@ -315,8 +351,10 @@ def layer_similarity(
     ImageSet (its images); the first ``n`` are used. ``layers``: one selection for every
     model (names, patterns, "penultimate", "logits", "blocks"; see
     :func:`invsim.representation.select_layers`) or a mapping model -> selection.
-    ``measures``: ``linear_cka`` and/or ``debiased_cka``. ``memory_gb`` bounds the held
-    statistics (see the module doc for the schedule). ``product_dtype=torch.float32``
+    ``measures``: ``linear_cka`` and/or ``debiased_cka``. ``memory_gb`` bounds the
+    process's peak: what it holds already, the forwards' activations and the held
+    statistics (see the module doc for the schedule); ``block`` forces the examples held
+    per pass instead (more passes, the same values). ``product_dtype=torch.float32``
     computes the tiles' products in float32 on shifted features (faster, ~1e-6).
     """
     from invsim.distributed import rank_world
@@ -335,15 +373,19 @@ def layer_similarity(
         first = readers.views(images[:batch_size])
         dims = [v.shape[1] for v in first]
         isz = torch.empty((), dtype=product_dtype).element_size()
-        plan = plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
-                           itemsize=isz)  # fmt: skip
-        if estimator == "minibatch":
-            plan = Schedule(count, batch_size, batch_size, 1, count, plan.bytes, plan.budget)
+        reserved = _reserved(batch_size, dims)
+        if estimator == "exact":
+            plan = plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
+                               itemsize=isz, reserved=reserved, block=block)  # fmt: skip
+        else:
+            held = int(reserved + batch_size * sum(dims) * 16 + 8 * (batch_size * len(dims)) ** 2)
+            plan = Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
         with progress_bar(plan.forwarded, "layers", progress) as bar:
             if estimator == "exact":
                 hsic = _exact(readers, images, plan, first, names, product_dtype, bar, rank, world)
             else:
-                hsic = _minibatch(readers, images, len(dims), batch_size, bar, rank, world)
+                hsic = _minibatch(readers, images, len(dims), batch_size, product_dtype, bar,
+                                  rank, world)  # fmt: skip
     finally:
         readers.close()
     values = {}
@@ -372,12 +414,12 @@ def _exact(
     return {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
 
 
-def _minibatch(readers, images, views, batch_size, bar, rank, world) -> dict[bool, torch.Tensor]:
+def _minibatch(readers, images, views, batch_size, dtype, bar, rank, world) -> dict:
     """Sum of per-batch unbiased HSIC (a last batch of fewer than 4 is left out)."""
     total = torch.zeros(views, views, dtype=torch.float64)
     for i, (_, x) in enumerate(_batches(images, 0, batch_size)):
         if i % world == rank and len(x) > 3:
-            total += minibatch_hsic(readers.views(x))
+            total += minibatch_hsic(readers.views(x), product_dtype=dtype)
             bar.update(len(x))
     _all_reduce([total])
     return {False: total, True: total}

@@ -78,12 +78,17 @@ class GramTiles:
     def views(self) -> int:
         return len(self.shifts)
 
-    def shifted(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``views`` minus the shift, in the product dtype (float64: exact)."""
-        return [
-            (v.to(torch.float64) - s.to(v.device)).to(self.product_dtype)
-            for v, s in zip(views, self.shifts, strict=True)
-        ]
+    def shifted(
+        self, views: Sequence[torch.Tensor], *, inplace: bool = False
+    ) -> list[torch.Tensor]:
+        """``views`` minus the shift, in the product dtype (float64: exact). With
+        ``inplace``, float64 views are shifted where they are (the caller's own copies)."""
+        out = []
+        for v, s in zip(views, self.shifts, strict=True):
+            s = s.to(v.device)
+            x = v.sub_(s) if inplace and v.dtype == torch.float64 else v.to(torch.float64) - s
+            out.append(x.to(self.product_dtype))
+        return out
 
     def add_tile(
         self,
@@ -151,9 +156,13 @@ class GramTiles:
         return out
 
 
-def minibatch_hsic(views: Sequence[torch.Tensor]) -> torch.Tensor:
+def minibatch_hsic(
+    views: Sequence[torch.Tensor], *, product_dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """(V, V) unbiased HSIC of one batch's views (Nguyen et al. 2021's minibatch CKA sums
-    these over batches): U-centred Gram matrices in float64, one matmul for all pairs."""
+    these over batches): U-centred Gram matrices in float64, one matmul for all pairs.
+    ``product_dtype=torch.float32`` forms each Gram in float32 from the column-centred
+    batch (well conditioned; ~1e-7)."""
     from invsim.similarity.core import center_gram
 
     m = views[0].shape[0]
@@ -162,7 +171,7 @@ def minibatch_hsic(views: Sequence[torch.Tensor]) -> torch.Tensor:
     grams = []
     for v in views:
         x = v.to(torch.float64)
-        x = x - x.mean(dim=0)
-        grams.append(center_gram(x @ x.T, unbiased=True).reshape(-1))
+        x = (x - x.mean(dim=0)).to(product_dtype)
+        grams.append(center_gram((x @ x.T).to(torch.float64), unbiased=True).reshape(-1))
     flat = torch.stack(grams)
     return flat @ flat.T / (m * (m - 3))
