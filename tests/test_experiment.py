@@ -468,4 +468,5 @@ def test_a_models_own_layer_is_honoured(tmp_path):
     assert Results.read(out) == results
     head = (out / "layers-inverted-early.csv").read_text().splitlines()[:2]
     assert head[0].startswith("images,row_model,row_layer,column_model,column_layer")
-    assert head[1].startswith("early,early,model.0,early,model.0,linear_cka,1")
+    assert head[1].startswith("early,early,model.0,early,model.0,linear_cka,1,")
+    assert head[0].endswith("value,ci_low,ci_high,ci_centre,null_mean")

@@ -51,17 +51,27 @@ def resnets():
 def test_layer_matrix_equals_per_layer_cka_for_resnets_in_one_pass_and_in_many(resnets):
     # 40 images, layers up to 16,384 wide (far wider than n), mean-shifted inputs
     x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    one = layer_similarity(resnets, x, layers="blocks", measures=["linear_cka", "debiased_cka"],
-                           batch_size=8)  # fmt: skip
+    kw = {"layers": "blocks", "measures": ["linear_cka", "debiased_cka"], "batch_size": 8}
+    one = layer_similarity(resnets, x, seed=None, **kw)  # the data's order: extract's batches
     assert one.schedule["passes"] == 1 and max(one.dims["a"]) > 40 * 100
     want = _exact_reference(resnets, x, one.layers, 8)
     _check(one, want)
     # a budget too small for one block: several passes, the same numbers
-    many = layer_similarity(resnets, x, layers="blocks", measures=["linear_cka", "debiased_cka"],
-                            batch_size=8, block=8)  # fmt: skip
+    many = layer_similarity(resnets, x, seed=None, block=8, **kw)
     assert many.schedule["passes"] == 5
     _check(many, want)
     assert one.pair("a", "a")["model.layer1", "model.layer1"] == pytest.approx(1.0, abs=1e-12)
+    # a random example order (the jackknife's groups) changes no value beyond float32
+    # forward noise, and every cell has its interval and (linear CKA) its null mean
+    shuffled = layer_similarity(resnets, x, **kw)
+    assert np.abs(shuffled.values["linear_cka"] - one.values["linear_cka"]).max() < 1e-6
+    cell = shuffled.pair("a", "b", "linear_cka")
+    assert (cell.stats["ci_low"] <= cell.stats["ci_centre"]).all()
+    assert (cell.stats["ci_centre"] <= cell.stats["ci_high"]).all()
+    assert np.allclose(cell.stats["ci_centre"], shuffled.pair("a", "b", "debiased_cka").values)
+    assert (
+        shuffled.about["ci_centre"] == "debiased_cka" and "jackknife" in shuffled.about["ci_method"]
+    )
     # a round trip through JSON keeps every value and the labels
     back = LayerSimilarity.from_dict(one.to_dict())
     assert back.pair("a", "b").rows == one.layers["a"]
@@ -78,7 +88,7 @@ def test_layer_matrix_equals_per_layer_cka_for_a_timm_vit():
     x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     layers = {"vit": ["patch_embed", "blocks.*", "penultimate"], "lenet": "blocks"}
     res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
-                           batch_size=6, block=12)  # fmt: skip
+                           batch_size=6, block=12, seed=None)  # fmt: skip
     assert res.layers["vit"][1:4] == [f"model.blocks.{i}" for i in range(3)]
     assert max(res.dims["vit"]) > 24 and res.schedule["passes"] > 1
     _check(res, _exact_reference(models, x, res.layers, 6))
@@ -152,7 +162,9 @@ def test_minibatch_estimator_is_named_and_equals_minibatch_cka():
     torch.manual_seed(6)
     models = {"a": load_model("lenet"), "b": load_model("mlp")}
     x = torch.rand(48, 1, 28, 28)
-    res = layer_similarity(models, x, layers="penultimate", estimator="minibatch", batch_size=16)
+    res = layer_similarity(
+        models, x, layers="penultimate", estimator="minibatch", batch_size=16, seed=None
+    )
     acc = MinibatchCKA()
     ra, rb = extract(models["a"], x, batch_size=16), extract(models["b"], x, batch_size=16)
     for xa, xb in zip(ra.split(16), rb.split(16), strict=True):
@@ -207,7 +219,57 @@ def test_hugging_face_models_are_one_more_source_with_named_layers(tmp_path):
     models = {"vit": vit, "lenet": load_model("lenet", in_channels=3, image_size=32)}
     layers = {"vit": ["blocks", "penultimate"], "lenet": ["model.3", "penultimate"]}
     res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
-                           batch_size=5)  # fmt: skip
+                           batch_size=5, seed=None)  # fmt: skip
     _check(res, _exact_reference(models, x, res.layers, 5))
     with pytest.raises(ValueError, match="unknown Hugging Face model type 'nosuch'"):
         load_model("hf:nosuch")
+
+
+def _tiles(x, y, groups, block=16, batch=8):
+    n = len(x)
+    acc = GramTiles(n, shifts=[x[:batch].mean(0), y[:batch].mean(0)], groups=groups)
+    for i0 in range(0, n, block):
+        held = [x[i0 : i0 + block], y[i0 : i0 + block]]
+        for j0 in range(i0, n, batch):
+            acc.add_tile(held, i0, [x[j0 : j0 + batch], y[j0 : j0 + batch]], j0)
+    return acc
+
+
+def test_grouped_jackknife_and_null_mean_equal_their_definitions():
+    from invsim.similarity import calibrate
+
+    g = torch.Generator().manual_seed(9)
+    x = 3 + torch.randn(48, 20, generator=g, dtype=torch.float64).relu()
+    y = x[:, :6] @ torch.randn(6, 9, generator=g, dtype=torch.float64)
+    y = y + torch.randn(48, 9, generator=g, dtype=torch.float64)
+    acc = _tiles(x, y, groups=5)  # groups of 9-10 examples; tiles cut across them
+    est, se = acc.jackknife(debiased=True)
+    b = acc.bounds
+    loo = []
+    for k in range(5):
+        keep = [i for i in range(48) if not b[k] <= i < b[k + 1]]
+        loo.append(linear_cka(x[keep], y[keep], debiased=True))
+    want = (4 / 5 * sum((v - np.mean(loo)) ** 2 for v in loo)) ** 0.5
+    assert float(se[0, 1]) == pytest.approx(want, abs=1e-10)
+    assert float(est[0, 1]) == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-10)
+    # the exact permutation-null mean, as the one-layer calibration computes it
+    c = calibrate(x, y, n_perm=1)
+    assert float(acc.null_mean()[0, 1]) == pytest.approx(c.null_mean, abs=1e-10)
+
+
+def test_layer_intervals_cover_the_population_cka_where_n_is_below_the_width():
+    # the regime of inverted sets: n at or below the widths; 100 draws per population
+    from scipy.stats import t as student_t
+
+    from invsim.similarity.populations import Population
+
+    q = float(student_t.ppf(0.975, 19))
+    for n, widths, kw in ((64, (256, 256), {"shared": 0.5, "noise": 0.5}),
+                          (48, (128, 384), {"kind": "readout", "noise": 0.3})):  # fmt: skip
+        pop = Population(widths=widths, seed=0, **kw)
+        gen, hits = torch.Generator().manual_seed(10), 0
+        for _ in range(100):
+            x, y = (v.double() for v in pop.draw(n, gen))
+            est, se = _tiles(x, y, groups=20, block=n, batch=n).jackknife(debiased=True)
+            hits += abs(float(est[0, 1]) - pop.cka) <= q * float(se[0, 1])
+        assert 88 <= hits <= 100, (n, widths, hits)

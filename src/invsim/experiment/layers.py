@@ -65,6 +65,9 @@ __all__ = [
 LAYER_MEASURES = {"linear_cka": False, "debiased_cka": True}
 ESTIMATORS = ("exact", "minibatch")
 GB = 1e9
+JACKKNIFE_GROUPS = 20  # chosen by simulation (benchmarks/bench_layers.py --coverage)
+CI_METHOD = "grouped (20-group) jackknife of debiased CKA, t interval"
+CI_TARGET = "the population linear CKA of the two layers on the data's distribution"
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,13 @@ def plan_passes(
     Example:
         >>> s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9)
         >>> s.block, s.passes
-        (1600, 7)
+        (2300, 5)
     """
     total, views = sum(dims), len(dims)
-    fixed = int(reserved) + batch_size * total * (8 + itemsize) + 16 * views * n  # + rows, diag
+    # one batch's float64 copy (shifted in place), its product-dtype copy when lower,
+    # the row sums and diagonals
+    copies = 8 + (itemsize if itemsize != 8 else 0)
+    fixed = int(reserved) + batch_size * total * copies + 16 * views * n
     per_example = total * itemsize + 16 * views * batch_size  # held features, tile stacks
     room = int((budget - fixed) // per_example)
     fits = n if room >= n else (room // batch_size) * batch_size
@@ -142,6 +148,8 @@ class LayerSimilarity:
     schedule: dict[str, Any] = field(default_factory=dict)
     images: str = ""
     row: str | None = None
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    about: dict[str, Any] = field(default_factory=dict)
 
     @property
     def measures(self) -> list[str]:
@@ -158,24 +166,29 @@ class LayerSimilarity:
         name = measure or self.measures[0]
         if name not in self.values:
             raise KeyError(f"no {name!r} here; measures: {self.measures}.")
-        block = self.values[name][self._span(a), self._span(b)]
+        rows, cols = self._span(a), self._span(b)
+        block = self.values[name][rows, cols]
         flags = {"estimator": self.estimator} if self.estimator != "exact" else {}
+        stats = {k: np.array(v[rows, cols]) for k, v in self.stats.get(name, {}).items()}
         return SimilarityMatrix(self.layers[a], self.layers[b], np.array(block), measure=name,
-                                flags=flags)  # fmt: skip
+                                flags=flags, stats=stats)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["values"] = {k: _nan_list(v) for k, v in self.values.items()}
+        out["stats"] = {m: {k: _nan_list(v) for k, v in by.items()} for m, by in self.stats.items()}
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerSimilarity:
         values = {k: np.array(v, dtype=float) for k, v in d["values"].items()}
-        return cls(**{**d, "values": values})
+        stats = {m: {k: np.array(v, dtype=float) for k, v in by.items()}
+                 for m, by in d.get("stats", {}).items()}  # fmt: skip
+        return cls(**{**d, "values": values, "stats": stats})
 
 
 def _nan_list(a: np.ndarray) -> list:
-    return [[None if not math.isfinite(x) else float(x) for x in row] for row in a]
+    return [[None if x is None or not math.isfinite(x) else float(x) for x in row] for row in a]
 
 
 def depth_profile(result: LayerSimilarity, measure: str | None = None) -> list[dict[str, Any]]:
@@ -245,7 +258,7 @@ class _Readers:
     (b, d) tensors over all (model, layer) views in order."""
 
     def __init__(self, models: Mapping[str, nn.Module], layers: dict[str, list[str]],
-                 example: torch.Tensor, device: Any) -> None:  # fmt: skip
+                 example: torch.Tensor, device: Any, dtype: torch.dtype | None):  # fmt: skip
         self.stack = contextlib.ExitStack()
         self.device = device
         self.reads = []
@@ -255,7 +268,7 @@ class _Readers:
                 m.to(device)
             dev = next((p.device for p in m.parameters()), torch.device("cpu"))
             read = self.stack.enter_context(capture_layers(
-                m, layers[k], example_input=example.to(dev), dtype=torch.float64))  # fmt: skip
+                m, layers[k], example_input=example.to(dev), dtype=dtype))  # fmt: skip
             self.reads.append((read, layers[k], dev))
         self.stack.enter_context(torch.inference_mode())
 
@@ -341,6 +354,9 @@ def layer_similarity(
     memory_gb: float = 4.0,
     block: int | None = None,
     estimator: str = "exact",
+    ci: float | None = 0.95,
+    groups: int = JACKKNIFE_GROUPS,
+    seed: int | None = 0,
     product_dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = None,
     progress: bool | None = None,
@@ -354,7 +370,13 @@ def layer_similarity(
     ``measures``: ``linear_cka`` and/or ``debiased_cka``. ``memory_gb`` bounds the
     process's peak: what it holds already, the forwards' activations and the held
     statistics (see the module doc for the schedule); ``block`` forces the examples held
-    per pass instead (more passes, the same values). ``product_dtype=torch.float32``
+    per pass instead (more passes, the same values). ``ci``: the level of each cell's
+    interval for the population CKA (exact estimator, n >= ``MIN_INTERVAL_N``; None: none):
+    centred on debiased CKA, the grouped jackknife's standard error over ``groups``
+    random groups of examples and a t quantile (docs/layers.md: its coverage by
+    simulation); linear CKA's cells also get the exact permutation-null mean. ``seed``
+    orders the examples at random for the groups (the values do not depend on it; None:
+    the data's order). ``product_dtype=torch.float32``
     computes the tiles' products in float32 on shifted features (faster, ~1e-6).
     """
     from invsim.distributed import rank_world
@@ -364,10 +386,13 @@ def layer_similarity(
         raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
     images = _images(data, n)
     count = len(images)
+    if seed is not None:  # a random order: the jackknife's groups are random subsets
+        images = images[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
     if count < 4:
         raise ValueError(f"layer_similarity needs at least 4 images; got {count}.")
     chosen = _layer_names(models, layers)
-    readers = _Readers(models, chosen, images[:1], device)
+    exact = estimator == "exact"  # exact sums take float64 copies; minibatch, the model's own
+    readers = _Readers(models, chosen, images[:1], device, torch.float64 if exact else None)
     rank, world = rank_world()
     try:
         first = readers.views(images[:batch_size])
@@ -382,10 +407,12 @@ def layer_similarity(
             plan = Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
         with progress_bar(plan.forwarded, "layers", progress) as bar:
             if estimator == "exact":
-                hsic = _exact(readers, images, plan, first, names, product_dtype, bar, rank, world)
+                acc = _exact(readers, images, plan, first, product_dtype, groups, bar, rank, world)
+                hsic = {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
             else:
                 hsic = _minibatch(readers, images, len(dims), batch_size, product_dtype, bar,
                                   rank, world)  # fmt: skip
+        stats = _intervals(acc, names, ci) if estimator == "exact" else {}
     finally:
         readers.close()
     values = {}
@@ -400,18 +427,44 @@ def layer_similarity(
     for k in models:
         widths[k] = dims[at : at + len(chosen[k])]
         at += len(chosen[k])
+    about: dict[str, Any] = {"order_seed": seed}
+    if "ci_low" in stats.get(names[0], {}):
+        method = CI_METHOD.replace("20", str(groups))
+        about.update(ci=ci, ci_method=method, ci_target=CI_TARGET, groups=groups,
+                     ci_centre="debiased_cka")  # fmt: skip
     return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
-                           asdict(plan), images=str(getattr(data, "id", "")))  # fmt: skip
+                           asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
+                           about=about)  # fmt: skip
 
 
-def _exact(
-    readers, images, plan, first, names, dtype, bar, rank, world
-) -> dict[bool, torch.Tensor]:
-    acc = GramTiles(plan.n, shifts=[v.double().mean(dim=0) for v in first], product_dtype=dtype)
+def _exact(readers, images, plan, first, dtype, groups, bar, rank, world) -> GramTiles:
+    shifts = [v.double().mean(dim=0) for v in first]
+    acc = GramTiles(plan.n, shifts=shifts, product_dtype=dtype, groups=groups)
     for p in range(rank, plan.passes, world):
         _exact_pass(acc, readers, images, p * plan.block, plan.block, plan.batch_size, bar)
     _all_reduce(acc.state_tensors())
-    return {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
+    return acc
+
+
+def _intervals(acc: GramTiles, names: Sequence[str], ci: float | None) -> dict[str, dict]:
+    """Per measure: each cell's interval for the population CKA (centred on debiased CKA,
+    grouped-jackknife standard error, t quantile with groups - 1 degrees of freedom), and
+    for linear CKA the exact permutation-null mean."""
+    from scipy.stats import t as student_t
+
+    from invsim.similarity.calibration import MIN_INTERVAL_N
+
+    out: dict[str, dict] = {m: {} for m in names}
+    if ci is not None and acc.n >= MIN_INTERVAL_N and acc.groups >= 2:
+        centre, se = acc.jackknife(debiased=True)
+        q = float(student_t.ppf(0.5 + ci / 2, acc.groups - 1))
+        bounds = {"ci_low": (centre - q * se).numpy(), "ci_high": (centre + q * se).numpy(),
+                  "ci_centre": centre.numpy()}  # fmt: skip
+        for m in names:
+            out[m].update({k: v.copy() for k, v in bounds.items()})
+    if "linear_cka" in out:
+        out["linear_cka"]["null_mean"] = acc.null_mean().numpy()
+    return out
 
 
 def _minibatch(readers, images, views, batch_size, dtype, bar, rank, world) -> dict:
@@ -463,14 +516,16 @@ def write_layers_csv(result: LayerSimilarity, path: Any) -> None:
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
+        stats = ("ci_low", "ci_high", "ci_centre", "null_mean")
         w.writerow(["images", "row_model", "row_layer", "column_model", "column_layer",
-                    "measure", "value"])  # fmt: skip
+                    "measure", "value", *stats])  # fmt: skip
         for name in result.measures:
             for a in result.models:
                 for b in result.models:
                     m = result.pair(a, b, name)
                     for i, la in enumerate(m.rows):
                         for j, lb in enumerate(m.cols):
-                            v = m.values[i, j]
-                            w.writerow([result.row or "natural", a, la, b, lb, name,
-                                        "" if not math.isfinite(v) else f"{v:.10g}"])  # fmt: skip
+                            cells = [m.values[i, j], *(m.stats[k][i, j] if k in m.stats
+                                                       else math.nan for k in stats)]  # fmt: skip
+                            text = ["" if not math.isfinite(v) else f"{v:.10g}" for v in cells]
+                            w.writerow([result.row or "natural", a, la, b, lb, name, *text])

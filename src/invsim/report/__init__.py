@@ -408,7 +408,15 @@ def _layers(out: Path, results: Results) -> list[str]:
         f"{label} on the same {nat.n} images, exact full-data values "
         f"({nat.estimator}; {nat.schedule.get('passes', 1)} pass(es) in a "
         f"{nat.schedule.get('budget', 0) / 1e9:g} GB budget). The dashed line is the "
-        'diagonal of "same relative depth".</p>'
+        'diagonal of "same relative depth".'
+        + (
+            f" Every cell has a {nat.about['ci']:.0%} interval for {nat.about['ci_target']} "
+            f"({nat.about['ci_method']}, centred on debiased CKA) and linear CKA's exact "
+            "permutation-null mean, in results.json and the layers CSVs."
+            if nat.about.get("ci_method")
+            else ""
+        )
+        + "</p>"
     ]
     if blocks:
         p = layer_heatmaps(blocks, out / "figures" / "layers-natural.png", label=label)

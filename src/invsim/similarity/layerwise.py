@@ -65,18 +65,44 @@ class GramTiles:
         *,
         shifts: Sequence[torch.Tensor],
         product_dtype: torch.dtype = torch.float64,
+        groups: int = 1,
     ) -> None:
         self.n = n
         self.shifts = [s.detach().to(torch.float64).flatten() for s in shifts]
         self.product_dtype = product_dtype
-        v = len(self.shifts)
-        self.P = torch.zeros(v, v, dtype=torch.float64)
-        self.rows = torch.zeros(v, n, dtype=torch.float64)
+        self.groups = max(1, min(groups, n))
+        v, g = len(self.shifts), self.groups
+        # example i is in group g when bounds[g] <= i < bounds[g + 1] (contiguous groups)
+        self.bounds = [round(k * n / g) for k in range(g + 1)]
+        self.E = torch.zeros(g, g, v, v, dtype=torch.float64)  # P split by (group i, group j)
+        self.R = torch.zeros(v, n, g, dtype=torch.float64)  # row sums split by group of j
         self.diag = torch.zeros(v, n, dtype=torch.float64)
 
     @property
     def views(self) -> int:
         return len(self.shifts)
+
+    @property
+    def P(self) -> torch.Tensor:
+        """(V, V): sum over all example pairs of K_u[i, j] K_v[i, j]."""
+        return self.E.sum(dim=(0, 1))
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """(V, n): each view's Gram row sums."""
+        return self.R.sum(dim=2)
+
+    def _segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(group, first, last) local ranges of [start, stop) that lie in one group each."""
+        out, b = [], self.bounds
+        g = max(k for k in range(self.groups) if b[k] <= start)
+        i = start
+        while i < stop:
+            end = min(stop, b[g + 1])
+            if end > i:
+                out.append((g, i - start, end - start))
+            i, g = end, g + 1
+        return out
 
     def shifted(
         self, views: Sequence[torch.Tensor], *, inplace: bool = False
@@ -107,21 +133,27 @@ class GramTiles:
         if not inside and j0 < i0 + m:
             raise ValueError(f"batch [{j0}, {j0 + w}) straddles the held block [{i0}, {i0 + m}).")
         tiles = torch.stack([x @ y.T for x, y in zip(a, b, strict=True)]).to(torch.float64)
-        flat = tiles.reshape(self.views, -1)
-        self.P += (1.0 if inside else 2.0) * (flat @ flat.T)
-        self.rows[:, i0 : i0 + m] += tiles.sum(dim=2)
+        v = self.views
+        for gc, c0, c1 in self._segments(j0, j0 + w):
+            part = tiles[:, :, c0:c1]
+            self.R[:, i0 : i0 + m, gc] += part.sum(dim=2)
+            for gr, r0, r1 in self._segments(i0, i0 + m):
+                flat = part[:, r0:r1].reshape(v, -1)
+                prod = flat @ flat.T
+                self.E[gr, gc] += prod
+                if not inside:  # the transposed tile: pairs (j, i)
+                    self.E[gc, gr] += prod
+                    self.R[:, j0 + c0 : j0 + c1, gr] += part[:, r0:r1].sum(dim=1)
         if inside:
             k = j0 - i0
             self.diag[:, j0 : j0 + w] += tiles[:, k : k + w].diagonal(dim1=1, dim2=2)
-        else:
-            self.rows[:, j0 : j0 + w] += tiles.sum(dim=1)
 
     def merge(self, other: GramTiles) -> GramTiles:
-        """Add another accumulator's tiles (same n and shifts). Returns self."""
-        if other.n != self.n or other.views != self.views:
+        """Add another accumulator's tiles (same n, shifts and groups). Returns self."""
+        if (other.n, other.views, other.groups) != (self.n, self.views, self.groups):
             raise ValueError(
-                f"cannot merge tiles over n={other.n}, {other.views} views into n={self.n}, "
-                f"{self.views} views."
+                f"cannot merge tiles over n={other.n}, {other.views} views, {other.groups} "
+                f"groups into n={self.n}, {self.views} views, {self.groups} groups."
             )
         for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
             mine += theirs
@@ -129,31 +161,65 @@ class GramTiles:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The state, for an all-reduce (sum) across processes that share the shifts."""
-        return [self.P, self.rows, self.diag]
+        return [self.E, self.R, self.diag]
 
     def hsic(self, *, debiased: bool = False) -> torch.Tensor:
         """(V, V) linear HSIC between the views: biased over ``(n-1)^2``, or Song et al.'s
         unbiased estimator over ``n(n-3)``."""
-        n = self.n
-        check_enough(n, debiased=debiased)
-        r, d = self.rows, self.diag
-        if not debiased:
-            s = r.sum(dim=1)
-            return (self.P - 2.0 / n * (r @ r.T) + torch.outer(s, s) / n**2) / (n - 1) ** 2
-        rt = r - d
-        st = rt.sum(dim=1)
-        pt = self.P - d @ d.T
-        value = pt + torch.outer(st, st) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rt @ rt.T)
-        return value / (n * (n - 3))
+        check_enough(self.n, debiased=debiased)
+        return _hsic(self.P, self.rows, self.diag, self.n, debiased)
+
+    def hsic_without(self, group: int, *, debiased: bool = False) -> torch.Tensor:
+        """(V, V) linear HSIC of the examples outside ``group`` (the grouped jackknife)."""
+        lo, hi = self.bounds[group], self.bounds[group + 1]
+        keep = torch.ones(self.n, dtype=torch.bool)
+        keep[lo:hi] = False
+        e = self.E
+        p = self.P - e[group].sum(dim=0) - e[:, group].sum(dim=0) + e[group, group]
+        rows = (self.rows - self.R[:, :, group])[:, keep]
+        return _hsic(p, rows, self.diag[:, keep], int(keep.sum()), debiased)
 
     def cka(self, *, debiased: bool = False) -> torch.Tensor:
         """(V, V) linear CKA between the views (NaN where a view has zero variance)."""
-        h = self.hsic(debiased=debiased)
-        scale = h.diagonal().clamp(min=0).sqrt()
-        with torch.no_grad():
-            out = h / torch.outer(scale, scale)
-        out[(scale == 0)[:, None] | (scale == 0)[None, :]] = float("nan")
-        return out
+        return _ratio(self.hsic(debiased=debiased))
+
+    def jackknife(self, *, debiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(estimate, standard error), each (V, V): CKA on all examples and the grouped
+        (delete-one-group) jackknife's standard error, over :attr:`groups` groups."""
+        g = self.groups
+        if g < 2:
+            raise ValueError("the jackknife needs groups >= 2 (GramTiles(..., groups=k)).")
+        parts = torch.stack([_ratio(self.hsic_without(k, debiased=debiased)) for k in range(g)])
+        spread = ((parts - parts.mean(dim=0)) ** 2).sum(dim=0)
+        return self.cka(debiased=debiased), ((g - 1) / g * spread).sqrt()
+
+    def null_mean(self) -> torch.Tensor:
+        """(V, V): the exact mean of biased linear CKA over all permutations of one side's
+        examples, ``tr A tr B / ((n - 1) ||A|| ||B||)`` for the centred Gram matrices: the
+        value expected of unrelated representations at this n and these widths."""
+        n, r, d = self.n, self.rows, self.diag
+        trace = d.sum(dim=1) - r.sum(dim=1) / n  # tr(H K H)
+        norm = (self.hsic(debiased=False).diagonal().clamp(min=0)).sqrt() * (n - 1)
+        return torch.outer(trace, trace) / ((n - 1) * torch.outer(norm, norm))
+
+
+def _hsic(p: torch.Tensor, r: torch.Tensor, d: torch.Tensor, n: int, debiased: bool):
+    if not debiased:
+        s = r.sum(dim=1)
+        return (p - 2.0 / n * (r @ r.T) + torch.outer(s, s) / n**2) / (n - 1) ** 2
+    rt = r - d
+    st = rt.sum(dim=1)
+    pt = p - d @ d.T
+    value = pt + torch.outer(st, st) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rt @ rt.T)
+    return value / (n * (n - 3))
+
+
+def _ratio(h: torch.Tensor) -> torch.Tensor:
+    """CKA from an HSIC matrix (NaN where a view has zero variance)."""
+    scale = h.diagonal().clamp(min=0).sqrt()
+    out = h / torch.outer(scale, scale)
+    out[(scale == 0)[:, None] | (scale == 0)[None, :]] = float("nan")
+    return out
 
 
 def minibatch_hsic(
@@ -170,8 +236,11 @@ def minibatch_hsic(
         raise ValueError(f"minibatch CKA needs batches of n >= 4; got a batch of n={m}.")
     grams = []
     for v in views:
-        x = v.to(torch.float64)
-        x = (x - x.mean(dim=0)).to(product_dtype)
+        if product_dtype == torch.float64:
+            x = v.to(torch.float64)
+            x = x - x.mean(dim=0)
+        else:  # centred in the low dtype about a float64 mean: one copy, no float64 batch
+            x = v.to(product_dtype) - v.mean(dim=0, dtype=torch.float64).to(product_dtype)
         grams.append(center_gram((x @ x.T).to(torch.float64), unbiased=True).reshape(-1))
     flat = torch.stack(grams)
     return flat @ flat.T / (m * (m - 3))
