@@ -329,6 +329,34 @@ def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
     return calls
 
 
+def _capture_targets(
+    model: nn.Module, names: Sequence[str], calls: list[tuple[str, nn.Module]]
+) -> dict[str, tuple[str, nn.Module]]:
+    """layer -> ("input" or "output", module) for every layer but logits; a module that
+    runs more than once per forward is refused."""
+    order = [n for n, _ in calls]
+    targets: dict[str, tuple[str, nn.Module]] = {}
+    for layer in names:
+        if layer == LOGITS:
+            continue
+        if layer == PENULTIMATE:
+            linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError("'penultimate' needs an nn.Linear classifier in the model.")
+            name, module, how = *linears[-1], "input"
+        else:
+            name = _lookup(model, layer)
+            module, how = _named(model)[name], "output"
+        count = order.count(name)
+        if count != 1:
+            raise ValueError(
+                f"module {name!r} (layer {layer!r}) runs {count} times in one forward, so its "
+                f"{how} is ambiguous; name a module that runs once (e.g. a block's output)."
+            )
+        targets[layer] = (how, module)
+    return targets
+
+
 @contextlib.contextmanager
 def capture_layers(
     model: nn.Module,
@@ -359,27 +387,7 @@ def capture_layers(
         {'model.0': (4, 4704), 'penultimate': (4, 84)}
     """
     names = list(dict.fromkeys(layers))
-    calls = _calls(model, example_input)
-    order = [n for n, _ in calls]
-    targets: dict[str, tuple[str, nn.Module]] = {}  # layer -> (capture, module)
-    for layer in names:
-        if layer == LOGITS:
-            continue
-        if layer == PENULTIMATE:
-            linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError("'penultimate' needs an nn.Linear classifier in the model.")
-            name, module, how = *linears[-1], "input"
-        else:
-            name = _lookup(model, layer)
-            module, how = _named(model)[name], "output"
-        count = order.count(name)
-        if count != 1:
-            raise ValueError(
-                f"module {name!r} (layer {layer!r}) runs {count} times in one forward, so its "
-                f"{how} is ambiguous; name a module that runs once (e.g. a block's output)."
-            )
-        targets[layer] = (how, module)
+    targets = _capture_targets(model, names, _calls(model, example_input))
     box: dict[str, torch.Tensor] = {}
 
     def keep(layer: str, value: Any) -> None:

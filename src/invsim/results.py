@@ -10,7 +10,7 @@ the report, ``invsim report`` and ``invsim similarity`` consume. Its JSON form i
 - ``diagnostics``: each row model's inversion diagnostics; ``drift``, ``statistics``,
   ``warnings``, ``confound``, ``models``, ``provenance``;
 - ``layers``: the layer-by-layer view, ``natural`` and ``inverted[row]``, each a
-  :class:`~invsim.experiment.layers.LayerSimilarity` (layer names on both axes);
+  :class:`~invsim.similarity.by_layer.LayerSimilarity` (layer names on both axes);
 - one key per added stage (:func:`invsim.experiment.stages.add_stage`), in ``extra``.
 
 Example:
@@ -204,7 +204,7 @@ def _layers_json(layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _layers_typed(d: dict[str, Any]) -> dict[str, Any]:
-    from invsim.experiment.layers import LayerSimilarity
+    from invsim.similarity.by_layer import LayerSimilarity
 
     out: dict[str, Any] = {}
     for key, value in d.items():

@@ -38,7 +38,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -48,8 +48,8 @@ from torch import nn
 from invsim._io import progress_bar
 from invsim.config import PENULTIMATE
 from invsim.representation import capture_layers, eval_mode, select_layers
-from invsim.similarity.layerwise import GramTiles, minibatch_hsic
-from invsim.similarity.matrix import SimilarityMatrix
+from invsim.similarity.by_layer import LayerSimilarity, depth_profile, write_layers_csv
+from invsim.similarity.layerwise import GramTiles, cka_from_hsic, minibatch_hsic
 
 __all__ = [
     "LayerSimilarity",
@@ -130,92 +130,9 @@ def plan_passes(
                     int(budget))  # fmt: skip
 
 
-@dataclass
-class LayerSimilarity:
-    """Layer-by-layer similarity of every model with every other.
-
-    ``values[measure]`` is the (V, V) matrix over all (model, layer) views in
-    ``models``' order; :meth:`pair` labels the block of two models (rows: the first
-    model's layers, columns: the second's). ``images`` names the examples (natural data,
-    or a row model's inverted set), ``row`` the model whose inverted set it is."""
-
-    models: list[str]
-    layers: dict[str, list[str]]
-    dims: dict[str, list[int]]
-    values: dict[str, np.ndarray]
-    n: int
-    estimator: str = "exact"
-    schedule: dict[str, Any] = field(default_factory=dict)
-    images: str = ""
-    row: str | None = None
-    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    about: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def measures(self) -> list[str]:
-        return list(self.values)
-
-    def _span(self, model: str) -> slice:
-        if model not in self.layers:
-            raise KeyError(f"no model {model!r} here; models: {self.models}.")
-        start = sum(len(self.layers[k]) for k in self.models[: self.models.index(model)])
-        return slice(start, start + len(self.layers[model]))
-
-    def pair(self, a: str, b: str, measure: str | None = None) -> SimilarityMatrix:
-        """The L_a x L_b matrix of models ``a`` (rows) and ``b`` (columns)."""
-        name = measure or self.measures[0]
-        if name not in self.values:
-            raise KeyError(f"no {name!r} here; measures: {self.measures}.")
-        rows, cols = self._span(a), self._span(b)
-        block = self.values[name][rows, cols]
-        flags = {"estimator": self.estimator} if self.estimator != "exact" else {}
-        stats = {k: np.array(v[rows, cols]) for k, v in self.stats.get(name, {}).items()}
-        return SimilarityMatrix(self.layers[a], self.layers[b], np.array(block), measure=name,
-                                flags=flags, stats=stats)  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["values"] = {k: _nan_list(v) for k, v in self.values.items()}
-        out["stats"] = {m: {k: _nan_list(v) for k, v in by.items()} for m, by in self.stats.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LayerSimilarity:
-        values = {k: np.array(v, dtype=float) for k, v in d["values"].items()}
-        stats = {m: {k: np.array(v, dtype=float) for k, v in by.items()}
-                 for m, by in d.get("stats", {}).items()}  # fmt: skip
-        return cls(**{**d, "values": values, "stats": stats})
-
-
-def _nan_list(a: np.ndarray) -> list:
-    return [[None if x is None or not math.isfinite(x) else float(x) for x in row] for row in a]
-
-
-def depth_profile(result: LayerSimilarity, measure: str | None = None) -> list[dict[str, Any]]:
-    """Similarity by relative depth: for each of the row models' layers at relative depth
-    t = i / (L - 1), the mean over other models b of the entry at b's layer of nearest
-    relative depth (the diagonal of "same relative depth"). With ``result.row`` set (an
-    inverted set), only that row model's layers; else every model's, pooled."""
-    name = measure or result.measures[0]
-    rows = [result.row] if result.row else result.models
-    points = []
-    for a in rows:
-        others = [b for b in result.models if b != a]
-        la = result.layers[a]
-        for i, layer in enumerate(la):
-            t = i / max(len(la) - 1, 1)
-            vals = []
-            for b in others:
-                lb = result.layers[b]
-                j = round(t * (len(lb) - 1))
-                vals.append(float(result.pair(a, b, name).values[i, j]))
-            finite = [v for v in vals if math.isfinite(v)]
-            points.append({"model": a, "layer": layer, "depth": t,
-                           "mean": float(np.mean(finite)) if finite else None})  # fmt: skip
-    return points
-
-
-def _measures(measures: str | Sequence[str]) -> list[str]:
+def _measures(measures: str | Sequence[str], estimator: str) -> list[str]:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
     names = [measures] if isinstance(measures, str) else list(measures)
     bad = [m for m in names if m not in LAYER_MEASURES]
     if bad:
@@ -227,7 +144,7 @@ def _measures(measures: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _images(data: Any, n: int | None) -> torch.Tensor:
+def _images(data: Any, n: int | None, seed: int | None = None) -> torch.Tensor:
     from invsim.data.base import dataset_images
 
     if isinstance(data, torch.Tensor):
@@ -240,6 +157,11 @@ def _images(data: Any, n: int | None) -> torch.Tensor:
         if n > len(images):
             raise ValueError(f"n={n} asked for, but the data hold {len(images)} images.")
         images = images[:n]
+    if len(images) < 4:
+        raise ValueError(f"layer_similarity needs at least 4 images; got {len(images)}.")
+    if seed is not None:  # a random order: the jackknife's groups are random subsets
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        images = images[order]
     return images
 
 
@@ -381,15 +303,9 @@ def layer_similarity(
     """
     from invsim.distributed import rank_world
 
-    names = _measures(measures)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
-    images = _images(data, n)
+    names = _measures(measures, estimator)
+    images = _images(data, n, seed)
     count = len(images)
-    if seed is not None:  # a random order: the jackknife's groups are random subsets
-        images = images[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
-    if count < 4:
-        raise ValueError(f"layer_similarity needs at least 4 images; got {count}.")
     chosen = _layer_names(models, layers)
     exact = estimator == "exact"  # exact sums take float64 copies; minibatch, the model's own
     readers = _Readers(models, chosen, images[:1], device, torch.float64 if exact else None)
@@ -397,14 +313,7 @@ def layer_similarity(
     try:
         first = readers.views(images[:batch_size])
         dims = [v.shape[1] for v in first]
-        isz = torch.empty((), dtype=product_dtype).element_size()
-        reserved = _reserved(batch_size, dims)
-        if estimator == "exact":
-            plan = plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
-                               itemsize=isz, reserved=reserved, block=block)  # fmt: skip
-        else:
-            held = int(reserved + batch_size * sum(dims) * 16 + 8 * (batch_size * len(dims)) ** 2)
-            plan = Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
+        plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact)
         with progress_bar(plan.forwarded, "layers", progress) as bar:
             if estimator == "exact":
                 acc = _exact(readers, images, plan, first, product_dtype, groups, bar, rank, world)
@@ -415,26 +324,33 @@ def layer_similarity(
         stats = _intervals(acc, names, ci) if estimator == "exact" else {}
     finally:
         readers.close()
-    values = {}
-    for m in names:
-        h = hsic[LAYER_MEASURES[m]]
-        scale = h.diagonal().clamp(min=0).sqrt()
-        v = (h / torch.outer(scale, scale)).numpy()
-        v[(scale == 0).numpy()] = np.nan
-        v[:, (scale == 0).numpy()] = np.nan
-        values[m] = v
-    widths, at = {}, 0
-    for k in models:
-        widths[k] = dims[at : at + len(chosen[k])]
-        at += len(chosen[k])
+    values = {m: cka_from_hsic(hsic[LAYER_MEASURES[m]]).numpy() for m in names}
+    starts = np.cumsum([0] + [len(chosen[k]) for k in models]).tolist()
+    widths = {k: dims[starts[i] : starts[i + 1]] for i, k in enumerate(models)}
+    return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
+                           asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
+                           about=_about(stats, names, ci, groups, seed))  # fmt: skip
+
+
+def _schedule(dims, count, batch_size, memory_gb, block, dtype, exact) -> Schedule:
+    """The exact estimator's passes in the budget; the minibatch one's single pass."""
+    reserved = _reserved(batch_size, dims)
+    if exact:
+        isz = torch.empty((), dtype=dtype).element_size()
+        return plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
+                           itemsize=isz, reserved=reserved, block=block)  # fmt: skip
+    held = int(reserved + batch_size * sum(dims) * 16 + 8 * (batch_size * len(dims)) ** 2)
+    return Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
+
+
+def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, seed) -> dict:
+    """What the intervals are (when computed) and the example order's seed."""
     about: dict[str, Any] = {"order_seed": seed}
     if "ci_low" in stats.get(names[0], {}):
         method = CI_METHOD.replace("20", str(groups))
         about.update(ci=ci, ci_method=method, ci_target=CI_TARGET, groups=groups,
                      ci_centre="debiased_cka")  # fmt: skip
-    return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
-                           asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
-                           about=about)  # fmt: skip
+    return about
 
 
 def _exact(readers, images, plan, first, dtype, groups, bar, rank, world) -> GramTiles:
@@ -508,24 +424,3 @@ def run_layers(cfg: Any, models: Mapping[str, nn.Module], data: Any,
             res.images = f"{row}'s inverted set ({inv.config['inversion'].get('layer')})"
             out["inverted"][row] = res
     return out
-
-
-def write_layers_csv(result: LayerSimilarity, path: Any) -> None:
-    """Long format, one row per (model, layer) x (model, layer) cell and measure."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        stats = ("ci_low", "ci_high", "ci_centre", "null_mean")
-        w.writerow(["images", "row_model", "row_layer", "column_model", "column_layer",
-                    "measure", "value", *stats])  # fmt: skip
-        for name in result.measures:
-            for a in result.models:
-                for b in result.models:
-                    m = result.pair(a, b, name)
-                    for i, la in enumerate(m.rows):
-                        for j, lb in enumerate(m.cols):
-                            cells = [m.values[i, j], *(m.stats[k][i, j] if k in m.stats
-                                                       else math.nan for k in stats)]  # fmt: skip
-                            text = ["" if not math.isfinite(v) else f"{v:.10g}" for v in cells]
-                            w.writerow([result.row or "natural", a, la, b, lb, name, *text])

@@ -389,11 +389,29 @@ def _binned(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return [((b + 0.5) / DEPTH_BINS, sum(v) / len(v)) for b, v in sorted(bins.items())]
 
 
+def _layers_caption(nat: Any, label: str) -> str:
+    """The layer-by-layer section's heading and what its cells are."""
+    ci = nat.about
+    intervals = (
+        f" Every cell has a {ci['ci']:.0%} interval for {ci['ci_target']} ({ci['ci_method']}, "
+        "centred on debiased CKA) and linear CKA's exact permutation-null mean, in "
+        "results.json and the layers CSVs." if ci.get("ci_method") else ""
+    )  # fmt: skip
+    return (
+        '<h2 id="layers">Layer by layer</h2><p>Each heatmap compares every selected layer of '
+        "one model (rows, input side at the top) with every layer of another (columns), "
+        f"{label} on the same {nat.n} images, exact full-data values "
+        f"({nat.estimator}; {nat.schedule.get('passes', 1)} pass(es) in a "
+        f"{nat.schedule.get('budget', 0) / 1e9:g} GB budget). The dashed line is the "
+        f'diagonal of "same relative depth".{intervals}</p>'
+    )
+
+
 def _layers(out: Path, results: Results) -> list[str]:
     """The layer-by-layer heatmaps (natural; inverted where computed) and similarity by
     depth, natural against inverted."""
-    from invsim.experiment.layers import depth_profile
     from invsim.report.figures import depth_plot, layer_heatmaps
+    from invsim.similarity.by_layer import depth_profile
 
     if not results.layers:
         return []
@@ -402,22 +420,7 @@ def _layers(out: Path, results: Results) -> list[str]:
     label = measure.replace("_", " ")
     pairs = [(a, b) for i, a in enumerate(nat.models) for b in nat.models[i + 1 :]]
     blocks = [(f"{a} (rows) x {b}", nat.pair(a, b)) for a, b in pairs[:MAX_LAYER_MAPS]]
-    parts = [
-        '<h2 id="layers">Layer by layer</h2><p>Each heatmap compares every selected layer of '
-        "one model (rows, input side at the top) with every layer of another (columns), "
-        f"{label} on the same {nat.n} images, exact full-data values "
-        f"({nat.estimator}; {nat.schedule.get('passes', 1)} pass(es) in a "
-        f"{nat.schedule.get('budget', 0) / 1e9:g} GB budget). The dashed line is the "
-        'diagonal of "same relative depth".'
-        + (
-            f" Every cell has a {nat.about['ci']:.0%} interval for {nat.about['ci_target']} "
-            f"({nat.about['ci_method']}, centred on debiased CKA) and linear CKA's exact "
-            "permutation-null mean, in results.json and the layers CSVs."
-            if nat.about.get("ci_method")
-            else ""
-        )
-        + "</p>"
-    ]
+    parts = [_layers_caption(nat, label)]
     if blocks:
         p = layer_heatmaps(blocks, out / "figures" / "layers-natural.png", label=label)
         parts.append(f'<h3 id="layers-natural">Natural images</h3>{_img(p)}')

@@ -46,7 +46,7 @@ import torch
 
 from invsim.similarity._inputs import check_enough
 
-__all__ = ["GramTiles", "minibatch_hsic"]
+__all__ = ["GramTiles", "cka_from_hsic", "minibatch_hsic"]
 
 
 class GramTiles:
@@ -181,7 +181,7 @@ class GramTiles:
 
     def cka(self, *, debiased: bool = False) -> torch.Tensor:
         """(V, V) linear CKA between the views (NaN where a view has zero variance)."""
-        return _ratio(self.hsic(debiased=debiased))
+        return cka_from_hsic(self.hsic(debiased=debiased))
 
     def jackknife(self, *, debiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate, standard error), each (V, V): CKA on all examples and the grouped
@@ -189,7 +189,9 @@ class GramTiles:
         g = self.groups
         if g < 2:
             raise ValueError("the jackknife needs groups >= 2 (GramTiles(..., groups=k)).")
-        parts = torch.stack([_ratio(self.hsic_without(k, debiased=debiased)) for k in range(g)])
+        parts = torch.stack(
+            [cka_from_hsic(self.hsic_without(k, debiased=debiased)) for k in range(g)]
+        )
         spread = ((parts - parts.mean(dim=0)) ** 2).sum(dim=0)
         return self.cka(debiased=debiased), ((g - 1) / g * spread).sqrt()
 
@@ -214,7 +216,7 @@ def _hsic(p: torch.Tensor, r: torch.Tensor, d: torch.Tensor, n: int, debiased: b
     return value / (n * (n - 3))
 
 
-def _ratio(h: torch.Tensor) -> torch.Tensor:
+def cka_from_hsic(h: torch.Tensor) -> torch.Tensor:
     """CKA from an HSIC matrix (NaN where a view has zero variance)."""
     scale = h.diagonal().clamp(min=0).sqrt()
     out = h / torch.outer(scale, scale)
