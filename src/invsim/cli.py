@@ -106,6 +106,14 @@ CLI_DEFAULTS = {("DataConfig", "dataset"): "mnist5k", ("AdversarialConfig", "eps
 
 
 INVERSION_FIELDS = [f for f in InversionConfig.model_fields]
+select_opt = click.option(
+    "--select",
+    "selection",
+    multiple=True,
+    default=["blocks"],
+    show_default=True,
+    help="Module names, patterns (layer*, blocks.*), penultimate, logits or blocks (repeat).",
+)
 device_opt = click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 seed_opt = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 data_opts = _field_options(
@@ -393,14 +401,7 @@ def report(directory: str) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option(
-    "--select",
-    "selection",
-    multiple=True,
-    default=["blocks"],
-    show_default=True,
-    help="Module names, patterns (layer*, blocks.*), penultimate, logits or blocks (repeat).",
-)
+@select_opt
 @_guard
 def layers(model: str, selection: tuple[str, ...]) -> None:
     """List the layers of MODEL (a spec or a saved model) that --select names, without
@@ -428,14 +429,7 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
     type=int,
     help="Natural images (--natural-n under torchrun, which claims --n).",
 )
-@click.option(
-    "--select",
-    "selection",
-    multiple=True,
-    default=["blocks"],
-    show_default=True,
-    help="Layers of every model: names, patterns, penultimate, logits, blocks.",
-)
+@select_opt
 @click.option("--select-for", "select_for", multiple=True,
               help="NAME=SELECTION for one model (comma-separated), e.g. a=layer*,fc.")  # fmt: skip
 @click.option("--inverted", "inverted_specs", multiple=True,

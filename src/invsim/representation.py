@@ -188,8 +188,8 @@ def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
-    """Run one forward on ``x[:1]`` and record module calls in execution order."""
+def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Every module call of one forward on ``x[:1]``, in execution order."""
     names = {id(m): n for n, m in _named(model).items()}
     calls: list[tuple[str, nn.Module]] = []
     hooks = [
@@ -202,6 +202,15 @@ def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
     finally:
         for h in hooks:
             h.remove()
+    return calls
+
+
+def _target(
+    model: nn.Module, calls: list[tuple[str, nn.Module]], layer: str
+) -> tuple[str, nn.Module, str]:
+    """(module name, module, "input" or "output") that ``layer`` reads: the input of the
+    last-run nn.Linear for "penultimate", else the named module's output. A module that
+    runs other than once per forward is refused (its value would be ambiguous)."""
     if layer == PENULTIMATE:
         linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
         if not linears:
@@ -209,19 +218,24 @@ def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
                 "'penultimate' is the input of the final nn.Linear classifier, but this model "
                 "runs no nn.Linear module; name a layer explicitly."
             )
-        name, module = linears[-1]
-        capture = "input"
+        (name, module), how = linears[-1], "input"
     else:
         name = _lookup(model, layer)
-        module = _named(model)[name]
-        capture = "output"
+        module, how = _named(model)[name], "output"
     count = sum(1 for n, _ in calls if n == name)
     if count != 1:
         raise ValueError(
             f"module {name!r} runs {count} times in one forward (a reused module), so its "
-            f"{capture} is ambiguous and would be recorded {count} times; name a module that "
-            "runs once."
+            f"{how} is ambiguous and would be recorded {count} times; name a module that "
+            "runs once (e.g. the block that contains it)."
         )
+    return name, module, how
+
+
+def _probe(model: nn.Module, x: torch.Tensor, layer: str) -> LayerRef:
+    """Run one forward on ``x[:1]`` and record module calls in execution order."""
+    calls = _calls(model, x)
+    name, module, capture = _target(model, calls, layer)
     stop = next(i for i, (n, _) in enumerate(calls) if n == name)
     relus = [n for n, m in calls[:stop] if isinstance(m, nn.ReLU)]
     last_relu = None
@@ -312,48 +326,16 @@ def reader(
             h.remove()
 
 
-def _calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """Every module call of one forward on ``x[:1]``, in execution order."""
-    names = {id(m): n for n, m in _named(model).items()}
-    calls: list[tuple[str, nn.Module]] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args: calls.append((names[id(mod)], mod)))
-        for m in model.modules()
-    ]
-    try:
-        with eval_mode(model, warn=False), torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
-
-
 def _capture_targets(
     model: nn.Module, names: Sequence[str], calls: list[tuple[str, nn.Module]]
 ) -> dict[str, tuple[str, nn.Module]]:
     """layer -> ("input" or "output", module) for every layer but logits; a module that
     runs more than once per forward is refused."""
-    order = [n for n, _ in calls]
     targets: dict[str, tuple[str, nn.Module]] = {}
     for layer in names:
-        if layer == LOGITS:
-            continue
-        if layer == PENULTIMATE:
-            linears = [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError("'penultimate' needs an nn.Linear classifier in the model.")
-            name, module, how = *linears[-1], "input"
-        else:
-            name = _lookup(model, layer)
-            module, how = _named(model)[name], "output"
-        count = order.count(name)
-        if count != 1:
-            raise ValueError(
-                f"module {name!r} (layer {layer!r}) runs {count} times in one forward, so its "
-                f"{how} is ambiguous; name a module that runs once (e.g. a block's output)."
-            )
-        targets[layer] = (how, module)
+        if layer != LOGITS:
+            _, module, how = _target(model, calls, layer)
+            targets[layer] = (how, module)
     return targets
 
 
