@@ -7,7 +7,8 @@ one run; the script records time, peak memory, passes, and every cell of both re
 pytorch-cka's (a minibatch estimate, float32) against invsim's exact full-data values.
 
     python benchmarks/bench_layers.py                 # n = 2048 (and 10,000 with --large)
-    python benchmarks/bench_layers.py --n 512 --quick # a smoke run
+    python benchmarks/bench_layers.py --n 10000 --tools pytorch-cka,invsim-minibatch-float32 \
+        --out benchmarks/results/layers-10k.json     # the one-pass estimators at n = 10,000
 
 Results: benchmarks/results/layers.json.
 """
@@ -97,7 +98,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--memory-gb", type=float, default=4.0)
     p.add_argument("--large", action="store_true", help="also n = 10,000 (slow on a CPU)")
-    p.add_argument("--tools", default="pytorch-cka,invsim,invsim-float32")
+    p.add_argument("--tools", default="pytorch-cka,invsim,invsim-float32,invsim-minibatch-float32")
+    p.add_argument("--out", default=str(OUT), help="results file")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n, args.batch, args.memory_gb)))
@@ -120,12 +122,13 @@ def main() -> None:
                   f"max |diff| from exact {r.get('max_abs_diff_from_exact', float('nan')):.3g}"
                   if "seconds" in r else r["error"][-300:]))  # fmt: skip
         runs.append({"n": n, "results": found})
-    OUT.parent.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(exist_ok=True)
     threads = os.environ.get("OMP_NUM_THREADS", "2")
     about = {"layers": LAYERS, "batch": args.batch, "input": "3x64x64", "threads": threads,
              "memory_gb": args.memory_gb}  # fmt: skip
-    OUT.write_text(json.dumps({**about, "runs": runs}, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    out.write_text(json.dumps({**about, "runs": runs}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

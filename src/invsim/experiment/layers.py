@@ -194,6 +194,20 @@ class _Readers:
             self.reads.append((read, layers[k], dev))
         self.stack.enter_context(torch.inference_mode())
 
+    def first(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The first batch's views, kept for the first pass that starts at example 0 (which
+        shifts them in place: read the shifts off them before)."""
+        self.kept = self.views(x)
+        return self.kept
+
+    def at(self, j0: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """The views of the batch at ``j0``: the kept first batch once, else a forward."""
+        kept = getattr(self, "kept", None)
+        if j0 == 0 and kept is not None:
+            self.kept = None
+            return kept
+        return self.views(x)
+
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for read, names, dev in self.reads:
@@ -229,7 +243,7 @@ def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int
     chunks: list[tuple[int, int]] = []
     stop = min(i0 + block, len(images))
     for j0, x in _batches(images, i0, batch_size):
-        views = acc.shifted(readers.views(x), inplace=True)  # the readers' own copies
+        views = acc.shifted(readers.at(j0, x), inplace=True)  # the readers' own copies
         bar.update(len(x))
         if j0 < stop:
             if held is None:
@@ -311,7 +325,7 @@ def layer_similarity(
     readers = _Readers(models, chosen, images[:1], device, torch.float64 if exact else None)
     rank, world = rank_world()
     try:
-        first = readers.views(images[:batch_size])
+        first = readers.first(images[:batch_size])
         dims = [v.shape[1] for v in first]
         plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact)
         with progress_bar(plan.forwarded, "layers", progress) as bar:
@@ -386,9 +400,9 @@ def _intervals(acc: GramTiles, names: Sequence[str], ci: float | None) -> dict[s
 def _minibatch(readers, images, views, batch_size, dtype, bar, rank, world) -> dict:
     """Sum of per-batch unbiased HSIC (a last batch of fewer than 4 is left out)."""
     total = torch.zeros(views, views, dtype=torch.float64)
-    for i, (_, x) in enumerate(_batches(images, 0, batch_size)):
+    for i, (j0, x) in enumerate(_batches(images, 0, batch_size)):
         if i % world == rank and len(x) > 3:
-            total += minibatch_hsic(readers.views(x), product_dtype=dtype)
+            total += minibatch_hsic(readers.at(j0, x), product_dtype=dtype)
             bar.update(len(x))
     _all_reduce([total])
     return {False: total, True: total}

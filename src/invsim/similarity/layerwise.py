@@ -241,8 +241,10 @@ def minibatch_hsic(
         if product_dtype == torch.float64:
             x = v.to(torch.float64)
             x = x - x.mean(dim=0)
-        else:  # centred in the low dtype about a float64 mean: one copy, no float64 batch
-            x = v.to(product_dtype) - v.mean(dim=0, dtype=torch.float64).to(product_dtype)
+        else:  # centred in the low dtype (U-centring removes the means exactly; centring
+            # first only conditions the product): one copy, no float64 batch
+            x = v.to(product_dtype)
+            x = x - x.mean(dim=0)
         grams.append(center_gram((x @ x.T).to(torch.float64), unbiased=True).reshape(-1))
     flat = torch.stack(grams)
     return flat @ flat.T / (m * (m - 3))
