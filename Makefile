@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_measures.py
 	$(BIN)/python benchmarks/bench_calibration.py
 	$(BIN)/python benchmarks/bench_passes.py
+	$(BIN)/python benchmarks/bench_layers.py
+	$(BIN)/python benchmarks/bench_layer_coverage.py
 	$(BIN)/python benchmarks/bench_convergence.py --demo-dir runs/demo   # trains the demo zoo if missing
 
 readme-figures: $(STAMP)

@@ -144,7 +144,7 @@ def _measures(measures: str | Sequence[str], estimator: str) -> list[str]:
     return names
 
 
-def _images(data: Any, n: int | None, seed: int | None = None) -> torch.Tensor:
+def _images(data: Any, n: int | None, seed: int | None = None) -> Any:
     from invsim.data.base import dataset_images
 
     if isinstance(data, torch.Tensor):
@@ -159,10 +159,26 @@ def _images(data: Any, n: int | None, seed: int | None = None) -> torch.Tensor:
         images = images[:n]
     if len(images) < 4:
         raise ValueError(f"layer_similarity needs at least 4 images; got {len(images)}.")
-    if seed is not None:  # a random order: the jackknife's groups are random subsets
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        images = images[order]
-    return images
+    if seed is None:
+        return images
+    # a random order, so the jackknife's groups are random subsets; a view that indexes
+    # each batch, not a reordered copy of the data
+    return _Ordered(
+        images, torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    )
+
+
+class _Ordered:
+    """``images`` in the order ``order``, sliced batch by batch without a copy of all."""
+
+    def __init__(self, images: torch.Tensor, order: torch.Tensor) -> None:
+        self.images, self.order = images, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.images[self.order[index]]
 
 
 def _layer_names(models: Mapping[str, nn.Module], layers: Any) -> dict[str, list[str]]:
@@ -219,19 +235,16 @@ class _Readers:
         self.stack.close()
 
 
-def _reserved(batch_size: int, dims: Sequence[int]) -> int:
-    """Bytes the budget must leave to what is not held statistics: the process as it
-    stands (the models, the images, torch) and the forwards' own activations (about
-    twice one batch of the selected layers in float32)."""
+def _rss() -> int:
+    """The process's resident memory now (bytes; 0 where /proc is not there)."""
     try:
         with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        rss = 0
-    return rss + 2 * 4 * batch_size * sum(dims)
+        return 0
 
 
-def _batches(images: torch.Tensor, start: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _batches(images: Any, start: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
     for j in range(start, len(images), size):
         yield j, images[j : j + size]
 
@@ -325,9 +338,11 @@ def layer_similarity(
     readers = _Readers(models, chosen, images[:1], device, torch.float64 if exact else None)
     rank, world = rank_world()
     try:
+        held_now = _rss()  # before the first batch, which the budget counts itself
         first = readers.first(images[:batch_size])
         dims = [v.shape[1] for v in first]
-        plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact)
+        plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact,
+                         held_now)  # fmt: skip
         with progress_bar(plan.forwarded, "layers", progress) as bar:
             if estimator == "exact":
                 acc = _exact(readers, images, plan, first, product_dtype, groups, bar, rank, world)
@@ -346,9 +361,12 @@ def layer_similarity(
                            about=_about(stats, names, ci, groups, seed))  # fmt: skip
 
 
-def _schedule(dims, count, batch_size, memory_gb, block, dtype, exact) -> Schedule:
-    """The exact estimator's passes in the budget; the minibatch one's single pass."""
-    reserved = _reserved(batch_size, dims)
+def _schedule(dims, count, batch_size, memory_gb, block, dtype, exact, held_now) -> Schedule:
+    """The exact estimator's passes in the budget; the minibatch one's single pass. The
+    budget leaves room for what the process holds already (the models, the images,
+    torch) and the forwards' own activations (about twice one batch of the selected
+    layers in float32)."""
+    reserved = held_now + 2 * 4 * batch_size * sum(dims)
     if exact:
         isz = torch.empty((), dtype=dtype).element_size()
         return plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
