@@ -266,9 +266,10 @@ def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int
             chunks.append((j0, len(x)))
             if j0 + len(x) >= stop:  # the block is complete: its own pairs, each once
                 _block_tiles(acc, held, i0, chunks)
-            continue
-        assert held is not None
-        acc.add_tile(held, i0, views, j0, shifted=True)
+        else:
+            assert held is not None
+            acc.add_tile(held, i0, views, j0, shifted=True)
+        del views  # before the next forward: one batch's copies alive at a time
 
 
 def _block_tiles(acc: GramTiles, held: list[torch.Tensor], i0: int,
@@ -339,13 +340,17 @@ def layer_similarity(
     rank, world = rank_world()
     try:
         held_now = _rss()  # before the first batch, which the budget counts itself
-        first = readers.first(images[:batch_size])
+        first = readers.first(images[:batch_size])  # kept by the readers for the first pass
         dims = [v.shape[1] for v in first]
+        shifts = [v.double().mean(dim=0) for v in first]
+        del first
+        if rank != 0:  # only rank 0's first pass starts at example 0
+            readers.kept = None
         plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact,
                          held_now)  # fmt: skip
         with progress_bar(plan.forwarded, "layers", progress) as bar:
             if estimator == "exact":
-                acc = _exact(readers, images, plan, first, product_dtype, groups, bar, rank, world)
+                acc = _exact(readers, images, plan, shifts, product_dtype, groups, bar, rank, world)
                 hsic = {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
             else:
                 hsic = _minibatch(readers, images, len(dims), batch_size, product_dtype, bar,
@@ -385,8 +390,7 @@ def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, see
     return about
 
 
-def _exact(readers, images, plan, first, dtype, groups, bar, rank, world) -> GramTiles:
-    shifts = [v.double().mean(dim=0) for v in first]
+def _exact(readers, images, plan, shifts, dtype, groups, bar, rank, world) -> GramTiles:
     acc = GramTiles(plan.n, shifts=shifts, product_dtype=dtype, groups=groups)
     for p in range(rank, plan.passes, world):
         _exact_pass(acc, readers, images, p * plan.block, plan.block, plan.batch_size, bar)
