@@ -340,12 +340,7 @@ def layer_similarity(
     rank, world = rank_world()
     try:
         held_now = _rss()  # before the first batch, which the budget counts itself
-        first = readers.first(images[:batch_size])  # kept by the readers for the first pass
-        dims = [v.shape[1] for v in first]
-        shifts = [v.double().mean(dim=0) for v in first]
-        del first
-        if rank != 0:  # only rank 0's first pass starts at example 0
-            readers.kept = None
+        dims, shifts = _first_batch(readers, images[:batch_size], rank)
         plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact,
                          held_now)  # fmt: skip
         with progress_bar(plan.forwarded, "layers", progress) as bar:
@@ -364,6 +359,16 @@ def layer_similarity(
     return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
                            asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
                            about=_about(stats, names, ci, groups, seed))  # fmt: skip
+
+
+def _first_batch(readers: _Readers, x: torch.Tensor, rank: int) -> tuple[list, list]:
+    """Each view's width and shift (the first batch's mean). The readers keep the batch
+    for rank 0's first pass, which starts at example 0; other ranks drop it."""
+    first = readers.first(x)
+    dims, shifts = [v.shape[1] for v in first], [v.double().mean(dim=0) for v in first]
+    if rank != 0:
+        readers.kept = None
+    return dims, shifts
 
 
 def _schedule(dims, count, batch_size, memory_gb, block, dtype, exact, held_now) -> Schedule:
