@@ -157,16 +157,15 @@ def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return full, trace + ones / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
 
 
-DEGENERATE_ROWS = 256  # rows of the pair matrix the degenerate-term correction reads
-
-
 def _square_sums(k: torch.Tensor, kk: torch.Tensor) -> dict:
     """What :func:`_degenerate_variance` needs of one centred Gram matrix k, given k * k:
-    that square, its diagonal, its off-diagonal row sums and the off-diagonal sum of k^2
-    (all float64)."""
+    that square, its diagonal, its off-diagonal row sums and the off-diagonal sums of k^2
+    and k^4 (all float64)."""
     d, d2 = k.diagonal(), kk.diagonal()
     rows = kk.sum(1) - d2
-    return {"sq": kk, "d": d, "rows": rows, "s2": float(rows.sum())}
+    flat = kk.view(-1)
+    return {"sq": kk, "d": d, "rows": rows, "s2": float(rows.sum()),
+            "s4": float(flat @ flat - (d2 * d2).sum())}  # fmt: skip
 
 
 def _degenerate_variance(kl: torch.Tensor, rows: torch.Tensor, ks: dict, ls: dict) -> float:
@@ -177,11 +176,8 @@ def _degenerate_variance(kl: torch.Tensor, rows: torch.Tensor, ks: dict, ls: dic
     w_ij = K_ij L_ij / S - c/2 (K_ij^2 / S_xx + L_ij^2 / S_yy)
     (S_xx, S_yy, S_xy: off-diagonal means, S = sqrt(S_xx S_yy), c = S_xy / S). The
     delete-one jackknife counts that part twice (Efron and Stein), which matters where the
-    signal is weak next to the noise. With h_i the row means of w and u their mean,
-    sum r^2 = sum w^2 - 2 n sum h^2 + n (n + 1) u^2 over i != j; h and u come from row
-    sums, and sum w^2 from every row up to ``2 DEGENERATE_ROWS`` examples, else from
-    ``DEGENERATE_ROWS`` evenly spaced rows scaled up (a correction term, estimated: the
-    coverage checks run with it)."""
+    signal is weak next to the noise. All from sums: with h_i the row means of w and u
+    their mean, sum r^2 = sum w^2 - 2 n sum h^2 + n (n + 1) u^2 over i != j."""
     n = len(kl)
     off = n * (n - 1)
     dd = ks["d"] * ls["d"]
@@ -192,11 +188,12 @@ def _degenerate_variance(kl: torch.Tensor, rows: torch.Tensor, ks: dict, ls: dic
         return 0.0
     c = sxy / scale
     alpha, beta, gamma = 1 / scale, c / (2 * sxx), c / (2 * syy)
-    step = 1 if n <= 2 * DEGENERATE_ROWS else n // DEGENERATE_ROWS
-    picked = torch.arange(0, n, step)
-    w = kl[::step].mul(alpha).sub_(ks["sq"][::step], alpha=beta).sub_(ls["sq"][::step], alpha=gamma)
-    at = torch.arange(len(picked))
-    w2 = (float(w.view(-1) @ w.view(-1)) - float((w[at, picked] ** 2).sum())) * n / len(picked)
+    flat = kl.view(-1)
+    pp = float(flat @ flat) - float((dd * dd).sum())  # sum K^2 L^2
+    pq = float(ks["sq"].view(-1) @ flat) - float((dd * ks["d"] ** 2).sum())  # sum K^3 L
+    pr = float(ls["sq"].view(-1) @ flat) - float((dd * ls["d"] ** 2).sum())  # sum K L^3
+    w2 = (alpha**2 * pp + beta**2 * ks["s4"] + gamma**2 * ls["s4"] - 2 * alpha * beta * pq
+          - 2 * alpha * gamma * pr + 2 * beta * gamma * pp)  # fmt: skip
     h = (alpha * p - beta * ks["rows"] - gamma * ls["rows"]) / (n - 1)
     u = float(h.sum()) / n
     r2 = w2 - 2 * n * float((h * h).sum()) + n * (n + 1) * u**2
