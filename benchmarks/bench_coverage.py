@@ -158,8 +158,7 @@ def candidates(draws: int) -> list[dict]:
             x, y = pop.draw(n, g)
             c = calibrate(x, y, n_perm=0)
             z = float(student_t.ppf(0.975, n - 1))
-            xc, yc = x - x.mean(0), y - y.mean(0)
-            extra = calibration._degenerate_variance(xc @ xc.T, yc @ yc.T)
+            extra = calibration.degenerate_variance(x, y)
             half = z * np.sqrt(((c.ci_high - c.ci_low) / (2 * z)) ** 2 + extra)
             uncorrected = (c.ci_centre - half, c.ci_centre + half)
             for key, (lo, hi) in zip(hits, (_poisson_basic(x, y, 0.95, g),

@@ -379,17 +379,21 @@ def test_robustness_within_architectures_as_the_paper_states_it():
     assert claim_statistics(None, inv, flipped, arch=arch)["robustness_within"]["value"] == -1
 
 
-def test_matrix_calibration_matches_calibrate():
+def test_matrix_calibration_matches_calibrate(monkeypatch):
     from invsim.config import CalibrationConfig
     from invsim.experiment.matrices import panel
-    from invsim.similarity import calibrate
+    from invsim.similarity import calibrate, calibration
 
     g = torch.Generator().manual_seed(7)
     base = torch.randn(150, 6, generator=g, dtype=torch.float64)
     reps = {"a": base, "b": base @ torch.randn(6, 9, generator=g, dtype=torch.float64),
             "c": torch.randn(150, 12, generator=g, dtype=torch.float64)}  # fmt: skip
+    # the matrix sweeps its Gram matrices a few rows at a time (here 7 rows a block, a
+    # partial block last); each calibrate() below takes its pair's in one block
+    monkeypatch.setattr(calibration, "PAIR_BLOCK", 3 * 150 * 7)
     m = panel(reps, ["linear_cka"], calibration=CalibrationConfig(n_perm=300))
     m = m["linear_cka"]
+    monkeypatch.undo()
     for r in reps:
         for c in reps:
             i, j = m.rows.index(r), m.cols.index(c)

@@ -145,10 +145,11 @@ def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Song et al.'s unbiased HSIC of the whole sample and with each example left out,
     each times its own n(n-3) (which cancels in CKA), from :func:`_terms` of features
     centred on the sample mean (then the U-centred sums are 1'K1 = -sum ||x_i||^2 and
-    1'KL1 = sum ||x_i||^2 ||y_i||^2 with zero-diagonal K, L)."""
+    1'KL1 = sum ||x_i||^2 ||y_i||^2 with zero-diagonal K, L). The terms may carry trailing
+    dimensions (every pair of models at once); sums run over the examples, dimension 0."""
     nx, ny, p, qx, qy = terms
-    total, r1x, r1y, nxy = p.sum(), nx.sum(), ny.sum(), nx * ny
-    r2 = nxy.sum()
+    total, r1x, r1y, nxy = p.sum(0), nx.sum(0), ny.sum(0), nx * ny
+    r2 = nxy.sum(0)
     full = (total - r2) + r1x * r1y / ((n - 1) * (n - 2)) - 2 * r2 / (n - 2)
     m = n - 1  # with example i left out, its remaining sums (the data's mean is 0)
     trace = total - 2 * p + nxy - (r2 - nxy)
@@ -157,47 +158,100 @@ def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return full, trace + ones / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
 
 
-def _square_sums(k: torch.Tensor, kk: torch.Tensor) -> dict:
-    """What :func:`_degenerate_variance` needs of one centred Gram matrix k, given k * k:
-    that square, its diagonal, its off-diagonal row sums and the off-diagonal sums of k^2
-    and k^4 (all float64)."""
-    d, d2 = k.diagonal(), kk.diagonal()
-    rows = kk.sum(1) - d2
-    flat = kk.view(-1)
-    return {"sq": kk, "d": d, "rows": rows, "s2": float(rows.sum()),
-            "s4": float(flat @ flat - (d2 * d2).sum())}  # fmt: skip
+PAIR_BLOCK = 2**17  # Gram entries of all models per block of rows: the block stays in cache
 
 
-def _degenerate_variance(kl: torch.Tensor, rows: torch.Tensor, ks: dict, ls: dict) -> float:
-    """What the jackknife's variance over-states for CKA of two centred Gram matrices K, L
-    (``kl`` = K * L, ``rows`` its row sums; ``ks``, ``ls``: :func:`_square_sums`):
-    2 s^2 / (n (n - 1)), with s^2 the mean square over i != j of the degenerate
-    (second-order) part r_ij of CKA's linearisation
+def _pair_sums(grams: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every sum the jackknife needs of every pair (a, b) of the stacked centred Gram
+    matrices ``grams`` (M, n, n), in one sweep over them: ``d`` (n, M) their diagonals,
+    ``p`` (n, M, M) the rows of K_a * K_b summed, ``q`` (n, M, M) the entries of
+    K_a diag(K_b), ``s22`` and ``s31`` (M, M) the sums of K_a^2 K_b^2 and K_a^3 K_b."""
+    k, n, _ = grams.shape
+    d = grams.diagonal(dim1=1, dim2=2).T
+    q = torch.matmul(grams, d).transpose(0, 1)
+    p = torch.empty(n, k, k, dtype=grams.dtype)
+    s22, s31 = (torch.zeros(k, k, dtype=grams.dtype) for _ in range(2))
+    step = max(1, PAIR_BLOCK // (k * n))
+    for start in range(0, n, step):
+        block = grams[:, start : start + step]  # (M, b, n), each model's rows contiguous
+        flat = block.reshape(k, -1)
+        square = flat * flat
+        s22 += square @ square.T
+        s31 += (square * flat) @ flat.T
+        rows = block.transpose(0, 1)  # (b, M, n)
+        p[start : start + step] = torch.bmm(rows, rows.transpose(1, 2))
+    return {"d": d, "p": p, "q": q, "s22": s22, "s31": s31}
+
+
+def _degenerate_variance(s: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """What the jackknife's variance over-states for CKA of every pair of centred Gram
+    matrices K, L (``s``: :func:`_pair_sums`), (M, M): 2 s^2 / (n (n - 1)), with s^2 the
+    mean square over i != j of the degenerate (second-order) part r_ij of CKA's
+    linearisation
     w_ij = K_ij L_ij / S - c/2 (K_ij^2 / S_xx + L_ij^2 / S_yy)
     (S_xx, S_yy, S_xy: off-diagonal means, S = sqrt(S_xx S_yy), c = S_xy / S). The
     delete-one jackknife counts that part twice (Efron and Stein), which matters where the
     signal is weak next to the noise. All from sums: with h_i the row means of w and u
-    their mean, sum r^2 = sum w^2 - 2 n sum h^2 + n (n + 1) u^2 over i != j."""
-    n = len(kl)
+    their mean, sum r^2 = sum w^2 - 2 n sum h^2 + n (n + 1) u^2 over i != j. Zero on the
+    diagonal (a model against itself)."""
+    d = s["d"]
     off = n * (n - 1)
-    dd = ks["d"] * ls["d"]
-    p = rows - dd  # off-diagonal row sums of K * L
-    sxx, syy, sxy = ks["s2"] / off, ls["s2"] / off, float(p.sum()) / off
-    scale = math.sqrt(sxx * syy)
-    if scale <= 0:
-        return 0.0
+    dd = d[:, :, None] * d[:, None, :]
+    p = s["p"] - dd  # off-diagonal row sums of K * L
+    rows = p.diagonal(dim1=1, dim2=2)  # (n, M): off-diagonal row sums of K^2
+    s2, s4 = rows.sum(0), s["s22"].diagonal() - (d**4).sum(0)  # sums of K^2, K^4 (i != j)
+    sxx, syy, sxy = s2[:, None] / off, s2[None, :] / off, p.sum(0) / off
+    scale = (sxx * syy).sqrt()
     c = sxy / scale
     alpha, beta, gamma = 1 / scale, c / (2 * sxx), c / (2 * syy)
-    flat = kl.view(-1)
-    pp = float(flat @ flat) - float((dd * dd).sum())  # sum K^2 L^2
-    pq = float(ks["sq"].view(-1) @ flat) - float((dd * ks["d"] ** 2).sum())  # sum K^3 L
-    pr = float(ls["sq"].view(-1) @ flat) - float((dd * ls["d"] ** 2).sum())  # sum K L^3
-    w2 = (alpha**2 * pp + beta**2 * ks["s4"] + gamma**2 * ls["s4"] - 2 * alpha * beta * pq
-          - 2 * alpha * gamma * pr + 2 * beta * gamma * pp)  # fmt: skip
-    h = (alpha * p - beta * ks["rows"] - gamma * ls["rows"]) / (n - 1)
-    u = float(h.sum()) / n
-    r2 = w2 - 2 * n * float((h * h).sum()) + n * (n + 1) * u**2
-    return 2 * max(r2, 0.0) / off / off
+    pp = s["s22"] - (dd * dd).sum(0)  # sum K^2 L^2
+    pq = s["s31"] - (d**3).T @ d  # sum K^3 L
+    pr = pq.T  # sum K L^3
+    w2 = (alpha**2 * pp + beta**2 * s4[:, None] + gamma**2 * s4[None, :]
+          - 2 * alpha * beta * pq - 2 * alpha * gamma * pr + 2 * beta * gamma * pp)  # fmt: skip
+    h = (alpha * p - beta * rows[:, :, None] - gamma * rows[:, None, :]) / (n - 1)
+    u = h.sum(0) / n
+    r2 = w2 - 2 * n * (h * h).sum(0) + n * (n + 1) * u**2
+    out = torch.where(scale > 0, 2 * r2.clamp(min=0) / off / off, 0.0)
+    return out.fill_diagonal_(0.0)
+
+
+def degenerate_variance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """:func:`_degenerate_variance` of one pair of representations (n, d1), (n, d2)."""
+    a, b = centre_columns(x), centre_columns(y)
+    return float(_degenerate_variance(_pair_sums(torch.stack([a @ a.T, b @ b.T])), len(a))[0, 1])
+
+
+def _gram_jackknife(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Debiased CKA (M, M) of every pair of the stacked centred Gram matrices (M, n, n),
+    the delete-one jackknife's variance of it, degenerate-term corrected, and the pair
+    sums (:func:`_pair_sums`)."""
+    n = grams.shape[1]
+    s = _pair_sums(grams)
+    nx, ny = s["d"][:, :, None], s["d"][:, None, :]
+    full, loo = _unbiased_hsic((nx, ny, s["p"], s["q"], s["q"].transpose(1, 2)), n)
+    own_full, own_loo = full.diagonal(), loo.diagonal(dim1=1, dim2=2)
+    cka = full / (own_full[:, None] * own_full[None, :]).sqrt()
+    loo = loo / (own_loo[:, :, None] * own_loo[:, None, :]).sqrt()
+    var = (n - 1) / n * ((loo - loo.mean(0)) ** 2).sum(0)
+    var = (var - _degenerate_variance(s, n)).clamp(min=0).fill_diagonal_(0.0)
+    return cka.fill_diagonal_(1.0), var, s
+
+
+def _feature_jackknife(x: dict, pairs) -> dict:
+    """(debiased CKA, jackknife variance) of each pair (a, b) from the features (above
+    ``GRAM_LIMIT``; no degenerate-term correction, negligible at such n)."""
+    n = len(next(iter(x.values())))
+    own = {m: _unbiased_hsic(_terms(x[m], x[m]), n) for m in {m for p in pairs for m in p}}
+    out = {}
+    for a, b in pairs:
+        full, loo = (1.0, torch.ones(n, dtype=torch.float64))
+        if a != b:
+            full, loo = _unbiased_hsic(_terms(x[a], x[b]), n)
+            full = float(full / (own[a][0] * own[b][0]).sqrt())
+            loo = loo / (own[a][1] * own[b][1]).sqrt()
+        out[a, b] = (full, (n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    return out
 
 
 def _t_interval(centre, spread, df: int, ci: float):
@@ -206,14 +260,15 @@ def _t_interval(centre, spread, df: int, ci: float):
 
 
 def cka_intervals(
-    data, rows, cols, *, ci: float, grams: dict | None = None, centred: bool = False
+    data, rows, cols, *, ci: float, grams: torch.Tensor | None = None, centred: bool = False
 ) -> dict:
     """(rows, cols) arrays ``ci_low``, ``ci_high`` and ``ci_centre`` (debiased CKA) of the
     population CKA of every cell of the representations ``data`` (name -> (n, d)):
     the delete-one jackknife of debiased CKA (module doc), from float64 Gram matrices
-    (``grams``: each model's, of its centred features, where the caller has them; else made
-    here when n <= ``GRAM_LIMIT``) or, above it, from the features; ``centred``: ``data``
-    is already float64 and centred on its mean."""
+    (``grams``: the models' centred ones stacked (M, n, n), in the order the rows and
+    columns first name them, where the caller has them; else made here when n <=
+    ``GRAM_LIMIT``) or, above it, from the features; every pair at once in the Gram form.
+    ``centred``: ``data`` is already float64 and centred on its mean."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: data[m] if centred else centre_columns(data[m]) for m in models}
     n = len(x[models[0]])
@@ -222,54 +277,40 @@ def cka_intervals(
     if n < MIN_INTERVAL_N:  # no interval (see interval_method)
         return out
     if grams is None and n <= GRAM_LIMIT:
-        grams = {m: _gram(x[m]) for m in models}
-
-    squares: dict[str, dict] = {}
-    if grams:  # every K_a diag(K_b) 1 at once: K_a times the stacked diagonals
-        diagonals = torch.stack([grams[m].diagonal() for m in models], dim=1)
-        cross = {m: dict(zip(models, (grams[m] @ diagonals).T, strict=True)) for m in models}
-        buffer = torch.empty(n, n, dtype=torch.float64)  # fresh n x n blocks cost page faults
-
-    def hsic(a: str, b: str):
-        """Full and delete-one unbiased HSIC, and (Gram form) the degenerate term."""
-        if not grams:
-            return (*_unbiased_hsic(_terms(x[a], x[b]), n), 0.0)
-        k, el = grams[a], grams[b]
-        kl = k * el if a == b else torch.mul(k, el, out=buffer)  # kept / one reused buffer
-        nx, ny, rows = k.diagonal(), el.diagonal(), kl.sum(1)
-        full, loo = _unbiased_hsic((nx, ny, rows, cross[a][b], cross[b][a]), n)
-        if a == b:
-            squares[a] = _square_sums(k, kl)
-            return full, loo, 0.0
-        return full, loo, _degenerate_variance(kl, rows, squares[a], squares[b])
-
-    own = {m: hsic(m, m) for m in models}
-    done: dict[tuple[str, str], tuple] = {}
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            key = tuple(sorted((r, c)))
-            if key not in done:
-                full, loo, extra = (1.0, torch.ones(n, dtype=torch.float64), 0.0)
-                if r != c:
-                    full, loo, extra = hsic(r, c)
-                    full = float(full / (own[r][0] * own[c][0]).sqrt())
-                    loo = loo / (own[r][1] * own[c][1]).sqrt()
-                var = (n - 1) / n * float(((loo - loo.mean()) ** 2).sum())
-                var = max(var - extra, 0.0)
-                done[key] = (*_t_interval(full, math.sqrt(var), n - 1, ci), full)
-            out["ci_low"][i, j], out["ci_high"][i, j], out["ci_centre"][i, j] = done[key]
+        grams = _stacked_grams([x[m] for m in models])
+    if grams is not None:
+        at = {m: i for i, m in enumerate(models)}
+        full, var, _ = _gram_jackknife(grams)
+        cells = np.ix_([at[r] for r in rows], [at[c] for c in cols])
+        centre, var = full.numpy()[cells], var.numpy()[cells]
+    else:
+        found = _feature_jackknife(x, {tuple(sorted((r, c))) for r in rows for c in cols})
+        centre, var = (np.array([[found[tuple(sorted((r, c)))][k] for c in cols] for r in rows])
+                       for k in (0, 1))  # fmt: skip
+    out["ci_low"], out["ci_high"] = _t_interval(centre, np.sqrt(var), n - 1, ci)
+    out["ci_centre"] = centre
     return out
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x x^T, exactly symmetric, from three of its four blocks (0.75 of the product)."""
+def _gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x x^T, exactly symmetric, from three of its four blocks (0.75 of the product),
+    into ``out`` where given."""
     n, m = len(x), len(x) // 2
+    out = torch.empty(n, n, dtype=x.dtype) if out is None else out
     if n < 256:
-        return x @ x.T
-    out = torch.empty(n, n, dtype=x.dtype)
+        return torch.mm(x, x.T, out=out)
     torch.mm(x[:m], x.T, out=out[:m])  # the top rows: contiguous, the fastest to write
     torch.mm(x[m:], x[m:].T, out=out[m:, m:])
     out[m:, :m] = out[:m, m:].T
+    return out
+
+
+def _stacked_grams(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The Gram matrices of the (centred, float64) ``xs``, stacked (M, n, n)."""
+    n = len(xs[0])
+    out = torch.empty(len(xs), n, n, dtype=torch.float64)
+    for i, x in enumerate(xs):
+        _gram(x, out=out[i])
     return out
 
 
@@ -305,17 +346,21 @@ def cka_calibration(
     it (a streamed pass does), which saves the null an n d^2 product per model."""
     models = list(dict.fromkeys([*rows, *cols]))
     x = {m: centre_columns(data[m]) for m in models}
-    grams = {m: _gram(x[m]) for m in models}
+    grams = _stacked_grams([x[m] for m in models])
     out = cka_intervals(x, rows, cols, ci=ci, grams=grams, centred=True)
     if not null:
         return out
     n = len(x[models[0]])
     values = np.asarray(values, dtype=np.float64).reshape(len(rows), len(cols))
-    norm = {m: float(torch.linalg.matrix_norm(grams[m])) for m in models}  # ||K||
-    trace = {m: float(torch.trace(grams[m])) for m in models}
+    norm = dict(zip(models, torch.linalg.matrix_norm(grams).tolist(), strict=True))  # ||K||
+    trace = dict(zip(models, grams.diagonal(dim1=1, dim2=2).sum(1).tolist(), strict=True))
     known = scatter or {}
-    sums = {m: pattern_sums(grams.pop(m).float(), _trace_cubed(x[m], known.get(m)),
-                            centred=True, overwrite=True) for m in models}  # fmt: skip
+    sums = {
+        m: pattern_sums(gram.float(), _trace_cubed(x[m], known.get(m)), centred=True,
+                        overwrite=True)
+        for m, gram in zip(models, grams, strict=True)
+    }  # fmt: skip
+    del grams
     stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
     _, var, skew = null_moments(*stacks, n)
     scale = np.outer([norm[r] for r in rows], [norm[c] for c in cols])
