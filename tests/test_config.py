@@ -29,12 +29,15 @@ def _cli_defaults(command) -> dict:
 
 def test_inversion_defaults_have_one_source():
     paper = InversionConfig()
-    assert (paper.step_size, paper.iterations, paper.momentum, paper.eps) == (
+    assert (paper.step_size, paper.iterations, paper.step_momentum, paper.eps) == (
         1 / 8,
         2000,
         0.9,
         1000,
     )
+    # the converging schedule takes its own momentum unless one is set
+    assert paper.momentum is None and paper.replace(schedule="converge").step_momentum == 0.97
+    assert paper.replace(schedule="converge", momentum=0.9).step_momentum == 0.9
     assert (paper.batch_size, paper.use_best, paper.tol) == (32, True, None)
     signature = inspect.signature(invert_images).parameters
     cli = _cli_defaults(invert_command)

@@ -200,8 +200,8 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
 @pytest.mark.parametrize(
     "rule",
     [{"tol": 0.03, "patience": 10},
-     {"schedule": "converge", "decay_patience": 3, "decay_tol": 0.1, "horizon": 10,
-      "stop_tol": 0.2}],
+     {"schedule": "converge", "momentum": 0.9, "decay_patience": 3, "decay_tol": 0.1,
+      "horizon": 10, "stop_tol": 0.2}],  # quick: examples stop at different steps
     ids=["tol", "converge"],
 )  # fmt: skip
 def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):

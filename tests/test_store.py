@@ -58,6 +58,7 @@ CONVERGE = {
     **KW,
     "iterations": 80,
     "schedule": "converge",
+    "momentum": 0.9,  # quick settings under which examples stop at different steps
     "decay_patience": 3,
     "decay_tol": 0.1,
     "horizon": 10,

@@ -48,6 +48,9 @@ __all__ = [
 PENULTIMATE = "penultimate"
 LOGITS = "logits"  # the model's output, for functional measures
 REGIMES = ("natural", "inverted", "stir")
+# the momentum each schedule takes when ``InversionConfig.momentum`` is None: the paper's,
+# and the converging schedule's (chosen by measurement, docs/scaling.md)
+MOMENTUM = {"paper": 0.9, "converge": 0.97}
 
 
 class ConfigError(ValueError):
@@ -84,7 +87,13 @@ class InversionConfig(_Settings):
     layer: str = Field(PENULTIMATE, description="'penultimate' or a module name.")
     step_size: float = Field(1 / 8, gt=0, description="Length of each normalised step.")
     iterations: int = Field(2000, ge=0, description="Gradient steps per example.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="m = momentum m + (1 - momentum) g.")
+    momentum: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="m = momentum m + (1 - momentum) g (None: 0.9 with the paper's schedule, "
+        "0.97 with converge).",
+    )
     eps: float = Field(1000.0, gt=0, description="Radius of the L2 ball around the seed.")
     use_best: bool = Field(True, description="Return each example's lowest-loss iterate.")
     batch_size: int = Field(32, ge=1, description="Examples inverted together.")
@@ -98,7 +107,7 @@ class InversionConfig(_Settings):
     decay_patience: int = Field(
         10, ge=1, description="converge: steps without a relative gain of decay_tol before halving."
     )
-    decay_tol: float = Field(0.02, ge=0, description="converge: relative loss gain that counts.")
+    decay_tol: float = Field(0.005, ge=0, description="converge: relative loss gain that counts.")
     min_step_size: float = Field(
         1 / 256,
         gt=0,
@@ -118,6 +127,11 @@ class InversionConfig(_Settings):
     channels_last: bool = Field(
         False, description="Channels-last memory format (faster convolutions on CPU)."
     )
+
+    @property
+    def step_momentum(self) -> float:
+        """The momentum the steps use: ``momentum``, or the schedule's (:data:`MOMENTUM`)."""
+        return MOMENTUM[self.schedule] if self.momentum is None else self.momentum
 
 
 class AdversarialConfig(_Settings):

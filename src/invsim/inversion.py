@@ -185,8 +185,9 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
 def _step(s: _Slots, grad: torch.Tensor, cfg: InversionConfig, ball_binds: bool) -> None:
     """One momentum step along the per-example normalised gradient, then the projection."""
     # m = momentum * m + (1 - momentum) * g / ||g||, in place
-    scale = (1.0 - cfg.momentum) / (l2_norm(grad) + _TINY)
-    s.m.mul_(cfg.momentum).addcmul_(grad, scale)
+    momentum = cfg.step_momentum
+    scale = (1.0 - momentum) / (l2_norm(grad) + _TINY)
+    s.m.mul_(momentum).addcmul_(grad, scale)
     if cfg.schedule == "paper":
         x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
     else:
@@ -329,7 +330,7 @@ def invert_images(
     layer: str = _D.layer,
     step_size: float = _D.step_size,
     iterations: int = _D.iterations,
-    momentum: float = _D.momentum,
+    momentum: float | None = _D.momentum,
     eps: float = _D.eps,
     use_best: bool = _D.use_best,
     batch_size: int = _D.batch_size,
@@ -458,6 +459,7 @@ def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
     """The settings that act: ``patience`` only with ``tol``, the decay settings only with
     ``schedule="converge"`` (and ``schedule`` itself only when it is not the paper's)."""
     out = cfg.model_dump()
+    out["momentum"] = cfg.step_momentum  # as records before the schedule's own momentum
     if cfg.tol is None:
         del out["patience"]
     if not cfg.channels_last:  # a layout, not a setting of the method; absent from old records

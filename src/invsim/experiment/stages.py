@@ -419,10 +419,12 @@ def provenance_stage(run: Run) -> dict[str, Any]:
     """Versions, the whole config and its hash, and where the run left the paper."""
     cfg = run.cfg
     paper, used = InversionConfig(), cfg.inversion
+    acting = {"iterations": "iterations", "step_size": "step_size",
+              "momentum": "step_momentum", "eps": "eps"}  # fmt: skip
     reduced = {
-        k: {"used": getattr(used, k), "paper": getattr(paper, k)}
-        for k in ("iterations", "step_size", "momentum", "eps")
-        if getattr(used, k) != getattr(paper, k)
+        k: {"used": getattr(used, a), "paper": getattr(paper, a)}
+        for k, a in acting.items()
+        if getattr(used, a) != getattr(paper, a)
     }
     config = cfg.model_dump(mode="json")
     run["results"].provenance = {
