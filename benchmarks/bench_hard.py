@@ -10,7 +10,8 @@ as the target's label, mean steps and image passes; per schedule, the largest ch
 the 3 x 3 inverted linear-CKA matrix when the cap (or the paper's budget) doubles.
 
 Schedules: the paper's (1,000 and 2,000 iterations), the converging schedule before
-invsim 0.2 (``horizon=None``), the default converging schedule, and its variants.
+invsim 0.2 (``horizon=None``), its previous default (momentum 0.9, ``decay_tol`` 0.02),
+the default (momentum 0.97, ``decay_tol`` 0.005), and one change of it at a time.
 
     python benchmarks/bench_hard.py            # about 10 minutes on 2 CPU cores
 """
@@ -43,14 +44,18 @@ MODELS = {
     "l2-3.0": {"norm": "l2", "eps": 3.0, "steps": 10},
 }
 PAPER = InversionConfig(batch_size=64)
+OLD = {"momentum": 0.9, "decay_tol": 0.02}  # the previous default converging settings
 SCHEDULES = {
     "paper": PAPER,
-    "converge (horizon=None, before 0.2)": PAPER.replace(schedule="converge", horizon=None),
-    "converge (default)": PAPER.replace(schedule="converge"),
-    "converge, horizon 100": PAPER.replace(schedule="converge", horizon=100),
-    "converge, decay 50 steps / 1%": PAPER.replace(
-        schedule="converge", decay_patience=50, decay_tol=0.01
+    "converge (horizon=None, before 0.2)": PAPER.replace(schedule="converge", horizon=None, **OLD),
+    "converge, previous default (momentum 0.9, decay_tol 0.02)": PAPER.replace(
+        schedule="converge", **OLD
     ),
+    "converge (default: momentum 0.97, decay_tol 0.005)": PAPER.replace(schedule="converge"),
+    "converge, momentum 0.9, decay_tol 0.005": PAPER.replace(
+        schedule="converge", momentum=0.9, decay_tol=0.005
+    ),
+    "converge, momentum 0.97, decay_tol 0.01": PAPER.replace(schedule="converge", decay_tol=0.01),
 }
 
 
