@@ -49,7 +49,8 @@ from invsim._io import progress_bar
 from invsim.config import PENULTIMATE
 from invsim.representation import capture_layers, eval_mode, select_layers
 from invsim.similarity.by_layer import LayerSimilarity, depth_profile, write_layers_csv
-from invsim.similarity.layerwise import GramTiles, cka_from_hsic, minibatch_hsic
+from invsim.similarity.core import cka_ratio_matrix
+from invsim.similarity.layerwise import GramTiles, minibatch_hsic
 
 __all__ = [
     "LayerSimilarity",
@@ -353,7 +354,7 @@ def layer_similarity(
         stats = _intervals(acc, names, ci) if estimator == "exact" else {}
     finally:
         readers.close()
-    values = {m: cka_from_hsic(hsic[LAYER_MEASURES[m]]).numpy() for m in names}
+    values = {m: cka_ratio_matrix(hsic[LAYER_MEASURES[m]]).numpy() for m in names}
     starts = np.cumsum([0] + [len(chosen[k]) for k in models]).tolist()
     widths = {k: dims[starts[i] : starts[i + 1]] for i, k in enumerate(models)}
     return LayerSimilarity(list(models), chosen, widths, values, count, estimator,

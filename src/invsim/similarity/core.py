@@ -156,14 +156,19 @@ def cka_ratio(hxy: float, hxx: float, hyy: float) -> float:
     return hxy / math.sqrt(hxx * hyy)
 
 
-def cka_ratio_matrix(h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    """CKA between every pair from a (k, k) HSIC matrix, with an error naming the view
-    whose self-HSIC is not positive."""
+def cka_ratio_matrix(h: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+    """CKA between every pair from a (k, k) HSIC matrix. A view whose self-HSIC is not
+    positive (a constant representation, or too few examples for the debiased estimator)
+    is an error naming it, or, with ``names=None``, NaN in its row and column."""
     diag = torch.diagonal(h)
-    for name, v in zip(names, diag.tolist(), strict=True):
+    for name, v in zip(names or (), diag.tolist(), strict=False):
         if v <= 0:
             raise ValueError(
                 f"the HSIC of {name} with itself is {v:.3g} <= 0, so CKA is undefined (a constant "
                 "representation, or too few examples for the debiased estimator)."
             )
-    return h / torch.sqrt(torch.outer(diag, diag))
+    positive = diag.clamp(min=0)
+    out = h / torch.sqrt(torch.outer(positive, positive))
+    bad = positive == 0
+    out[bad[:, None] | bad[None, :]] = float("nan")
+    return out

@@ -45,8 +45,9 @@ from collections.abc import Sequence
 import torch
 
 from invsim.similarity._inputs import check_enough
+from invsim.similarity.core import cka_ratio_matrix
 
-__all__ = ["GramTiles", "cka_from_hsic", "minibatch_hsic"]
+__all__ = ["GramTiles", "minibatch_hsic"]
 
 
 class GramTiles:
@@ -181,7 +182,7 @@ class GramTiles:
 
     def cka(self, *, debiased: bool = False) -> torch.Tensor:
         """(V, V) linear CKA between the views (NaN where a view has zero variance)."""
-        return cka_from_hsic(self.hsic(debiased=debiased))
+        return cka_ratio_matrix(self.hsic(debiased=debiased))
 
     def jackknife(self, *, debiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate, standard error), each (V, V): CKA on all examples and the grouped
@@ -190,7 +191,7 @@ class GramTiles:
         if g < 2:
             raise ValueError("the jackknife needs groups >= 2 (GramTiles(..., groups=k)).")
         parts = torch.stack(
-            [cka_from_hsic(self.hsic_without(k, debiased=debiased)) for k in range(g)]
+            [cka_ratio_matrix(self.hsic_without(k, debiased=debiased)) for k in range(g)]
         )
         spread = ((parts - parts.mean(dim=0)) ** 2).sum(dim=0)
         return self.cka(debiased=debiased), ((g - 1) / g * spread).sqrt()
@@ -214,14 +215,6 @@ def _hsic(p: torch.Tensor, r: torch.Tensor, d: torch.Tensor, n: int, debiased: b
     pt = p - d @ d.T
     value = pt + torch.outer(st, st) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rt @ rt.T)
     return value / (n * (n - 3))
-
-
-def cka_from_hsic(h: torch.Tensor) -> torch.Tensor:
-    """CKA from an HSIC matrix (NaN where a view has zero variance)."""
-    scale = h.diagonal().clamp(min=0).sqrt()
-    out = h / torch.outer(scale, scale)
-    out[(scale == 0)[:, None] | (scale == 0)[None, :]] = float("nan")
-    return out
 
 
 def minibatch_hsic(
