@@ -27,7 +27,7 @@ def _settings_line(results: dict, dev: dict) -> str:
     """How this run's inversion differs from the paper's, its size and its time."""
     inv = results["provenance"]["config"]["inversion"]
     if dev:
-        how = "Reduced for time: " + ", ".join(
+        how = "Differs from the paper's settings: " + ", ".join(
             f"{k} {v['used']} (paper {v['paper']})" for k, v in dev.items()
         )
     else:
@@ -45,7 +45,7 @@ def _settings_line(results: dict, dev: dict) -> str:
     return (
         f"{how}; {results['provenance']['pairs']} pairs per model"
         f"{settled}; {results['provenance']['seconds'] / 60:.1f} minutes on this run's "
-        "machine, training included."
+        "machine, training and the layer-by-layer view included."
     )
 
 

@@ -70,7 +70,7 @@ def test_every_output_present_and_parseable(quick_run):
         "used": 100,
         "paper": 2000,
     }
-    assert "Reduced from the paper" in (out / "report.html").read_text()
+    assert "Differs from the paper's settings: iterations" in (out / "report.html").read_text()
 
 
 def test_matrix_properties(quick_run):

@@ -134,7 +134,7 @@ def _header(results: dict) -> list[str]:
     if dev:
         items = ", ".join(f"{k} {v['used']} (paper: {v['paper']})" for k, v in dev.items())
         parts.append(
-            f'<p class="warn">Reduced from the paper\'s settings for time: {items}. '
+            f'<p class="warn">Differs from the paper\'s settings: {items}. '
             "The loss each model's inversion reached is in the table below.</p>"
         )
     rows = [
