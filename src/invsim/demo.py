@@ -21,6 +21,18 @@ DEMO_MEASURES = [
 ]
 
 
+def _ladders(zoo: list, robust_steps: int) -> list[dict[str, Any]]:
+    """Each architecture standard and L2-robust (``ROBUST``, PGD with ``robust_steps``)."""
+    models = []
+    for arch, recipe in zoo:
+        models.append({"name": f"{arch}", "spec": arch, "arch": arch, "train": dict(recipe)})
+        adv = {**ROBUST, "steps": robust_steps}
+        robust = {**recipe, "adversarial": adv}
+        models.append({"name": f"{arch}-l2-{ROBUST['eps']:g}", "spec": arch, "arch": arch,
+                       "train": robust})  # fmt: skip
+    return models
+
+
 def demo_config(
     out: str | Path, *, quick: bool = False, seed: int = 0, device: str | None = None
 ) -> ExperimentConfig:
@@ -36,36 +48,22 @@ def demo_config(
             ("vgg", {"epochs": 6}),
             ("resnet", {"epochs": 4, "width": 8}),
         ]
-        # the converging schedule, where the examples decide when to stop: capped at 4,000
-        # iterations, so that the half-budget check compares with what a 2,000 cap gives
-        # (on this zoo no example runs to 4,000; docs/scaling.md, bench_convergence.py)
+        # the converging schedule, capped at 4,000 so that the half-budget check compares
+        # with a 2,000 cap (no example here runs to 4,000; docs/scaling.md)
         robust_steps, pairs, iterations, natural_n = 5, 256, 4000, 1000
         confound = {"epochs": 4, "pairs": 300, "iterations": 500, "arch": "mlp"}
-    models = []
-    for arch, recipe in zoo:
-        models.append({"name": f"{arch}", "spec": arch, "arch": arch, "train": dict(recipe)})
-        adv = {**ROBUST, "steps": robust_steps}
-        models.append(
-            {
-                "name": f"{arch}-l2-{ROBUST['eps']:g}",
-                "spec": arch,
-                "arch": arch,
-                "train": {**recipe, "adversarial": adv},
-            }
-        )
     raw: dict[str, Any] = {
         "name": "demo-quick" if quick else "demo",
         "out": str(out),
         "seed": seed,
         "device": device,
         "data": {"dataset": "mnist5k", "natural_n": natural_n, "pairs": pairs},
-        "models": models,
+        "models": _ladders(zoo, robust_steps),
         "inversion": {
             "iterations": iterations,
             "batch_size": 256,
             "shard_size": 256,
-            # channels-last: a memory layout, not a setting of the method (faster CPU
-            # convolutions; results equal to 1e-6, docs/scaling.md)
+            # channels-last: a layout, not a setting of the method (equal to 1e-6)
             **({} if quick else {"schedule": "converge", "channels_last": True}),
         },
         "regimes": ["natural", "inverted"],
