@@ -222,10 +222,9 @@ def degenerate_variance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_degenerate_variance(_pair_sums(torch.stack([a @ a.T, b @ b.T])), len(a))[0, 1])
 
 
-def _gram_jackknife(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _gram_jackknife(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Debiased CKA (M, M) of every pair of the stacked centred Gram matrices (M, n, n),
-    the delete-one jackknife's variance of it, degenerate-term corrected, and the pair
-    sums (:func:`_pair_sums`)."""
+    and the delete-one jackknife's variance of it, degenerate-term corrected."""
     n = grams.shape[1]
     s = _pair_sums(grams)
     nx, ny = s["d"][:, :, None], s["d"][:, None, :]
@@ -235,7 +234,7 @@ def _gram_jackknife(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, di
     loo = loo / (own_loo[:, :, None] * own_loo[:, None, :]).sqrt()
     var = (n - 1) / n * ((loo - loo.mean(0)) ** 2).sum(0)
     var = (var - _degenerate_variance(s, n)).clamp(min=0).fill_diagonal_(0.0)
-    return cka.fill_diagonal_(1.0), var, s
+    return cka.fill_diagonal_(1.0), var
 
 
 def _feature_jackknife(x: dict, pairs) -> dict:
@@ -280,7 +279,7 @@ def cka_intervals(
         grams = _stacked_grams([x[m] for m in models])
     if grams is not None:
         at = {m: i for i, m in enumerate(models)}
-        full, var, _ = _gram_jackknife(grams)
+        full, var = _gram_jackknife(grams)
         cells = np.ix_([at[r] for r in rows], [at[c] for c in cols])
         centre, var = full.numpy()[cells], var.numpy()[cells]
     else:

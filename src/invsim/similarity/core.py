@@ -161,7 +161,7 @@ def cka_ratio_matrix(h: torch.Tensor, names: Sequence[str] | None = None) -> tor
     positive (a constant representation, or too few examples for the debiased estimator)
     is an error naming it, or, with ``names=None``, NaN in its row and column."""
     diag = torch.diagonal(h)
-    for name, v in zip(names or (), diag.tolist(), strict=False):
+    for name, v in zip(names, diag.tolist(), strict=True) if names is not None else ():
         if v <= 0:
             raise ValueError(
                 f"the HSIC of {name} with itself is {v:.3g} <= 0, so CKA is undefined (a constant "

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 
 from invsim.similarity._inputs import check_enough
-from invsim.similarity.core import cka_ratio_matrix
+from invsim.similarity.core import center_gram, cka_ratio_matrix
 
 __all__ = ["GramTiles", "minibatch_hsic"]
 
@@ -224,8 +224,6 @@ def minibatch_hsic(
     these over batches): U-centred Gram matrices in float64, one matmul for all pairs.
     ``product_dtype=torch.float32`` forms each Gram in float32 from the column-centred
     batch (well conditioned; ~1e-7)."""
-    from invsim.similarity.core import center_gram
-
     m = views[0].shape[0]
     if m <= 3:
         raise ValueError(f"minibatch CKA needs batches of n >= 4; got a batch of n={m}.")
