@@ -9,6 +9,9 @@ pytorch-cka's (a minibatch estimate, float32) against invsim's exact full-data v
     python benchmarks/bench_layers.py                 # n = 2048 (and 10,000 with --large)
     python benchmarks/bench_layers.py --n 10000 --tools pytorch-cka,invsim-minibatch-float32 \
         --out benchmarks/results/layers-10k.json     # the one-pass estimators at n = 10,000
+    python benchmarks/bench_layers.py --n 10000 --tools invsim \
+        --out benchmarks/results/layers-10k-float64.json \
+        --against benchmarks/results/layers-10k.json benchmarks/results/layers-10k-exact.json
 
 Results: benchmarks/results/layers.json.
 """
@@ -100,6 +103,9 @@ def main() -> None:
     p.add_argument("--large", action="store_true", help="also n = 10,000 (slow on a CPU)")
     p.add_argument("--tools", default="pytorch-cka,invsim,invsim-float32,invsim-minibatch-float32")
     p.add_argument("--out", default=str(OUT), help="results file")
+    p.add_argument("--against", nargs="*", default=[],
+                   help="results files of earlier runs whose values at the same n to compare "
+                   "with this run's exact ones (recorded with the file's name)")  # fmt: skip
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n, args.batch, args.memory_gb)))
@@ -111,6 +117,11 @@ def main() -> None:
     for n in sizes:
         found = {t: run(t, n, args.batch, args.memory_gb) for t in args.tools.split(",")}
         exact = np.array(found.get("invsim", {}).get("values", np.nan), dtype=float)
+        for path in args.against:  # other runs' values at this n, against this run's exact
+            for other in json.loads(Path(path).read_text())["runs"]:
+                for t, r in other["results"].items() if other["n"] == n else ():
+                    if "values" in r and t != "invsim":
+                        found[f"{t} ({Path(path).name})"] = {**r, "run": Path(path).name}
         for t, r in found.items():
             if "values" in r and exact.ndim == 2:
                 diff = np.abs(np.array(r["values"]) - exact)

@@ -42,10 +42,17 @@ def _settings_line(results: dict, dev: dict) -> str:
         if drift
         else ""
     )
+    prov = results["provenance"]
+    # a resumed run took only the resume's time; say what the whole run takes
+    minutes = prov.get("from_scratch_seconds", prov["seconds"]) / 60
+    resumed = (
+        f" (this run resumed stored work in {prov['seconds'] / 60:.1f})"
+        if minutes - prov["seconds"] / 60 >= 0.5
+        else ""
+    )
     return (
-        f"{how}; {results['provenance']['pairs']} pairs per model"
-        f"{settled}; {results['provenance']['seconds'] / 60:.1f} minutes on this run's "
-        "machine, training and the layer-by-layer view included."
+        f"{how}; {prov['pairs']} pairs per model{settled}; {minutes:.1f} minutes on this "
+        f"run's machine{resumed}, training and the layer-by-layer view included."
     )
 
 

@@ -189,6 +189,21 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         q = tmp_path / "cut" / p.relative_to(tmp_path / "whole")
         assert q.read_bytes() == p.read_bytes()
 
+    # the time: per stage, and what the run costs from scratch even when it reuses it all
+    from invsim.experiment import STAGES
+    from invsim.store import InvertedDataset
+
+    before = [s.name for s in STAGES][: [s.name for s in STAGES].index("provenance")]
+    assert list(whole.provenance["stage_seconds"]) == before
+    again = run_experiment(_small_config(tmp_path / "whole"), quiet=True).provenance
+    stores = [InvertedDataset(tmp_path / "whole" / "inverted" / m) for m in ("mlp", "mlp-r")]
+    made = sum(s.seconds for s in stores) + sum(
+        r["training"]["train_seconds"] for r in whole.models.values()
+    )
+    assert again["stage_seconds"]["inverted"] < sum(s.seconds for s in stores)
+    assert again["from_scratch_seconds"] >= made + again["stage_seconds"]["matrices"]
+    assert again["seconds"] < again["from_scratch_seconds"]
+
 
 def _check_orientation(out, results, cfg):
     """One off-diagonal cell of the inverted and the STIR matrices in results.json,

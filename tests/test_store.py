@@ -29,7 +29,9 @@ KW = {"iterations": 8, "shard_size": 4, "progress": False, "rng_seed": 1}
 
 
 def _files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file's bytes, but the shards' timing (how long each took is not data)."""
+    files = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("timing-"))
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
 
 
 def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
@@ -52,6 +54,13 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     x, y = ds[3]
     assert x.shape == (1, 28, 28) and y == int(ds.target_labels[3])
     assert not list(tmp_path.rglob("*.tmp"))
+    # what the inversions took, per shard, outside the data and the hashed provenance
+    timing = sorted((tmp_path / "shards").glob("timing-*.json"))
+    assert [json.loads(p.read_text())["shard"] for p in timing] == [0, 1, 2]
+    assert ds.seconds == pytest.approx(sum(json.loads(p.read_text())["seconds"] for p in timing))
+    assert ds.seconds > 0
+    timing[1].unlink()  # a store written before invsim kept it: opens, time unknown
+    assert InvertedDataset(tmp_path).seconds is None
 
 
 CONVERGE = {
@@ -99,6 +108,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
     resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
     assert _files(killed) == _files(whole)
+    assert resumed.seconds > 0  # the killed run's shard kept its time
     if settings is CONVERGE:  # examples stopped at different iterations, before the cap
         assert len(set(resumed.iterations.tolist())) > 1 and int(resumed.iterations.max()) < 80
     # the cost is recorded: one evaluation per step plus the last iterate, per pair

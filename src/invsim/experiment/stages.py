@@ -102,6 +102,10 @@ class Run:
     report: bool = True
     artefacts: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    # each finished stage's time in this run, and, for the stages that can reuse stored
+    # work (trained models, inverted sets, the confound run), what that work took to make
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    made_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cache = RepresentationCache(self.out / "cache")
@@ -228,7 +232,11 @@ def data_stage(run: Run) -> Dataset:
 
 
 def models_stage(run: Run) -> Zoo:
-    return load_models(run.cfg, run["data"], quiet=run.quiet)
+    zoo = load_models(run.cfg, run["data"], quiet=run.quiet)
+    trained = (m.name for m in run.cfg.models if m.train is not None)
+    meta = (getattr(zoo.models[n], "invsim_meta", {}).get("training") or {} for n in trained)
+    run.made_seconds["models"] = sum(t.get("train_seconds", 0.0) for t in meta)
+    return zoo
 
 
 def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
@@ -255,6 +263,7 @@ def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
         )
         assert inv is not None
         inverted[m.name] = inv
+    run.made_seconds["inverted"] = sum(inv.seconds or 0.0 for inv in inverted.values())
     return inverted
 
 
@@ -403,6 +412,7 @@ def confound_stage(run: Run) -> dict[str, Any] | None:
         return None
     run.log("confound experiment")
     c = run_experiment(confound_config(cfg), quiet=True, report=False)
+    run.made_seconds["confound"] = c.provenance.get("from_scratch_seconds", 0.0)
     natural, inverted = c.matrix("natural"), c.matrix("inverted")
     labelled = c.to_dict()["matrices"]
     run["results"].confound = {
@@ -436,9 +446,27 @@ def provenance_stage(run: Run) -> dict[str, Any]:
         "deviations_from_paper": reduced,
         "pairs": cfg.data.pairs,
         "cache": dict(run.cache.stats),
-        "seconds": time.perf_counter() - run.started,
+        **run_seconds(run),
     }
     return run["results"].provenance
+
+
+def run_seconds(run: Run) -> dict[str, Any]:
+    """``seconds``: this run so far. ``stage_seconds``: each finished stage's.
+    ``from_scratch_seconds``: an estimate of the run with nothing stored to reuse: for
+    each stage that reuses stored work, the larger of its time here and what that work
+    took when it was made (training, inversion, the confound run); a resumed run's
+    ``seconds`` alone would say only what the resume cost."""
+    seconds = time.perf_counter() - run.started
+    extra = sum(
+        max(0.0, made - run.stage_seconds.get(stage, 0.0))
+        for stage, made in run.made_seconds.items()
+    )
+    return {
+        "seconds": seconds,
+        "stage_seconds": {k: round(v, 3) for k, v in run.stage_seconds.items()},
+        "from_scratch_seconds": seconds + extra,
+    }
 
 
 def outputs_stage(run: Run) -> Path:
@@ -551,7 +579,9 @@ def run_experiment(
     init_from_env(cfg.device)  # under torchrun: join the group; else nothing
     run = Run(cfg, quiet=quiet, report=report)
     for stage in list(STAGES if stages is None else stages):
+        t0 = time.perf_counter()
         run.artefacts[stage.name] = stage.run(run)
+        run.stage_seconds[stage.name] = time.perf_counter() - t0
         if stage.in_results:
             run["results"].extra[stage.name] = run.artefacts[stage.name]
     run.log(f"done in {time.perf_counter() - run.started:.0f} s: {run.out / 'report.html'}")

@@ -6,6 +6,7 @@ torchrun ranks or job-array parts), and write them in the format of
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ class _Job:
             targets = dataset_images(self.dataset, target_idx[sl])
             seeds = "noise" if noise else dataset_images(self.dataset, seed_idx[sl])
             half = self.inversion.iterations // 2
+            started = time.perf_counter()
             result = run_inversion(
                 self.model,
                 seeds,
@@ -180,4 +182,5 @@ class _Job:
                 # the images a run with half the budget returns: the drift check
                 "half_images": result.snapshots[half][0].float().contiguous(),
             }
-            fmt.write_shard(self.out, s, tensors, self.config_hash, result.passes)
+            seconds = time.perf_counter() - started
+            fmt.write_shard(self.out, s, tensors, self.config_hash, result.passes, seconds)

@@ -88,10 +88,22 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
+def _timing_path(out: Path, i: int) -> Path:
+    return out / "shards" / f"timing-{i:05d}.json"
+
+
 def write_shard(
-    out: Path, s: int, tensors: dict[str, torch.Tensor], config_hash: str, passes: int
+    out: Path,
+    s: int,
+    tensors: dict[str, torch.Tensor],
+    config_hash: str,
+    passes: int,
+    seconds: float | None = None,
 ) -> None:
-    """Shard ``s`` and then its record, each written atomically."""
+    """Shard ``s`` and then its record, each written atomically. ``seconds``, the time
+    its inversion took, goes in a file of its own (``shards/timing-NNNNN.json``): not
+    part of the data, so a resumed store stays byte-identical to an uninterrupted one
+    apart from it, and a resumed run can still say what the store cost to make."""
     from safetensors.torch import save
 
     data = save(tensors, metadata={"invsim": json.dumps({"shard": s, "config_hash": config_hash})})
@@ -105,7 +117,22 @@ def write_shard(
         "passes": int(passes),
         "config_hash": config_hash,
     }
+    if seconds is not None:
+        timing = {"shard": s, "seconds": round(float(seconds), 3)}
+        atomic_write(_timing_path(out, s), json_bytes(timing))
     atomic_write(out / "shards" / f"{name}.json", json_bytes(record))
+
+
+def shard_seconds(out: Path, n_shards: int) -> float | None:
+    """The inversions' time summed over the shards, or None when a shard did not record
+    it (stores written before invsim kept it)."""
+    total = 0.0
+    for s in range(n_shards):
+        path = _timing_path(out, s)
+        if not path.exists():
+            return None
+        total += float(json.loads(path.read_text())["seconds"])
+    return total
 
 
 def shard_done(out: Path, s: int, config_hash: str) -> bool:
@@ -200,7 +227,8 @@ class InvertedDataset(Dataset):
     naming any corrupt or missing shard. Whole tensors: ``images`` (float32),
     ``target_labels``, ``seed_labels``, ``seed_index``, ``target_index``, ``loss``,
     ``initial_loss``, ``iterations``, ``half_images`` (the images half the budget gave,
-    for the drift check); ``passes`` is the image evaluations spent; ``config`` is the
+    for the drift check); ``passes`` is the image evaluations spent and ``seconds`` the
+    time they took (None for older stores); ``config`` is the
     provenance and ``id`` identifies the set.
     """
 
@@ -245,6 +273,7 @@ class InvertedDataset(Dataset):
         # what half the budget returned (None for sets stored before invsim kept it)
         self.half_images: torch.Tensor | None = cat.get("half_images")
         self.passes: int = int(manifest.get("passes", 0))
+        self.seconds: float | None = shard_seconds(self.root, len(manifest["shards"]))
         self.labels = self.target_labels
         self.id = f"inverted:{self.config['config_hash']}"
 
