@@ -5,6 +5,8 @@ Two torchvision ResNet-18s (random weights, seeds 0 and 1), 12 layers each (from
 Each tool runs in its own child process (so each peak RSS is its own), started by this
 one run; the script records time, peak memory, passes, and every cell of both results:
 pytorch-cka's (a minibatch estimate, float32) against invsim's exact full-data values.
+The tool ``forward-only`` runs just both models' forwards over the inputs: the floor
+under any tool's time and memory.
 
     python benchmarks/bench_layers.py                 # n = 2048 (and 10,000 with --large)
     python benchmarks/bench_layers.py --n 10000 --tools pytorch-cka,invsim-minibatch-float32 \
@@ -62,7 +64,12 @@ def child(tool: str, n: int, batch: int, memory_gb: float) -> dict:
     base = _peak_mb()
     t = time.perf_counter()
     extra: dict = {}
-    if tool == "pytorch-cka":
+    if tool == "forward-only":  # the floor: both models' forwards, nothing computed on them
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                a(x[i : i + batch]), b(x[i : i + batch])
+        values = None
+    elif tool == "pytorch-cka":
         from cka import compute_cka
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -81,8 +88,9 @@ def child(tool: str, n: int, batch: int, memory_gb: float) -> dict:
         values = res.pair("a", "b").values.tolist()
         extra = {"schedule": res.schedule}
     seconds = time.perf_counter() - t
-    return {"tool": tool, "n": n, "seconds": seconds, "peak_mb": _peak_mb(),
-            "peak_above_inputs_mb": _peak_mb() - base, "values": values, **extra}  # fmt: skip
+    found = {"tool": tool, "n": n, "seconds": seconds, "peak_mb": _peak_mb(),
+             "peak_above_inputs_mb": _peak_mb() - base, "values": values, **extra}  # fmt: skip
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def run(tool: str, n: int, batch: int, memory_gb: float) -> dict:

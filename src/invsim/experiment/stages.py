@@ -291,7 +291,7 @@ def matrices_stage(run: Run) -> Panels:
         st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
-        out["stir"], _ = stir_similarity(
+        out["stir"], stored = stir_similarity(
             zoo.models,
             data,
             run.out / "stir",
@@ -302,6 +302,7 @@ def matrices_stage(run: Run) -> Panels:
             shard_size=cfg.inversion.shard_size,
             **kw,
         )
+        run.made_seconds["matrices"] = sum(inv.seconds or 0.0 for inv in stored.values())
     return out
 
 
@@ -455,7 +456,8 @@ def run_seconds(run: Run) -> dict[str, Any]:
     """``seconds``: this run so far. ``stage_seconds``: each finished stage's.
     ``from_scratch_seconds``: an estimate of the run with nothing stored to reuse: for
     each stage that reuses stored work, the larger of its time here and what that work
-    took when it was made (training, inversion, the confound run); a resumed run's
+    took when it was made (training, the inversions and STIR's, the confound run); a
+    resumed run's
     ``seconds`` alone would say only what the resume cost."""
     seconds = time.perf_counter() - run.started
     extra = sum(
