@@ -59,7 +59,9 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     assert [json.loads(p.read_text())["shard"] for p in timing] == [0, 1, 2]
     assert ds.seconds == pytest.approx(sum(json.loads(p.read_text())["seconds"] for p in timing))
     assert ds.seconds > 0
-    timing[1].unlink()  # a store written before invsim kept it: opens, time unknown
+    timing[0].write_text("{not json")  # unreadable: the store still opens, time unknown
+    assert InvertedDataset(tmp_path).seconds is None
+    timing[1].unlink()  # a store written before invsim kept it: the same
     assert InvertedDataset(tmp_path).seconds is None
 
 

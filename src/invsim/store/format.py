@@ -125,13 +125,14 @@ def write_shard(
 
 def shard_seconds(out: Path, n_shards: int) -> float | None:
     """The inversions' time summed over the shards, or None when a shard did not record
-    it (stores written before invsim kept it)."""
+    it (stores written before invsim kept it) or its record is unreadable: the time is
+    not data, so it never stops a store from opening."""
     total = 0.0
     for s in range(n_shards):
-        path = _timing_path(out, s)
-        if not path.exists():
+        try:
+            total += float(json.loads(_timing_path(out, s).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        total += float(json.loads(path.read_text())["seconds"])
     return total
 
 
