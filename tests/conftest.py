@@ -38,3 +38,15 @@ def trained_lenet(mnist_train, mnist_test):
     )
     assert metrics["clean_acc"] > 0.93, metrics
     return model
+
+
+@pytest.fixture(scope="session")
+def store_files():
+    """``files(root)``: {relative path: bytes} for every file of an inverted store, its
+    shards' timing aside (how long a shard took is not data), for byte-identity checks."""
+
+    def files(root):
+        kept = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("timing-"))
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in kept}
+
+    return files

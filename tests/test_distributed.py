@@ -67,12 +67,8 @@ def test_distributed_cka_equals_single_process(tmp_path):
             assert torch.allclose(values, torch.from_numpy(single[name].values), atol=1e-8), name
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 @pytest.mark.parametrize("task", ["invert", "invert-converge"])
-def test_distributed_inversion_is_an_exact_partition(tmp_path, task):
+def test_distributed_inversion_is_an_exact_partition(tmp_path, task, store_files):
     dist_out = tmp_path / "dist" / "inv"
     dist_out.parent.mkdir()
     _run_group(task, dist_out)
@@ -85,7 +81,8 @@ def test_distributed_inversion_is_an_exact_partition(tmp_path, task):
                        batch_size=3, progress=False, **kw)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    assert _files(dist_out) == _files(single)  # byte-identical shards, records and manifest
+    # byte-identical shards, records and manifest
+    assert store_files(dist_out) == store_files(single)
     manifest = json.loads((dist_out / "manifest.json").read_text())
     assert [r["shard"] for r in manifest["shards"]] == [0, 1, 2, 3]
     assert sum(r["n"] for r in manifest["shards"]) == 10
@@ -93,7 +90,7 @@ def test_distributed_inversion_is_an_exact_partition(tmp_path, task):
         assert json.loads((tmp_path / "dist" / f"rank-{rank}.json").read_text()) == {"n": 10}
 
 
-def test_torchrun_cli_matches_single_process(tmp_path):
+def test_torchrun_cli_matches_single_process(tmp_path, store_files):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     model_path = tmp_path / "m.safetensors"
     env = {**ENV}
@@ -110,7 +107,7 @@ def test_torchrun_cli_matches_single_process(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    assert store_files(tmp_path / "two") == store_files(tmp_path / "one")
 
 
 def test_torchrun_experiment_matches_single_process(tmp_path):

@@ -28,12 +28,6 @@ def model():
 KW = {"iterations": 8, "shard_size": 4, "progress": False, "rng_seed": 1}
 
 
-def _files(root):
-    """Every file's bytes, but the shards' timing (how long each took is not data)."""
-    files = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("timing-"))
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
-
-
 def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     ds = invert_dataset(model, small_data, 10, tmp_path, **KW)
     assert isinstance(ds, InvertedDataset) and len(ds) == 10
@@ -78,7 +72,9 @@ CONVERGE = {
 
 
 @pytest.mark.parametrize("settings", [KW, CONVERGE], ids=["paper", "converge"])
-def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkeypatch, settings):
+def test_resume_after_kill_is_byte_identical(
+    tmp_path, model, small_data, monkeypatch, settings, store_files
+):
     whole = tmp_path / "whole"
     invert_dataset(model, small_data, 10, whole, **settings)
 
@@ -109,7 +105,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model, small_data, monkey
     monkeypatch.setattr(store_build, "run_inversion", counting)
     resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
-    assert _files(killed) == _files(whole)
+    assert store_files(killed) == store_files(whole)
     assert resumed.seconds > 0  # the killed run's shard kept its time
     if settings is CONVERGE:  # examples stopped at different iterations, before the cap
         assert len(set(resumed.iterations.tolist())) > 1 and int(resumed.iterations.max()) < 80
@@ -138,10 +134,10 @@ def test_corrupt_shard_is_named(tmp_path, model, small_data):
         InvertedDataset(tmp_path)
 
 
-def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_data):
+def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_data, store_files):
     whole = tmp_path / "whole"
     invert_dataset(model, small_data, 10, whole, **KW)
-    reference = _files(whole)
+    reference = store_files(whole)
     # 1. a kill mid-write leaves a truncated temporary file and no shard 1: resume writes
     #    shard 1 in full beside it, and the data set is the uninterrupted one
     cut = tmp_path / "cut"
@@ -154,7 +150,7 @@ def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_da
     with pytest.raises(StoreError, match="incomplete: 2 of 3 shards"):
         InvertedDataset(cut)
     invert_dataset(model, small_data, 10, cut, **KW)
-    got = {k: v for k, v in _files(cut).items() if not k.endswith(".tmp")}
+    got = {k: v for k, v in store_files(cut).items() if not k.endswith(".tmp")}
     assert got == reference
     # 2. a shard whose bytes no longer match its record (truncated on disk): resume
     #    recomputes it; opening without resuming names it
@@ -165,7 +161,7 @@ def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_da
     with pytest.raises(StoreError, match="shard shards/shard-00002.safetensors is corrupt"):
         InvertedDataset(bad)
     invert_dataset(model, small_data, 10, bad, **KW)
-    assert _files(bad) == reference
+    assert store_files(bad) == reference
     # 3. a shard present but missing from the manifest: an error naming it, not a shorter
     #    data set; resuming rebuilds the manifest
     short = tmp_path / "short"
@@ -176,7 +172,7 @@ def test_faults_met_on_resume_recover_or_name_the_file(tmp_path, model, small_da
     with pytest.raises(StoreError, match=r"missing: shards/shard-00001.safetensors"):
         InvertedDataset(short)
     assert len(invert_dataset(model, small_data, 10, short, **KW)) == 10
-    assert _files(short) == reference
+    assert store_files(short) == reference
 
 
 def test_same_label_and_single_class_data_raise(tmp_path, model):
@@ -185,14 +181,14 @@ def test_same_label_and_single_class_data_raise(tmp_path, model):
         invert_dataset(model, one, 4, tmp_path, **KW)
 
 
-def test_parts_partition_the_work(tmp_path, model, small_data):
+def test_parts_partition_the_work(tmp_path, model, small_data, store_files):
     single = tmp_path / "single"
     invert_dataset(model, small_data, 10, single, **KW)
     split = tmp_path / "split"
     assert invert_dataset(model, small_data, 10, split, part=(1, 2), **KW) is None
     done = invert_dataset(model, small_data, 10, split, part=(0, 2), **KW)
     assert done is not None and len(done) == 10
-    assert _files(split) == _files(single)
+    assert store_files(split) == store_files(single)
 
 
 def test_noise_seeds_and_export(tmp_path, model, small_data):
