@@ -127,7 +127,9 @@ def main() -> None:
         exact = np.array(found.get("invsim", {}).get("values", np.nan), dtype=float)
         for path in args.against:  # other runs' values at this n, against this run's exact
             for other in json.loads(Path(path).read_text())["runs"]:
-                for t, r in other["results"].items() if other["n"] == n else ():
+                if other["n"] != n:
+                    continue
+                for t, r in other["results"].items():
                     if "values" in r and t != "invsim":
                         found[f"{t} ({Path(path).name})"] = {**r, "run": Path(path).name}
         for t, r in found.items():

@@ -103,7 +103,7 @@ class Run:
     artefacts: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     # each finished stage's time in this run, and, for the stages that can reuse stored
-    # work (trained models, inverted sets, the confound run), what that work took to make
+    # work (trained models, inverted and STIR sets, the confound run), what it took to make
     stage_seconds: dict[str, float] = field(default_factory=dict)
     made_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -239,6 +239,11 @@ def models_stage(run: Run) -> Zoo:
     return zoo
 
 
+def _stored_seconds(stores: Mapping[str, InvertedDataset]) -> float:
+    """What the stored inversions took to make (a store too old to say counts 0)."""
+    return sum(inv.seconds or 0.0 for inv in stores.values())
+
+
 def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
     """Each row model's inverted data set, stored under ``out/inverted/<name>``, at the
     model's own layer."""
@@ -263,7 +268,7 @@ def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
         )
         assert inv is not None
         inverted[m.name] = inv
-    run.made_seconds["inverted"] = sum(inv.seconds or 0.0 for inv in inverted.values())
+    run.made_seconds["inverted"] = _stored_seconds(inverted)
     return inverted
 
 
@@ -302,7 +307,7 @@ def matrices_stage(run: Run) -> Panels:
             shard_size=cfg.inversion.shard_size,
             **kw,
         )
-        run.made_seconds["matrices"] = sum(inv.seconds or 0.0 for inv in stored.values())
+        run.made_seconds["matrices"] = _stored_seconds(stored)
     return out
 
 
