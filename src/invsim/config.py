@@ -127,6 +127,11 @@ class InversionConfig(_Settings):
     channels_last: bool = Field(
         False, description="Channels-last memory format (faster convolutions on CPU)."
     )
+    fold_bn: bool = Field(
+        False,
+        description="Fold each batch-norm into the convolution before it, in a copy of the "
+        "model (eval mode: equal up to rounding, a faster forward).",
+    )
 
     @property
     def step_momentum(self) -> float:

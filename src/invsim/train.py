@@ -16,6 +16,7 @@ from invsim._io import progress_bar
 from invsim.attacks import pgd
 from invsim.config import AdversarialConfig, TrainConfig
 from invsim.models import Normalize, load_model, save_model
+from invsim.models.folding import fold_batchnorm
 from invsim.representation import eval_mode, logits
 
 __all__ = ["accuracy", "train_ladder", "train_model"]
@@ -43,11 +44,14 @@ def accuracy(
     loader = DataLoader(torch.utils.data.Subset(dataset, list(idx)), batch_size=batch_size)
     g = torch.Generator().manual_seed(seed)
     correct = total = 0
+    attack = bool(adversarial and adversarial.get("eps", 0) > 0)
+    # the attack's many passes run on a copy with folded batch-norms (the same function)
+    attacked = (fold_batchnorm(model) or model) if attack else model
     with eval_mode(model, warn=False):
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
-            if adversarial and adversarial.get("eps", 0) > 0:
-                x = pgd(model, x, y, generator=g, **_attack(adversarial))
+            if attack:
+                x = pgd(attacked, x, y, generator=g, **_attack(adversarial))
             with torch.no_grad():
                 correct += int((logits(model(x)).argmax(1) == y).sum())
             total += len(y)
