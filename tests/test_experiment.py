@@ -198,7 +198,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     again = run_experiment(_small_config(tmp_path / "whole"), quiet=True).provenance
     stores = [InvertedDataset(tmp_path / "whole" / "inverted" / m) for m in ("mlp", "mlp-r")]
     made = sum(s.seconds for s in stores) + sum(
-        r["training"]["train_seconds"] for r in whole.models.values()
+        r["training"]["train_seconds"] + r["training"]["eval_seconds"]
+        for r in whole.models.values()
     )
     assert again["stage_seconds"]["inverted"] < sum(s.seconds for s in stores)
     assert again["from_scratch_seconds"] >= made + again["stage_seconds"]["matrices"]

@@ -127,7 +127,9 @@ def train_model(
         "dataset": getattr(dataset, "id", None),
     }
     if test_dataset is not None:
+        t0 = time.perf_counter()
         metrics.update(_evaluate(model, test_dataset, adv, r, seed, dev))
+        metrics["eval_seconds"] = time.perf_counter() - t0  # the robust accuracy's PGD: not small
     meta = {"training": metrics, "eps": adv["eps"] if adv else 0.0, "norm": adv and adv["norm"]}
     model.invsim_meta.update(meta)
     if out is not None:

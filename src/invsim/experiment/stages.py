@@ -235,7 +235,10 @@ def models_stage(run: Run) -> Zoo:
     zoo = load_models(run.cfg, run["data"], quiet=run.quiet)
     trained = (m.name for m in run.cfg.models if m.train is not None)
     meta = (getattr(zoo.models[n], "invsim_meta", {}).get("training") or {} for n in trained)
-    run.made_seconds["models"] = sum(t.get("train_seconds", 0.0) for t in meta)
+    # what training took, its accuracies included (older checkpoints: training alone)
+    run.made_seconds["models"] = sum(
+        t.get("train_seconds", 0.0) + t.get("eval_seconds", 0.0) for t in meta
+    )
     return zoo
 
 
