@@ -3,7 +3,7 @@ into the convolution that feeds it, for loops that run one frozen model many tim
 inversion). In eval mode a batch-norm is a per-channel affine map, so
 ``bn(conv(x)) = conv'(x)`` with ``conv'`` the convolution's weights and bias rescaled;
 the forward skips one pass over every feature map, which makes a ResNet's
-forward+backward about 1.5-2x faster on CPU (benchmarks/results/passes.json).
+forward+backward about 1.8-2.2x faster on CPU (benchmarks/results/folding.json).
 
 The model itself is never touched: the copy is traced with ``torch.fx``, and only a
 batch-norm whose one input is a convolution that nothing else reads is folded. Modules
@@ -13,7 +13,7 @@ A model that ``torch.fx`` cannot trace gives ``None``: the caller runs it unfold
 Example:
     >>> import torch
     >>> from invsim.models import load_model
-    >>> from invsim.models.folding import fold_batchnorm
+    >>> from invsim.models.folding import count_batchnorms, fold_batchnorm
     >>> m = load_model("resnet", width=4).eval()
     >>> folded = fold_batchnorm(m)
     >>> x = torch.rand(2, 1, 28, 28)
