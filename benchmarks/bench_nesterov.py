@@ -66,7 +66,7 @@ def main() -> None:
             inversion._step = step
             rows = {}
             for name, model in models.items():
-                r = inversion.run_inversion(model, seeds, targets, cfg, progress=False)
+                r = inversion.invert_images(model, seeds, targets, cfg, progress=False)
                 rows[name] = {
                     "median_loss": float(r.loss.median()),
                     "p90_loss": float(torch.quantile(r.loss.double(), 0.9)),

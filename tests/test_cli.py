@@ -100,7 +100,7 @@ def test_second_run_uses_the_cache(quick_run, monkeypatch):
 
     out, _ = quick_run
     calls = {"invert": 0, "extract": 0}
-    real_invert, real_extract = store.run_inversion, experiment.extract
+    real_invert, real_extract = store.invert_images, experiment.extract
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -109,7 +109,7 @@ def test_second_run_uses_the_cache(quick_run, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(store, "run_inversion", count("invert", real_invert))
+    monkeypatch.setattr(store, "invert_images", count("invert", real_invert))
     monkeypatch.setattr(experiment, "extract", count("extract", real_extract))
     before = json.loads((out / "results.json").read_text())
     again = run_demo(out, quick=True, quiet=True)

@@ -199,10 +199,16 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
 
 @pytest.mark.parametrize(
     "rule",
-    [{"tol": 0.03, "patience": 10},
-     {"schedule": "converge", "momentum": 0.9, "decay_patience": 3, "decay_tol": 0.1,
-      "horizon": 10, "stop_tol": 0.2}],  # quick: examples stop at different steps
-    ids=["tol", "converge"],
+    [
+        {"tol": 0.03, "patience": 10},
+        # quick: examples stop at different steps
+        {"schedule": "converge", "method": "momentum", "momentum": 0.9, "decay_patience": 3,
+         "decay_tol": 0.1, "horizon": 10, "stop_tol": 0.2},
+        # some examples switch to Gauss-Newton steps, at different steps, and stop
+        {"schedule": "converge", "method": "hybrid", "horizon": 16, "switch_tol": 0.2,
+         "stop_tol": 0.05, "cg_iterations": 3},
+    ],
+    ids=["tol", "converge", "hybrid"],
 )  # fmt: skip
 def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):
     # float64, so that per-example results can be compared exactly across batch shapes
@@ -242,6 +248,7 @@ def test_the_converging_rule_and_min_step_size_as_documented():
     kw = {
         "iterations": 100,
         "schedule": "converge",
+        "method": "momentum",
         "decay_tol": 1.0,
         "decay_patience": 3,
         "progress": False,
@@ -263,8 +270,8 @@ def test_the_horizon_rule_stops_only_a_stalled_example_or_one_at_rest_at_the_cri
     torch.manual_seed(0)
     m = load_model("mlp", num_classes=10, in_channels=1)
     s, t = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    kw = {"iterations": 100, "schedule": "converge", "decay_tol": 1.0, "decay_patience": 3,
-          "min_step_size": 1 / 16, "progress": False}  # fmt: skip
+    kw = {"iterations": 100, "schedule": "converge", "method": "momentum", "decay_tol": 1.0,
+          "decay_patience": 3, "min_step_size": 1 / 16, "progress": False}  # fmt: skip
     far = invert_images(m, s, t, horizon=20, stop_tol=1e9, **kw)  # every horizon "stalls"
     assert far.iterations.tolist() == [20] * 6 and bool((far.loss > CONVERGED_LOSS).all())
     # a gain of at least 0 always counts (stop_tol=0 stops only a best loss that did not

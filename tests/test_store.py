@@ -96,13 +96,13 @@ def test_resume_after_kill_is_byte_identical(
         InvertedDataset(killed)
 
     inverted = []
-    real_invert = store_build.run_inversion
+    real_invert = store_build.invert_images
 
     def counting(*args, **kwargs):
         inverted.append(1)
         return real_invert(*args, **kwargs)
 
-    monkeypatch.setattr(store_build, "run_inversion", counting)
+    monkeypatch.setattr(store_build, "invert_images", counting)
     resumed = invert_dataset(model, small_data, 10, killed, **settings)
     assert len(inverted) == 2  # the finished shard was skipped
     assert store_files(killed) == store_files(whole)

@@ -30,7 +30,6 @@ _LAZY: dict[str, str] = {
     "extract": "invsim.representation",
     "InversionConfig": "invsim.config",
     "invert_images": "invsim.inversion",
-    "run_inversion": "invsim.inversion",
     "InversionResult": "invsim.inversion",
     "invert_dataset": "invsim.store",
     "InvertedDataset": "invsim.store",

@@ -107,7 +107,12 @@ class InversionConfig(_Settings):
     decay_patience: int = Field(
         10, ge=1, description="converge: steps without a relative gain of decay_tol before halving."
     )
-    decay_tol: float = Field(0.005, ge=0, description="converge: relative loss gain that counts.")
+    decay_tol: float = Field(
+        0.001,
+        ge=0,
+        description="converge: relative loss gain that counts (at 0.005 momentum steps stop "
+        "short of the paper's loss on strongly robust models: benchmarks/results/hard.json).",
+    )
     min_step_size: float = Field(
         1 / 256,
         gt=0,
@@ -122,6 +127,24 @@ class InversionConfig(_Settings):
         "min_step_size, the older rule).",
     )
     stop_tol: float = Field(0.01, ge=0, description="converge: relative gain over a horizon.")
+    method: Literal["momentum", "gauss-newton", "hybrid"] = Field(
+        "hybrid",
+        description="converge: the steps. momentum: first-order steps only; gauss-newton: "
+        "damped Gauss-Newton steps only; hybrid: Gauss-Newton steps, and an example whose "
+        "Gauss-Newton steps stall goes on with momentum steps.",
+    )
+    switch_tol: float = Field(
+        0.1,
+        ge=0,
+        description="hybrid: an example whose best loss gained less than this (relative) "
+        "over horizon/4 passes of Gauss-Newton steps goes on with momentum steps.",
+    )
+    cg_iterations: int = Field(
+        10, ge=1, description="Gauss-Newton: conjugate-gradient iterations per step."
+    )
+    damping: float = Field(
+        0.1, gt=0, description="Gauss-Newton: the first damping, relative to J J^T's scale."
+    )
     fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
     channels_last: bool = Field(
@@ -132,6 +155,25 @@ class InversionConfig(_Settings):
         description="Fold each batch-norm into the convolution before it, in a copy of the "
         "model (eval mode: equal up to rounding, a faster forward).",
     )
+
+    @model_validator(mode="after")
+    def _paper_is_first_order(self) -> InversionConfig:
+        if self.schedule == "paper" and self.method != "hybrid" and self.method != "momentum":
+            raise ValueError(
+                f"method={self.method!r} needs schedule='converge'; the paper's schedule is "
+                "its fixed momentum steps (leave method unset, or set schedule='converge')."
+            )
+        if self.schedule == "converge" and self.method != "momentum" and self.horizon is None:
+            raise ValueError(
+                f"method={self.method!r} needs a horizon (its switching and stopping "
+                "checks); horizon=None is the momentum-only rule before invsim 0.2."
+            )
+        return self
+
+    @property
+    def step_method(self) -> str:
+        """The steps that act: the paper's schedule takes momentum steps only."""
+        return "momentum" if self.schedule == "paper" else self.method
 
     @property
     def step_momentum(self) -> float:
@@ -146,6 +188,12 @@ class AdversarialConfig(_Settings):
     eps: float = Field(ge=0, description="Adversarial training eps (0: standard training).")
     steps: int = Field(7, ge=1, description="PGD steps in training.")
     step_size: float | None = Field(None, description="PGD step (default: 2.5 eps / steps).")
+    ramp_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="Training: eps (and the PGD step) grow linearly from 0 over this many "
+        "epochs (Madry et al.'s L-inf MNIST models collapse to chance without it); 0: no ramp.",
+    )
 
 
 class TrainConfig(_Settings):

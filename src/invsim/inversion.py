@@ -33,6 +33,7 @@ from torch import nn
 
 from invsim._io import progress_bar
 from invsim.config import InversionConfig
+from invsim.gauss_newton import GaussNewtonStep, gauss_newton_step
 from invsim.models.folding import fold_batchnorm
 from invsim.representation import PENULTIMATE, LayerRef, eval_mode, reader, resolve_layer
 from invsim.steps import _TINY, l2_norm, project
@@ -44,10 +45,8 @@ __all__ = [
     "acting_settings",
     "invert_images",
     "relative_loss",
-    "run_inversion",
 ]
 
-_D = InversionConfig()  # the paper's defaults, the single source of invert_images' defaults
 # the convergence criterion: an example (and, by its median, a data set) whose relative
 # representation loss is at most this has reached its target (docs/trust.md)
 CONVERGED_LOSS = 0.1
@@ -57,10 +56,13 @@ CONVERGED_LOSS = 0.1
 class InversionResult:
     """``images``: float32 in [0, 1], the seeds' shape. ``loss``: per-example relative
     loss of the returned image. ``initial_loss``: the seed's. ``iterations``: per example,
-    the gradient steps taken (fewer than asked only with ``tol``). ``passes``: the
-    forward+backward image evaluations spent in all (the cost). ``config``: the settings
-    that act. ``snapshots[B]``: (images, loss) as they would be with ``iterations=B``
-    (each example's best iterate up to step B), for the budgets asked."""
+    the passes spent on it (its steps, for the paper's schedule; fewer than asked only
+    when a stopping rule acts). ``passes``: the forward+backward image evaluations spent
+    in all (the cost; a JVP + VJP pair of a Gauss-Newton step counts as one).
+    ``config``: the settings that act. ``switched``: per example, the pass at which a
+    hybrid inversion went from Gauss-Newton to momentum steps (-1: it did not).
+    ``snapshots[B]``: (images, loss) as they would be with ``iterations=B`` (each
+    example's best iterate up to pass B), for the budgets asked."""
 
     images: torch.Tensor
     loss: torch.Tensor
@@ -69,6 +71,7 @@ class InversionResult:
     config: dict[str, Any] = field(default_factory=dict)
     passes: int = 0
     snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    switched: torch.Tensor | None = None
 
 
 def relative_loss(rep: torch.Tensor, target_rep: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,12 @@ class _Slots:
     reference: torch.Tensor  # converge: the best loss when it last gained decay_tol
     stall: torch.Tensor  # converge: steps since then
     window: torch.Tensor  # converge: the best loss at the start of this horizon
+    probe: torch.Tensor  # hybrid: the best loss at the start of this switch window
+    gn: torch.Tensor  # takes Gauss-Newton steps (bool)
+    switched: torch.Tensor  # hybrid: the pass it went on with momentum steps (-1: not yet)
+    steps: torch.Tensor  # momentum steps taken (the warm-up correction's t)
+    damping: torch.Tensor  # Gauss-Newton: relative damping
+    cost: torch.Tensor  # passes of the last step (1 for a momentum step)
 
     def select(self, keep: torch.Tensor) -> _Slots:
         return _Slots(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
@@ -169,6 +178,12 @@ def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) ->
         reference=inf.clone(),
         stall=torch.zeros(k, dtype=torch.int64, device=dev),
         window=inf.clone(),
+        probe=inf.clone(),
+        gn=torch.full((k,), cfg.step_method != "momentum", device=dev),
+        switched=torch.full((k,), -1, dtype=torch.int64, device=dev),
+        steps=torch.zeros(k, dtype=torch.int64, device=dev),
+        damping=torch.full((k,), cfg.damping, device=dev, dtype=dtype),
+        cost=torch.zeros(k, dtype=torch.int64, device=dev),
     )
 
 
@@ -179,50 +194,91 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     s.first_loss = torch.where(fresh, loss, s.first_loss)
     s.checkpoint = torch.where(fresh, loss, s.checkpoint)  # the first tol window: from the seed
     s.window = torch.where(fresh, loss, s.window)  # the first horizon, too
+    s.probe = torch.where(fresh, loss, s.probe)
     better = loss < s.best_loss
     s.best_loss = torch.where(better, loss, s.best_loss)
     s.best_x = torch.where(better.view(view), s.x, s.best_x)
 
 
-def _step(s: _Slots, grad: torch.Tensor, cfg: InversionConfig, ball_binds: bool) -> None:
-    """One momentum step along the per-example normalised gradient, then the projection."""
+def _step(s: _Slots, ev: _Evaluation, cfg: InversionConfig, ball_binds: bool) -> None:
+    """One momentum step along the per-example normalised gradient, then the projection
+    (the rows that take Gauss-Newton steps move in :func:`_gauss_newton` instead)."""
     # m = momentum * m + (1 - momentum) * g / ||g||, in place
-    momentum = cfg.step_momentum
+    momentum, grad = cfg.step_momentum, ev.grad
     scale = (1.0 - momentum) / (l2_norm(grad) + _TINY)
     s.m.mul_(momentum).addcmul_(grad, scale)
     if cfg.schedule == "paper":
         x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
+    else:  # warm-up correction: m / (1 - momentum^t) is a unit-scale direction from step 1
+        warm = 1.0 - momentum ** (s.steps + 1).to(s.lr.dtype)
+        x_new = s.x - (s.lr / warm).view((-1,) + (1,) * (s.x.ndim - 1)) * s.m
+    x_new = _constrain(x_new, s.seed, cfg, ball_binds)
+    if ev.gn_rows is None:
+        s.x = x_new
     else:
-        x_new = s.x - s.lr.view((-1,) + (1,) * (s.x.ndim - 1)) * s.m
+        s.x = torch.where(ev.gn_rows.view((-1,) + (1,) * (s.x.ndim - 1)), s.x, x_new)
+    s.cost = torch.ones_like(s.it)  # Gauss-Newton rows: set by _gauss_newton
+    s.steps += 1
+
+
+def _constrain(x: torch.Tensor, seed: torch.Tensor, cfg: InversionConfig, ball_binds: bool):
+    """Onto the L2 ball of radius ``eps`` around the seed, then into [0, 1]."""
     if ball_binds:
-        s.x = project(x_new, s.seed, eps=cfg.eps, norm="l2")
-    else:  # no point of [0, 1]^d is farther than sqrt(d) from the seed
-        s.x = x_new.clamp_(0.0, 1.0)
-    s.it += 1
+        return project(x, seed, eps=cfg.eps, norm="l2")
+    return x.clamp_(0.0, 1.0)  # no point of [0, 1]^d is farther than sqrt(d) from the seed
+
+
+def _gauss_newton(s: _Slots, ev: _Evaluation, rep, cfg: InversionConfig, ball_binds: bool):
+    """The Gauss-Newton rows: the trial point ``x + dx`` (constrained) is taken where its
+    loss is lower (the damping then falls by 3) and refused elsewhere (it rises by 4)."""
+    rows, step = ev.gn_rows, ev.gn
+    assert rows is not None and step is not None
+    x, seed = s.x[rows], s.seed[rows]
+    trial = _constrain(x + step.dx, seed, cfg, ball_binds)
+    with torch.no_grad():
+        trial_loss = relative_loss(rep(trial), s.target_rep[rows])
+    accept = trial_loss < ev.loss[rows]
+    view = (-1,) + (1,) * (x.ndim - 1)
+    s.x[rows] = torch.where(accept.view(view), trial, x)
+    damping = s.damping[rows]
+    s.damping[rows] = torch.where(accept, damping / 3, damping * 4).clamp(1e-8, 1e8)
+    s.cost[rows] = cfg.cg_iterations + 1
 
 
 def _stop_rule(s: _Slots, cfg: InversionConfig) -> None:
     """``tol``: every ``patience`` steps, an example whose best loss improved by less than
     ``tol`` since the last check takes no more steps (its current iterate is still
-    evaluated). ``schedule="converge"``: see :func:`_converge`."""
+    evaluated). ``schedule="converge"``: see :func:`_converge`. A Gauss-Newton step that
+    would pass the cap is not taken."""
     if cfg.schedule == "converge":
         _converge(s, cfg)
+    running = s.it < s.limit
+    over = s.gn & running & (s.it + cfg.cg_iterations + 1 > s.limit)
+    s.limit = torch.where(over, s.it, s.limit)
     if cfg.tol is None:
         return
-    check = (s.it % cfg.patience == 0) & (s.it < s.limit)
+    check = _crossed(s, cfg.patience) & running
     stalled = check & ((s.checkpoint - s.best_loss) < cfg.tol)
     s.limit = torch.where(stalled, s.it, s.limit)
     s.checkpoint = torch.where(check, s.best_loss, s.checkpoint)
 
 
+def _crossed(s: _Slots, every: int) -> torch.Tensor:
+    """Rows whose last step passed a multiple of ``every`` passes."""
+    return (s.it // every) > ((s.it - s.cost) // every)
+
+
 def _converge(s: _Slots, cfg: InversionConfig) -> None:
     """The converging schedule. The step size halves once the best loss has not gained
-    ``decay_tol`` (relative) for ``decay_patience`` steps, down to ``min_step_size``.
+    ``decay_tol`` (relative) for ``decay_patience`` steps, down to ``min_step_size``;
+    while the best loss is above ``CONVERGED_LOSS`` it stays at least ``step_size`` (a
+    smaller step is for precision near a solution, not for a loss that falls slowly).
     An example stops once it has reached ``CONVERGED_LOSS`` and its step has come down to
     ``min_step_size`` (it is at rest at the criterion), or once its best loss gained less
-    than ``stop_tol`` (relative) over the last ``horizon`` steps: a horizon long enough
-    to see slow progress (docs/scaling.md). With ``horizon=None`` (the rule before
-    invsim 0.2), it stops as soon as the step falls below ``min_step_size``."""
+    than ``stop_tol`` (relative) over the last ``horizon`` passes. With
+    ``method="hybrid"``, an example starts with Gauss-Newton steps and goes on with
+    momentum steps once they stall (:func:`_switch`). With ``horizon=None`` (the rule
+    before invsim 0.2), it stops as soon as the step falls below ``min_step_size``."""
     gained = s.best_loss < s.reference * (1.0 - cfg.decay_tol)
     s.reference = torch.where(gained, s.best_loss, s.reference)
     s.stall = torch.where(gained, 0, s.stall + 1)
@@ -233,22 +289,84 @@ def _converge(s: _Slots, cfg: InversionConfig) -> None:
     if cfg.horizon is None:
         s.limit = torch.where((s.lr < cfg.min_step_size) & running, s.it, s.limit)
         return
-    s.lr = s.lr.clamp_min(cfg.min_step_size)
-    at_rest = (s.lr <= cfg.min_step_size) & (s.best_loss <= CONVERGED_LOSS)
-    check = s.it % cfg.horizon == 0
+    above = s.best_loss > CONVERGED_LOSS
+    s.lr = torch.maximum(s.lr, torch.where(above, cfg.step_size, cfg.min_step_size))
+    at_rest = ~s.gn & (s.lr <= cfg.min_step_size) & ~above
+    switched = _switch(s, cfg, running) if cfg.step_method == "hybrid" else torch.zeros_like(above)
+    check = _crossed(s, cfg.horizon) & ~switched
     stalled = check & (s.best_loss > s.window * (1.0 - cfg.stop_tol))
     s.window = torch.where(check, s.best_loss, s.window)
     s.limit = torch.where((at_rest | stalled) & running, s.it, s.limit)
 
 
-def _loss_and_grad(rep, s: _Slots, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _switch(s: _Slots, cfg: InversionConfig, running: torch.Tensor) -> torch.Tensor:
+    """Hybrid: a Gauss-Newton row whose best loss gained less than ``switch_tol`` over the
+    last ``horizon // 4`` passes goes on with momentum steps (from zero momentum, at
+    ``step_size``, its horizon starting now): Gauss-Newton steps cover the long flat
+    way (a robust model's), momentum steps the last kinked stretch (ReLU, max-pool)."""
+    assert cfg.horizon is not None
+    every = max(1, cfg.horizon // 4)
+    check = s.gn & _crossed(s, every) & running
+    slow = check & (s.best_loss > s.probe * (1.0 - cfg.switch_tol))
+    s.probe = torch.where(check, s.best_loss, s.probe)
+    s.gn = s.gn & ~slow
+    s.switched = torch.where(slow, s.it, s.switched)
+    view = (-1,) + (1,) * (s.x.ndim - 1)
+    s.x = torch.where(slow.view(view), s.best_x, s.x)  # from the best iterate
+    s.m = torch.where(slow.view(view), 0.0, s.m)
+    s.steps = torch.where(slow, 0, s.steps)
+    s.lr = torch.where(slow, cfg.step_size, s.lr)
+    s.stall = torch.where(slow, 0, s.stall)
+    s.reference = torch.where(slow, s.best_loss, s.reference)
+    s.window = torch.where(slow, s.best_loss, s.window)
+    return slow
+
+
+@dataclass
+class _Evaluation:
+    """The loss of every row at its iterate; the gradient of the momentum rows (zero on
+    the others); the Gauss-Newton step of the rows ``gn_rows`` (None: there are none)."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor | None
+    gn: GaussNewtonStep | None = None
+    gn_rows: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> _Evaluation:
+        grad = self.grad[keep] if self.grad is not None else None
+        rows = self.gn_rows[keep] if self.gn_rows is not None else None
+        return _Evaluation(self.loss[keep], grad, self.gn, rows)
+
+
+def _evaluate(rep, s: _Slots, cfg: InversionConfig) -> _Evaluation:
+    """Every row's loss, with what its next step needs. The rows that have finished
+    (their cap or their stopping rule) are only evaluated."""
+    running = s.it < s.limit
+    second = running & s.gn
+    if not bool(second.any()):
+        return _Evaluation(*_loss_and_grad(rep, s.x, s.target_rep, bool(running.any())))
+    first = running & ~s.gn
+    loss = torch.empty(len(s), device=s.x.device, dtype=s.best_loss.dtype)
+    grad = torch.zeros_like(s.x)
+    if bool(first.any()):
+        loss[first], grad[first] = _loss_and_grad(rep, s.x[first], s.target_rep[first], True)
+    damping, n_cg = s.damping[second], cfg.cg_iterations
+    step = gauss_newton_step(rep, s.x[second], s.target_rep[second], damping, cg_iterations=n_cg)
+    loss[second] = relative_loss(step.rep, s.target_rep[second])
+    if not bool(running.all()):
+        loss[~running], _ = _loss_and_grad(rep, s.x[~running], s.target_rep[~running], False)
+    return _Evaluation(loss, grad, step, second)
+
+
+def _loss_and_grad(
+    rep, x: torch.Tensor, target_rep: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not need_grad:
         with torch.no_grad():
-            return relative_loss(rep(s.x), s.target_rep), None
-    x = s.x.detach().requires_grad_(True)
-    loss = relative_loss(rep(x), s.target_rep)
+            return relative_loss(rep(x), target_rep), None
+    x = x.detach().requires_grad_(True)
+    loss = relative_loss(rep(x), target_rep)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    s.x = x.detach()
     return loss.detach(), grad
 
 
@@ -260,13 +378,23 @@ class _Outputs:
         self.images = torch.empty(shape, dtype=torch.float32)
         self.loss, self.initial = torch.empty(n), torch.empty(n)
         self.iterations = torch.empty(n, dtype=torch.int64)
-        self.snapshots = {b: (torch.empty(shape), torch.empty(n)) for b in sorted(set(snapshots))}
+        self.switched = torch.full((n,), -1, dtype=torch.int64)
+        self.snapshots = {
+            b: (torch.full(shape, math.nan), torch.full((n,), math.nan))
+            for b in sorted(set(snapshots))
+        }
 
-    def snapshot(self, s: _Slots, final: bool = False) -> None:
+    def snapshot(self, s: _Slots, step_cost: int, final: bool = False) -> None:
         """Record the best iterate of the rows at a budget now (a finished row: at every
-        budget from its last step on, as a run with that budget would return it)."""
+        budget from its last step on, as a run with that budget would return it). A
+        Gauss-Newton row (its steps cost ``step_cost``) whose next step would pass B stands
+        where a run capped at B stops it."""
         for b, (images, loss) in self.snapshots.items():
-            rows = (s.it <= b) if final else (s.it == b) & (s.it < s.limit)
+            if final:
+                rows = s.it <= b
+            else:
+                passes = (s.it == b) | (s.gn & (s.it < b) & (s.it + step_cost > b))
+                rows = passes & (s.it < s.limit)
             if bool(rows.any()):
                 images[s.index[rows.cpu()]] = s.best_x[rows].detach().float().cpu()
                 loss[s.index[rows.cpu()]] = s.best_loss[rows].float().cpu()
@@ -277,7 +405,8 @@ class _Outputs:
         self.loss[i] = (s.best_loss if use_best else last_loss).float().cpu()
         self.initial[i] = s.first_loss.float().cpu()
         self.iterations[i] = s.it.cpu()
-        self.snapshot(s, final=True)
+        self.switched[i] = s.switched.cpu()
+        self.snapshot(s, 0, final=True)
 
 
 def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, hooks) -> tuple:
@@ -304,23 +433,30 @@ def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, hook
                 fresh = _admit(new, seeds, targets, rep, cfg, dev, dtype)
                 slots, next_pair = (fresh if slots is None else slots.cat(fresh)), new.stop
             assert slots is not None
-            loss, grad = _loss_and_grad(rep, slots, bool((slots.it < slots.limit).any()))
-            passes += len(slots)
-            _keep_best(slots, loss)
+            ev = _evaluate(rep, slots, cfg)
+            # a momentum step is one pass; a Gauss-Newton step counts its CG's JVP + VJP
+            # pairs and one more for its forward and its trial forward
+            n_gn = int(ev.gn_rows.sum()) if ev.gn_rows is not None else 0
+            passes += len(slots) + cfg.cg_iterations * n_gn
+            _keep_best(slots, ev.loss)
             if snapshots:
-                out.snapshot(slots)
+                out.snapshot(slots, cfg.cg_iterations + 1)
             done = slots.it >= slots.limit
             if bool(done.any()):
-                out.finish(slots.select(done), loss[done], cfg.use_best)
-                slots, grad = slots.select(~done), (grad[~done] if grad is not None else None)
+                out.finish(slots.select(done), ev.loss[done], cfg.use_best)
+                slots, ev = slots.select(~done), ev.select(~done)
             if not len(slots):
                 continue
             if callback is not None:
                 for t in torch.unique(slots.it).tolist():
                     callback(t, slots.x[slots.it == t])
-            _step(slots, grad, cfg, ball_binds)
+            before = slots.it.clone()
+            _step(slots, ev, cfg, ball_binds)
+            if ev.gn is not None:
+                _gauss_newton(slots, ev, rep, cfg, ball_binds)
+            slots.it += slots.cost
             _stop_rule(slots, cfg)
-            bar.update(len(slots))
+            bar.update(int((slots.it - before).sum()))
     return out, passes
 
 
@@ -328,46 +464,42 @@ def invert_images(
     model: nn.Module,
     seed_images: torch.Tensor | str,
     target_images: torch.Tensor,
+    config: InversionConfig | None = None,
     *,
-    layer: str = _D.layer,
-    step_size: float = _D.step_size,
-    iterations: int = _D.iterations,
-    momentum: float | None = _D.momentum,
-    eps: float = _D.eps,
-    use_best: bool = _D.use_best,
-    batch_size: int = _D.batch_size,
-    tol: float | None = _D.tol,
-    patience: int = _D.patience,
-    schedule: str = _D.schedule,
-    decay_patience: int = _D.decay_patience,
-    decay_tol: float = _D.decay_tol,
-    min_step_size: float = _D.min_step_size,
-    horizon: int | None = _D.horizon,
-    stop_tol: float = _D.stop_tol,
-    fake_relu: bool = _D.fake_relu,
-    amp: bool = _D.amp,
-    channels_last: bool = _D.channels_last,
-    fold_bn: bool = _D.fold_bn,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     noise_seed: int = 0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     snapshots: Sequence[int] = (),
+    **settings: Any,
 ) -> InversionResult:
     """Invert ``target_images`` through ``model`` starting from ``seed_images``.
 
-    The settings are the fields of :class:`~invsim.config.InversionConfig` (defaults: the
-    paper's; :func:`run_inversion` takes them as one config object). Beyond the paper, all
-    off by default: ``tol`` stops an example once its best loss improved by less than
-    ``tol`` over the last ``patience`` iterations (it leaves the batch, and the next pair
-    takes its slot); ``seed_images="noise"`` starts from uniform noise (STIR), drawn from
-    ``noise_seed``; ``fake_relu`` passes gradients through the last ReLU (robustness
-    library option); ``amp`` runs the forward in bfloat16 autocast on CUDA;
-    ``channels_last`` and ``fold_bn`` (each batch-norm folded into its convolution, in a
-    copy of the model) make the same steps faster, equal up to float rounding.
+    The settings are one :class:`~invsim.config.InversionConfig` (``config``; default:
+    the paper's), with any of its fields given as keywords replacing it
+    (``iterations=100``, ``schedule="converge"``): the same object travels from the
+    command line, the YAML file and the store to this loop. An unknown keyword is a
+    :class:`~invsim.config.ConfigError` naming it.
+
+    ``schedule="paper"`` (the default) is the paper's fixed schedule, exactly.
+    ``schedule="converge"`` is the recommended fast one: per-example step sizes and
+    stopping, with momentum steps, damped Gauss-Newton steps (:mod:`invsim.gauss_newton`)
+    or both (``method="hybrid"``, its default: an example whose momentum steps stall above
+    the loss criterion goes on with Gauss-Newton steps); ``iterations`` is then a cap on
+    each example's passes (a momentum step is one pass, a Gauss-Newton step
+    ``cg_iterations + 1``). Beyond the paper, off by default: ``tol`` stops an example
+    once its best loss improved by less than ``tol`` over the last ``patience`` passes;
+    ``fake_relu`` passes gradients through the last ReLU (robustness library option);
+    ``amp`` runs the forward in bfloat16 autocast on CUDA; ``channels_last`` and
+    ``fold_bn`` (each batch-norm folded into its convolution, in a copy of the model) make
+    the same steps faster, equal up to float rounding.
+
+    ``seed_images="noise"`` starts from uniform noise (STIR), drawn from ``noise_seed``.
     ``callback(iteration, x)`` sees, before each step, the iterates of the examples at
     that iteration (in pair order); it is for tests and diagnostics. ``snapshots``
     (budgets B <= iterations) also returns, per B, what ``iterations=B`` would have.
+    Examples finish at different times and leave the batch at once; the next pair takes
+    the slot (continuous batching), and no example's result depends on its batch.
 
     The input tensors are never modified; the model is put in eval mode (with a warning
     if it was training) and restored afterwards. ``device`` moves the model there (and it
@@ -376,6 +508,7 @@ def invert_images(
 
     Example:
         >>> import torch
+        >>> from invsim.config import InversionConfig
         >>> from invsim.models import load_model
         >>> from invsim.inversion import invert_images
         >>> torch.manual_seed(0) and None
@@ -384,41 +517,13 @@ def invert_images(
         >>> r = invert_images(m, seeds, targets, iterations=50, progress=False)
         >>> r.images.shape, bool((r.loss < r.initial_loss).all())
         (torch.Size([4, 1, 28, 28]), True)
+        >>> fast = InversionConfig(schedule="converge", iterations=200)
+        >>> invert_images(m, "noise", targets, fast, progress=False).config["method"]
+        'hybrid'
     """
-    # the keyword form of run_inversion: these keywords are exactly InversionConfig's fields
-    given = {k: v for k, v in locals().items() if k in InversionConfig.model_fields}
-    cfg = InversionConfig.checked(given, where="invert_images")
-    return run_inversion(model, seed_images, target_images, cfg, device=device,
-                         progress=progress, noise_seed=noise_seed, callback=callback,
-                         snapshots=snapshots)  # fmt: skip
-
-
-def run_inversion(
-    model: nn.Module,
-    seed_images: torch.Tensor | str,
-    target_images: torch.Tensor,
-    settings: InversionConfig,
-    *,
-    device: str | torch.device | None = None,
-    progress: bool | None = None,
-    noise_seed: int = 0,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-    snapshots: Sequence[int] = (),
-) -> InversionResult:
-    """:func:`invert_images` with its settings as one :class:`InversionConfig` object: how
-    a setting travels from the command line, the YAML file and the store to the loop.
-
-    Example:
-        >>> import torch
-        >>> from invsim.config import InversionConfig
-        >>> from invsim.inversion import run_inversion
-        >>> from invsim.models import load_model
-        >>> r = run_inversion(load_model("mlp"), "noise", torch.rand(2, 1, 28, 28),
-        ...                   InversionConfig(iterations=5), progress=False)
-        >>> r.config["iterations"]
-        5
-    """
-    cfg = settings
+    cfg = config if config is not None else InversionConfig()
+    if settings:
+        cfg = cfg.replace(**settings)
     seeds = _seed_tensor(seed_images, target_images, noise_seed)
     if device is not None:
         model = model.to(device)
@@ -445,6 +550,7 @@ def run_inversion(
         acting_settings(cfg),
         passes,
         out.snapshots,
+        out.switched,
     )
 
 
@@ -499,14 +605,23 @@ def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
         del out["channels_last"]
     if not cfg.fold_bn:  # the same: equal up to rounding; absent from older records
         del out["fold_bn"]
+    unused = {"momentum": _SECOND_ORDER, "gauss-newton": ("switch_tol",), "hybrid": ()}
+    for k in unused[cfg.step_method]:
+        del out[k]
     if cfg.schedule == "paper":
-        for k in (
-            "schedule",
-            "decay_patience",
-            "decay_tol",
-            "min_step_size",
-            "horizon",
-            "stop_tol",
-        ):
+        for k in _CONVERGE:
             del out[k]
     return out
+
+
+# the settings of the converging schedule, and of its second-order steps
+_SECOND_ORDER = ("switch_tol", "cg_iterations", "damping")
+_CONVERGE = (
+    "schedule",
+    "decay_patience",
+    "decay_tol",
+    "min_step_size",
+    "horizon",
+    "stop_tol",
+    "method",
+)

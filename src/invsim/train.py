@@ -51,7 +51,7 @@ def accuracy(
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             if attack:
-                x = pgd(attacked, x, y, generator=g, **_attack(adversarial))
+                x = pgd(attacked, x, y, generator=g, **_pgd_settings(adversarial))
             with torch.no_grad():
                 correct += int((logits(model(x)).argmax(1) == y).sum())
             total += len(y)
@@ -59,10 +59,24 @@ def accuracy(
 
 
 def _attack(adv: Mapping[str, Any] | AdversarialConfig) -> dict[str, Any]:
-    """The PGD settings of an adversarial recipe, validated (:class:`AdversarialConfig`)."""
+    """The settings of an adversarial recipe, validated (:class:`AdversarialConfig`)."""
     if isinstance(adv, AdversarialConfig):
         return adv.model_dump()
     return AdversarialConfig.checked(dict(adv), where="adversarial").model_dump()
+
+
+def _pgd_settings(adv: Mapping[str, Any], fraction: float = 1.0) -> dict[str, Any]:
+    """:func:`~invsim.attacks.pgd`'s keywords for a recipe, with eps and the step scaled by
+    ``fraction`` (the training ramp; 1: the recipe's own)."""
+    out = {k: v for k, v in _attack(adv).items() if k != "ramp_epochs"}
+    step = out["step_size"] if out["step_size"] is not None else 2.5 * out["eps"] / out["steps"]
+    return {**out, "eps": out["eps"] * fraction, "step_size": step * fraction}
+
+
+def _ramp(adv: Mapping[str, Any], step: int, steps_per_epoch: int) -> float:
+    """The fraction of eps that training uses at optimiser step ``step`` (linear ramp)."""
+    ramp = float(adv.get("ramp_epochs", 0.0)) * steps_per_epoch
+    return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
 
 
 _RECIPE = set(TrainConfig.model_fields) - {"dataset", "data_options", "width"}
@@ -178,8 +192,9 @@ def _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress) -> list[f
         for _epoch in range(epochs):
             for x, y in loader:
                 x, y = x.to(dev), y.to(dev)
-                if adv is not None:
-                    x = pgd(model, x, y, generator=attack_gen, **adv)  # eval during the attack
+                if adv is not None:  # the model is in eval mode during the attack
+                    fraction = _ramp(adv, len(losses), len(loader))
+                    x = pgd(model, x, y, generator=attack_gen, **_pgd_settings(adv, fraction))
                 model.train()
                 loss = F.cross_entropy(logits(model(x)), y)
                 opt.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from invsim.config import InversionConfig
 from invsim.data.base import dataset_images, dataset_labels
 from invsim.data.pairs import check_pairs, sample_pairs
 from invsim.distributed import barrier, init_from_env
-from invsim.inversion import acting_settings, run_inversion
+from invsim.inversion import acting_settings, invert_images
 from invsim.store import format as fmt
 from invsim.store.format import InvertedDataset, StoreError, merge_manifest
 
@@ -160,7 +160,7 @@ class _Job:
             seeds = "noise" if noise else dataset_images(self.dataset, seed_idx[sl])
             half = self.inversion.iterations // 2
             started = time.perf_counter()
-            result = run_inversion(
+            result = invert_images(
                 self.model,
                 seeds,
                 targets,
