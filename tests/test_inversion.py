@@ -205,8 +205,8 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
         {"schedule": "converge", "method": "momentum", "momentum": 0.9, "decay_patience": 3,
          "decay_tol": 0.1, "horizon": 10, "stop_tol": 0.2},
         # some examples switch to Gauss-Newton steps, at different steps, and stop
-        {"schedule": "converge", "method": "hybrid", "horizon": 16, "switch_tol": 0.2,
-         "stop_tol": 0.05, "cg_iterations": 3},
+        {"schedule": "converge", "method": "hybrid", "horizon": 48, "switch_tol": 0.2,
+         "stop_tol": 0.1, "cg_iterations": 3, "decay_tol": 0.1, "decay_patience": 3},
     ],
     ids=["tol", "converge", "hybrid"],
 )  # fmt: skip
@@ -222,6 +222,7 @@ def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, 
     stops = batched.iterations.tolist()
     assert len(set(stops)) > 1 and min(stops) < 60  # examples leave at different iterations
     assert stops == [int(r.iterations) for r in alone]  # every pair once, in input order
+    assert batched.switched.tolist() == [int(r.switched) for r in alone]
     assert torch.allclose(batched.images.double(), torch.cat([r.images for r in alone]).double())
     assert torch.allclose(batched.loss, torch.cat([r.loss for r in alone]))
     # the cost is the work actually done: one evaluation per step plus the last iterate

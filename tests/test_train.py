@@ -78,3 +78,23 @@ def test_ladder_skips_trained_models(tmp_path, mnist_train):
     stamps = {eps: p.stat().st_mtime_ns for eps, p in paths.items()}
     train_ladder("mlp", small, [0, 0.5], tmp_path, **kw)
     assert {eps: p.stat().st_mtime_ns for eps, p in paths.items()} == stamps
+
+
+def test_the_eps_ramp_grows_the_attack_linearly_then_holds(monkeypatch, mnist_test):
+    import invsim.train as train
+
+    seen = []
+    real = train.pgd
+
+    def spy(model, x, y, **kw):
+        seen.append((kw["eps"], kw["step_size"]))
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(train, "pgd", spy)
+    ds = torch.utils.data.TensorDataset(mnist_test.images[:256], mnist_test.labels[:256])
+    adv = {"norm": "linf", "eps": 0.3, "steps": 2, "step_size": 0.1, "ramp_epochs": 1.0}
+    train_model("mlp", ds, epochs=2, batch_size=64, adversarial=adv, progress=False)
+    eps = [e for e, _ in seen]
+    # 4 optimiser steps an epoch: 1/4, 2/4, 3/4 and 4/4 of eps over the first, then all
+    assert eps == pytest.approx([0.075, 0.15, 0.225, 0.3, 0.3, 0.3, 0.3, 0.3])
+    assert [s / e for e, s in seen] == pytest.approx([0.1 / 0.3] * 8)  # the step scales too

@@ -179,12 +179,18 @@ def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) ->
         stall=torch.zeros(k, dtype=torch.int64, device=dev),
         window=inf.clone(),
         probe=inf.clone(),
-        gn=torch.full((k,), cfg.step_method != "momentum", device=dev),
+        gn=torch.full((k,), _starts_second_order(cfg), device=dev),
         switched=torch.full((k,), -1, dtype=torch.int64, device=dev),
         steps=torch.zeros(k, dtype=torch.int64, device=dev),
         damping=torch.full((k,), cfg.damping, device=dev, dtype=dtype),
         cost=torch.zeros(k, dtype=torch.int64, device=dev),
     )
+
+
+def _starts_second_order(cfg: InversionConfig) -> bool:
+    """Gauss-Newton and hybrid inversions start with Gauss-Newton steps, unless the cap is
+    below one step's cost (``cg_iterations + 1`` passes): then momentum steps."""
+    return cfg.step_method != "momentum" and cfg.iterations >= cfg.cg_iterations + 1
 
 
 def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
@@ -523,7 +529,7 @@ def invert_images(
     """
     cfg = config if config is not None else InversionConfig()
     if settings:
-        cfg = cfg.replace(**settings)
+        cfg = InversionConfig.checked({**cfg.model_dump(), **settings}, where="invert_images")
     seeds = _seed_tensor(seed_images, target_images, noise_seed)
     if device is not None:
         model = model.to(device)
