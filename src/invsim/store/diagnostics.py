@@ -14,6 +14,8 @@ Example:
     (True, False)
     >>> stop_reasons(torch.tensor([0.05, 0.3, 0.3]), torch.tensor([40, 90, 100]), cap=100)
     ['reached', 'at_rest', 'cap']
+    >>> stop_reasons(torch.tensor([0.3, 0.3]), torch.tensor([85, 95]), cap=100, last_step=11)
+    ['at_rest', 'cap']
 """
 
 from __future__ import annotations
@@ -55,10 +57,17 @@ def converged(diagnostics: Mapping[str, Any]) -> bool:
     return float(diagnostics["median_loss"]) <= CONVERGED_LOSS
 
 
-def stop_reasons(loss: torch.Tensor, iterations: torch.Tensor, *, cap: int) -> list[str]:
-    """Each example's :data:`STOP_REASONS` entry, from its final loss and steps taken."""
+def stop_reasons(
+    loss: torch.Tensor, iterations: torch.Tensor, *, cap: int, last_step: int = 1
+) -> list[str]:
+    """Each example's :data:`STOP_REASONS` entry, from its final loss and the passes it
+    took. ``last_step``: the passes of its costliest step (a Gauss-Newton step's
+    ``cg_iterations + 1``): an example whose next such step would have passed the cap
+    was stopped by the cap."""
     return [
-        "reached" if float(q) <= CONVERGED_LOSS else ("at_rest" if int(i) < cap else "cap")
+        "reached"
+        if float(q) <= CONVERGED_LOSS
+        else ("at_rest" if int(i) + last_step <= cap else "cap")
         for q, i in zip(loss.tolist(), iterations.tolist(), strict=True)
     ]
 
@@ -69,8 +78,11 @@ def loss_diagnostics(inverted: Any) -> dict[str, Any]:
     ``CONVERGED_LOSS``, how many examples stopped for each reason, and ``converged``."""
     loss = inverted.loss.double()
     median = float(loss.median())
-    cap = int((inverted.config.get("inversion") or {}).get("iterations", 0))
-    reasons = stop_reasons(inverted.loss, inverted.iterations, cap=cap)
+    settings = inverted.config.get("inversion") or {}
+    cap = int(settings.get("iterations", 0))
+    second_order = settings.get("method", "momentum") != "momentum"
+    last_step = int(settings.get("cg_iterations", 0)) + 1 if second_order else 1
+    reasons = stop_reasons(inverted.loss, inverted.iterations, cap=cap, last_step=last_step)
     return {
         "median_loss": median,
         "p90_loss": float(torch.quantile(loss, 0.9)),
