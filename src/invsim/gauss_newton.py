@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["GaussNewtonStep", "gauss_newton_step", "jvp"]
+__all__ = ["GaussNewtonStep", "free_pixels", "gauss_newton_step", "jvp"]
 
 _TINY = 1e-30
 
