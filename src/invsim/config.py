@@ -158,7 +158,7 @@ class InversionConfig(_Settings):
 
     @model_validator(mode="after")
     def _paper_is_first_order(self) -> InversionConfig:
-        if self.schedule == "paper" and self.method != "hybrid" and self.method != "momentum":
+        if self.schedule == "paper" and self.method == "gauss-newton":
             raise ValueError(
                 f"method={self.method!r} needs schedule='converge'; the paper's schedule is "
                 "its fixed momentum steps (leave method unset, or set schedule='converge')."

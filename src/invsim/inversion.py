@@ -193,9 +193,13 @@ def _starts_second_order(cfg: InversionConfig) -> bool:
     return cfg.step_method != "momentum" and cfg.iterations >= cfg.cg_iterations + 1
 
 
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example (N,) tensor shaped to broadcast over images like ``like``."""
+    return mask.view((-1,) + (1,) * (like.ndim - 1))
+
+
 def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     """Per example, the iterate of lowest loss seen so far (strictly lower replaces)."""
-    view = (-1,) + (1,) * (s.x.ndim - 1)
     fresh = s.it == 0
     s.first_loss = torch.where(fresh, loss, s.first_loss)
     s.checkpoint = torch.where(fresh, loss, s.checkpoint)  # the first tol window: from the seed
@@ -203,7 +207,7 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     s.probe = torch.where(fresh, loss, s.probe)
     better = loss < s.best_loss
     s.best_loss = torch.where(better, loss, s.best_loss)
-    s.best_x = torch.where(better.view(view), s.x, s.best_x)
+    s.best_x = torch.where(_rows(better, s.x), s.x, s.best_x)
 
 
 def _step(s: _Slots, ev: _Evaluation, cfg: InversionConfig, ball_binds: bool) -> None:
@@ -217,14 +221,15 @@ def _step(s: _Slots, ev: _Evaluation, cfg: InversionConfig, ball_binds: bool) ->
         x_new = torch.add(s.x, s.m, alpha=-cfg.step_size)
     else:  # warm-up correction: m / (1 - momentum^t) is a unit-scale direction from step 1
         warm = 1.0 - momentum ** (s.steps + 1).to(s.lr.dtype)
-        x_new = s.x - (s.lr / warm).view((-1,) + (1,) * (s.x.ndim - 1)) * s.m
+        x_new = s.x - _rows(s.lr / warm, s.x) * s.m
     x_new = _constrain(x_new, s.seed, cfg, ball_binds)
     if ev.gn_rows is None:
         s.x = x_new
+        s.steps += 1
     else:
-        s.x = torch.where(ev.gn_rows.view((-1,) + (1,) * (s.x.ndim - 1)), s.x, x_new)
+        s.x = torch.where(_rows(ev.gn_rows, s.x), s.x, x_new)
+        s.steps += (~ev.gn_rows).long()
     s.cost = torch.ones_like(s.it)  # Gauss-Newton rows: set by _gauss_newton
-    s.steps += 1
 
 
 def _constrain(x: torch.Tensor, seed: torch.Tensor, cfg: InversionConfig, ball_binds: bool):
@@ -244,8 +249,7 @@ def _gauss_newton(s: _Slots, ev: _Evaluation, rep, cfg: InversionConfig, ball_bi
     with torch.no_grad():
         trial_loss = relative_loss(rep(trial), s.target_rep[rows])
     accept = trial_loss < ev.loss[rows]
-    view = (-1,) + (1,) * (x.ndim - 1)
-    s.x[rows] = torch.where(accept.view(view), trial, x)
+    s.x[rows] = torch.where(_rows(accept, x), trial, x)
     damping = s.damping[rows]
     s.damping[rows] = torch.where(accept, damping / 3, damping * 4).clamp(1e-8, 1e8)
     s.cost[rows] = cfg.cg_iterations + 1
@@ -317,9 +321,8 @@ def _switch(s: _Slots, cfg: InversionConfig, running: torch.Tensor) -> torch.Ten
     s.probe = torch.where(check, s.best_loss, s.probe)
     s.gn = s.gn & ~slow
     s.switched = torch.where(slow, s.it, s.switched)
-    view = (-1,) + (1,) * (s.x.ndim - 1)
-    s.x = torch.where(slow.view(view), s.best_x, s.x)  # from the best iterate
-    s.m = torch.where(slow.view(view), 0.0, s.m)
+    s.x = torch.where(_rows(slow, s.x), s.best_x, s.x)  # from the best iterate
+    s.m = torch.where(_rows(slow, s.m), 0.0, s.m)
     s.steps = torch.where(slow, 0, s.steps)
     s.lr = torch.where(slow, cfg.step_size, s.lr)
     s.stall = torch.where(slow, 0, s.stall)
@@ -339,6 +342,8 @@ class _Evaluation:
     gn_rows: torch.Tensor | None = None
 
     def select(self, keep: torch.Tensor) -> _Evaluation:
+        """The rows ``keep``: they include every Gauss-Newton row (a finished row takes no
+        step), so ``gn`` stays whole."""
         grad = self.grad[keep] if self.grad is not None else None
         rows = self.gn_rows[keep] if self.gn_rows is not None else None
         return _Evaluation(self.loss[keep], grad, self.gn, rows)

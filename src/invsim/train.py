@@ -51,7 +51,7 @@ def accuracy(
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             if attack:
-                x = pgd(attacked, x, y, generator=g, **_pgd_settings(adversarial))
+                x = pgd(attacked, x, y, generator=g, **_pgd_settings(_attack(adversarial)))
             with torch.no_grad():
                 correct += int((logits(model(x)).argmax(1) == y).sum())
             total += len(y)
@@ -66,11 +66,12 @@ def _attack(adv: Mapping[str, Any] | AdversarialConfig) -> dict[str, Any]:
 
 
 def _pgd_settings(adv: Mapping[str, Any], fraction: float = 1.0) -> dict[str, Any]:
-    """:func:`~invsim.attacks.pgd`'s keywords for a recipe, with eps and the step scaled by
-    ``fraction`` (the training ramp; 1: the recipe's own)."""
-    out = {k: v for k, v in _attack(adv).items() if k != "ramp_epochs"}
-    step = out["step_size"] if out["step_size"] is not None else 2.5 * out["eps"] / out["steps"]
-    return {**out, "eps": out["eps"] * fraction, "step_size": step * fraction}
+    """:func:`~invsim.attacks.pgd`'s keywords for a validated recipe (:func:`_attack`),
+    with eps and a given step scaled by ``fraction`` (the training ramp; 1: the recipe's
+    own). An unset step stays unset: pgd's default follows the scaled eps."""
+    out = {k: v for k, v in adv.items() if k != "ramp_epochs"}
+    step = out["step_size"] and out["step_size"] * fraction
+    return {**out, "eps": out["eps"] * fraction, "step_size": step}
 
 
 def _ramp(adv: Mapping[str, Any], step: int, steps_per_epoch: int) -> float:
