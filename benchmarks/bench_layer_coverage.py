@@ -44,7 +44,7 @@ def interval(x: torch.Tensor, y: torch.Tensor, groups: int, q: float) -> tuple[f
     for i0 in range(0, n, 2 * batch):  # two batches held per pass, then the rest streamed
         held = [x[i0 : i0 + 2 * batch], y[i0 : i0 + 2 * batch]]
         for j0 in range(i0, n, batch):
-            acc.add_tile(held, i0, [x[j0 : j0 + batch], y[j0 : j0 + batch]], j0)
+            acc.update(held, i0, [x[j0 : j0 + batch], y[j0 : j0 + batch]], j0)
     est, se = acc.jackknife(debiased=True)
     return float(est[0, 1] - q * se[0, 1]), float(est[0, 1] + q * se[0, 1])
 

@@ -127,15 +127,3 @@ def test_schedule_is_a_setting_everywhere():
     result = CliRunner().invoke(main, ["invert", "x", "--out", "o", "--schedule", "fast"])
     assert result.exit_code == 2 and "'paper', 'converge'" in result.output
     assert "schedule" in json.dumps(ExperimentConfig.model_json_schema())
-
-
-def test_calibration_n_boot_still_loads_with_a_deprecation_warning():
-    from invsim.config import CalibrationConfig
-
-    with pytest.warns(DeprecationWarning, match="n_boot=100 is ignored"):
-        assert CalibrationConfig(n_boot=100).ci == 0.95
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        CalibrationConfig()  # the default says nothing

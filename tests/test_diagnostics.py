@@ -59,7 +59,7 @@ def test_a_store_written_before_diagnostics_were_kept_still_opens(stores, tmp_pa
 def test_inverted_similarity_warns_and_flags_an_unconverged_row(stores):
     models, sets, _ = stores
     with pytest.warns(InversionWarning) as caught:
-        m = inverted_similarity(models, sets)
+        (m,) = inverted_similarity(models, sets).values()
     text = " ".join(str(w.message) for w in caught)
     median = sets["a"].diagnostics["median_loss"]
     assert "'a'" in text or "a's" in text

@@ -60,6 +60,14 @@ def test_distributed_cka_equals_single_process(tmp_path):
         assert got["debiased"] == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-10)
         assert torch.allclose(torch.tensor(got["matrix"], dtype=torch.float64),
                               torch.from_numpy(want), atol=1e-10)  # fmt: skip
+        # every other accumulator, synced by the same call, equals one process
+        want_others = dist_worker.others(0, 1)
+        assert got["others"]["minibatch"] == pytest.approx(want_others["minibatch"], abs=1e-12)
+        for key in ("moments", "tiles"):
+            assert np.allclose(got["others"][key], want_others[key], atol=1e-10, rtol=0), key
+        assert got["others"]["tiles"][0][1] == pytest.approx(
+            linear_cka(x, y, debiased=True), abs=1e-10
+        )
         # every streaming measure, from the all-reduced moments, equals one process
         single = want_mat.compute_measures(list(got["measures"]))
         for name, values in got["measures"].items():

@@ -43,7 +43,9 @@ def data(mnist_test):
 
 def test_natural_matrix_matches_pairwise_cka_and_computes_each_rep_once(zoo, data):
     cache = RepresentationCache()
-    m = natural_similarity(zoo, data, n=100, cache=cache)
+    found = natural_similarity(zoo, data, n=100, cache=cache)
+    assert list(found) == ["linear_cka"]  # one name or a list: the same return type
+    m = found["linear_cka"]
     assert cache.stats == {"hits": 0, "computed": 3}
     assert np.allclose(m.values, m.values.T) and np.allclose(np.diag(m.values), 1)
     reps = {k: extract(v, data.images[:100]) for k, v in zoo.items()}
@@ -54,7 +56,7 @@ def test_inverted_matrix_definition_and_cache_on_disk(tmp_path, zoo, data):
     kw = {"iterations": 10, "shard_size": 8, "progress": False}
     inverted = {k: invert_dataset(zoo[k], data, 16, tmp_path / k, **kw) for k in ("lenet", "mlp")}
     cache = RepresentationCache(tmp_path / "cache")
-    m = inverted_similarity(zoo, inverted, cache=cache)
+    (m,) = inverted_similarity(zoo, inverted, cache=cache).values()
     assert m.rows == ["lenet", "mlp"] and m.cols == ["lenet", "mlp", "vgg"]
     assert cache.stats["computed"] == 6  # 3 models x 2 data sets, not once per entry
     x = inverted["mlp"].images
@@ -62,7 +64,7 @@ def test_inverted_matrix_definition_and_cache_on_disk(tmp_path, zoo, data):
     assert m["mlp", "vgg"] == pytest.approx(want, abs=1e-6)
     assert m["mlp", "mlp"] == pytest.approx(1.0)
     again = RepresentationCache(tmp_path / "cache")
-    m2 = inverted_similarity(zoo, inverted, cache=again)
+    (m2,) = inverted_similarity(zoo, inverted, cache=again).values()
     assert again.stats == {"hits": 6, "computed": 0}
     assert np.array_equal(m.values, m2.values)
     # adding one model computes only what is new
@@ -87,9 +89,10 @@ def test_summaries():
 
 def test_stir(tmp_path, zoo, data):
     models = {k: zoo[k] for k in ("lenet", "mlp")}
-    m, inv = stir_similarity(
+    (m,) = stir_similarity(
         models, data, tmp_path, n=24, iterations=40, progress=False, shard_size=24
-    )
+    ).values()
+    inv = {k: store.InvertedDataset(tmp_path / k) for k in models}
     assert m.values.shape == (2, 2)
     assert (
         json.loads((tmp_path / "lenet" / "dataset.json").read_text())["inversion"]["seed_images"]
@@ -335,7 +338,7 @@ def test_half_budget_drift_is_flagged(tmp_path, monkeypatch):
     half = {
         k: type("Half", (), {"images": v.half_images, "id": f"h{k}"})() for k, v in inverted.items()
     }
-    want = np.abs(inverted_similarity(models, half).values
+    want = np.abs(inverted_similarity(models, half)["linear_cka"].values
                   - np.array(results["matrices"]["inverted"]["values"]))  # fmt: skip
     assert d["max_change"] == pytest.approx(float(want.max()), abs=1e-9)
     assert len(d["moved"]) == int((want > 0.001).sum()) > 0

@@ -148,13 +148,13 @@ def test_gram_tiles_equal_full_data_cka_for_any_tiling():
             for j0 in range(i0, 37, batch):
                 stop = min(j0 + batch, 37)
                 if j0 < i0 + block and stop > i0 + block:  # split a straddling batch
-                    acc.add_tile(held, i0, [x[j0 : i0 + block], y[j0 : i0 + block]], j0)
-                    acc.add_tile(held, i0, [x[i0 + block : stop], y[i0 + block : stop]],
+                    acc.update(held, i0, [x[j0 : i0 + block], y[j0 : i0 + block]], j0)
+                    acc.update(held, i0, [x[i0 + block : stop], y[i0 + block : stop]],
                                  i0 + block)  # fmt: skip
                 else:
-                    acc.add_tile(held, i0, [x[j0:stop], y[j0:stop]], j0)
+                    acc.update(held, i0, [x[j0:stop], y[j0:stop]], j0)
         for deb in (False, True):
-            assert float(acc.cka(debiased=deb)[0, 1]) == pytest.approx(
+            assert float(acc.compute(debiased=deb)[0, 1]) == pytest.approx(
                 linear_cka(x, y, debiased=deb), abs=1e-10)  # fmt: skip
 
 
@@ -231,7 +231,7 @@ def _tiles(x, y, groups, block=16, batch=8):
     for i0 in range(0, n, block):
         held = [x[i0 : i0 + block], y[i0 : i0 + block]]
         for j0 in range(i0, n, batch):
-            acc.add_tile(held, i0, [x[j0 : j0 + batch], y[j0 : j0 + batch]], j0)
+            acc.update(held, i0, [x[j0 : j0 + batch], y[j0 : j0 + batch]], j0)
     return acc
 
 

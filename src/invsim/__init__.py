@@ -36,7 +36,6 @@ _LAZY: dict[str, str] = {
     # similarity
     "LinearCKA": "invsim.similarity",
     "StreamingPanel": "invsim.similarity",
-    "LinearCKAMatrix": "invsim.similarity",  # the deprecated name of StreamingPanel
     "MinibatchCKA": "invsim.similarity",
     "SimilarityMatrix": "invsim.similarity",
     "cka_matrix": "invsim.similarity",

@@ -51,15 +51,3 @@ def progress_bar(total: int | None, desc: str, progress: bool | None, *, unit: s
 
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False)
-
-
-def renamed(old: str, old_value: Any, new: str, new_value: Any) -> Any:
-    """``new_value``, or ``old_value`` with a DeprecationWarning when a caller still uses
-    the old keyword ``old`` (kept for one release)."""
-    if old_value is None:
-        return new_value
-    import warnings
-
-    warnings.warn(f"{old}= is now {new}=; the old name will be removed.", DeprecationWarning,
-                  stacklevel=3)  # fmt: skip
-    return old_value

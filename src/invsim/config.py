@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,26 +273,10 @@ class StirConfig(_Settings):
         "noise", description="What STIR's inversions start from: noise, or data images."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _none_meant_data(cls, raw: Any) -> Any:
-        """``seed_images: null`` used to be how a config asked for data seeds."""
-        if isinstance(raw, dict) and "seed_images" in raw and raw["seed_images"] is None:
-            warnings.warn("stir.seed_images: null is now seed_images: data.",
-                          DeprecationWarning, stacklevel=2)  # fmt: skip
-            return {**raw, "seed_images": "data"}
-        return raw
-
 
 class CalibrationConfig(_Settings):
     """Intervals and nulls for every cell (:func:`invsim.similarity.calibrate`)."""
 
-    n_boot: int | None = Field(
-        None,
-        ge=1,
-        description="Deprecated and ignored: intervals now come from the jackknife "
-        "(docs/trust.md); accepted so that older configs still load.",
-    )
     n_perm: int = Field(
         200, ge=0, description="Permutations per cell for a permutation null; 0: no null."
     )
@@ -308,17 +291,6 @@ class CalibrationConfig(_Settings):
     measures: list[str] = Field(
         default_factory=lambda: ["linear_cka"], description="Measures to calibrate."
     )
-
-    @model_validator(mode="after")
-    def _deprecated(self) -> CalibrationConfig:
-        if self.n_boot is not None:
-            warnings.warn(
-                f"calibration.n_boot={self.n_boot} is ignored: intervals now come from the "
-                "jackknife, which needs no replicates (docs/trust.md). Remove n_boot.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        return self
 
 
 class LayersConfig(_Settings):

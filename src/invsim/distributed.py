@@ -6,8 +6,8 @@ The primitives the stages use, never a second code path:
 - extraction (:mod:`invsim.experiment`) gives each rank a strided slice of the images
   and :func:`gather_strided` reassembles the whole representation, in order, on every
   rank, so the representation cache is identical everywhere;
-- :func:`all_reduce_accumulator` sums streaming CKA accumulators (after a common
-  re-shift of their moments, a plain all-reduce).
+- :func:`all_reduce_accumulator` sums any streaming accumulator (the contract of
+  :mod:`invsim.similarity.accumulator`: ``align``, then a plain all-reduce per state).
 
 Only rank 0 prints and writes results and reports.
 
@@ -21,10 +21,13 @@ one slice on its own, for SLURM job arrays; ``invsim invert --merge`` assembles 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from invsim.similarity.accumulator import Accumulator
 
 __all__ = [
     "all_reduce_accumulator",
@@ -71,27 +74,26 @@ def init_from_env(device: str | None = None) -> tuple[int, int]:
     return rank_world()
 
 
-def all_reduce_accumulator(acc: Any, group: Any = None) -> Any:
-    """Sum a streaming CKA accumulator over all processes, in place.
-
-    Every process re-shifts its moments to the global mean (itself an all-reduce of n and
-    the sums), so the remaining state is summed by a plain all-reduce.
-    """
+def all_reduce_accumulator(acc: Accumulator, group: Any = None) -> Accumulator:
+    """Sum any streaming accumulator (:class:`~invsim.LinearCKA`,
+    :class:`~invsim.StreamingPanel`, :class:`~invsim.MinibatchCKA`, ``CrossMoments``,
+    ``GramTiles``) over all processes, in place: ``acc.align`` makes the states
+    summable (moments are re-shifted to the global mean), then each state tensor is
+    all-reduced. Every process then holds the single-process result. Without a process
+    group it returns ``acc`` unchanged."""
     rank, world = rank_world()
     if world == 1:
         return acc
-    moments = acc.moments
-    if moments.shift is None:
-        raise ValueError(f"rank {rank} saw no data; give every process at least one batch.")
-    # global mean, from n and the raw sums (shift * n + S) of every view
-    n = moments.n.clone()
-    raw = [sh * moments.n + s for sh, s in zip(moments.shift, moments.S, strict=True)]
-    dist.all_reduce(n, group=group)
-    for t in raw:
+
+    def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t, group=group)
-    moments.reshift([t / n for t in raw])
-    for t in moments.state_tensors():
-        dist.all_reduce(t, group=group)
+
+    try:
+        acc.align(all_reduce)
+    except ValueError as err:
+        raise ValueError(f"rank {rank}: {err}") from err
+    for t in acc.state_tensors():
+        all_reduce(t)
     return acc
 
 

@@ -30,6 +30,34 @@ def small_set():
 CONVERGE = {"iterations": 60, "schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}
 
 
+def others(rank: int, world: int) -> dict:
+    """CrossMoments, MinibatchCKA and GramTiles over this rank's share of the data, all
+    synced by the one all_reduce_accumulator; their values on every rank."""
+    from invsim.distributed import all_reduce_accumulator
+    from invsim.similarity import CrossMoments, MinibatchCKA
+    from invsim.similarity.layerwise import GramTiles
+
+    x, y = data()
+    moments, mini = CrossMoments(2), MinibatchCKA(weighting="size")
+    for k, chunk in enumerate(torch.arange(len(x)).split(43)):
+        if k % world == rank:  # whole batches per rank: minibatch CKA depends on them
+            moments.update([x[chunk], y[chunk]])
+            mini.update(x[chunk], y[chunk])
+    tiles = GramTiles(len(x), shifts=[x[:5].mean(0), y[:5].mean(0)])
+    for p, i0 in enumerate(range(0, len(x), 60)):  # rank p % world holds block p
+        if p % world == rank:
+            held = [x[i0 : i0 + 60], y[i0 : i0 + 60]]
+            for j0 in range(i0, len(x), 60):
+                tiles.update(held, i0, [x[j0 : j0 + 60], y[j0 : j0 + 60]], j0)
+    for acc in (moments, mini, tiles):
+        all_reduce_accumulator(acc)
+    return {
+        "moments": moments.hsic_matrix(debiased=True).tolist(),
+        "minibatch": mini.compute(),
+        "tiles": tiles.compute(debiased=True).tolist(),
+    }
+
+
 def model():
     from invsim.models import load_model
 
@@ -56,8 +84,9 @@ def main() -> None:
             mat.update({"x": x[chunk], "y": y[chunk], "z": torch.tanh(x[chunk, :3] - 50)})
         all_reduce_accumulator(acc)
         all_reduce_accumulator(mat)
+        result = {"others": others(rank, world)}
         streaming = ["procrustes", "mean_cca", "pwcca", "linreg_r2", "svcca"]
-        result = {"biased": acc.compute(), "debiased": acc.compute(debiased=True),
+        result |= {"biased": acc.compute(), "debiased": acc.compute(debiased=True),
                   "matrix": mat.compute(debiased=True).values.tolist(),
                   "measures": {k: v.values.tolist()
                                for k, v in mat.compute_measures(streaming).items()}}  # fmt: skip

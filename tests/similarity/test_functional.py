@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invsim import cka_matrix, kernel_cka, linear_cka
-from invsim.similarity import center_gram, gram_linear
+from invsim.similarity import centre_gram, gram_linear
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_unbiased_hsic_matches_song_formula(kornblith_xy):
         + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
         - 2.0 / (n - 2) * (one @ K @ L @ one)
     ) / (n * (n - 3))
-    ku = center_gram(gram_linear(X), unbiased=True)
-    lu = center_gram(gram_linear(Y), unbiased=True)
+    ku = centre_gram(gram_linear(X), debiased=True)
+    lu = centre_gram(gram_linear(Y), debiased=True)
     assert float((ku * lu).sum()) / (n * (n - 3)) == pytest.approx(float(song), rel=1e-10)
 
 

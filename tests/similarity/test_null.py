@@ -13,7 +13,12 @@ from scipy import stats
 
 from invsim.similarity import calibrate
 from invsim.similarity.calibration import _trace_cubed
-from invsim.similarity.null import centred_gram, null_moments, pattern_sums, pearson3_sf
+from invsim.similarity.core import centred, gram_linear
+from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
+
+
+def centred_gram(x):
+    return gram_linear(centred(x))
 
 
 def _enumerated(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:

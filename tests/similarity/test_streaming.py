@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invsim import LinearCKA, MinibatchCKA, StreamingPanel, cka_matrix, linear_cka
-from invsim.similarity import center_gram, gram_linear
+from invsim.similarity import centre_gram, gram_linear
 
 
 def _data(seed: int, n: int = 120, d1: int = 7, d2: int = 5, mean: float = 0.0):
@@ -142,8 +142,8 @@ def test_streaming_bad_input():
 
 def _unbiased_hsic(a: torch.Tensor, b: torch.Tensor) -> float:
     n = a.shape[0]
-    ka = center_gram(gram_linear(a.double()), unbiased=True)
-    kb = center_gram(gram_linear(b.double()), unbiased=True)
+    ka = centre_gram(gram_linear(a.double()), debiased=True)
+    kb = centre_gram(gram_linear(b.double()), debiased=True)
     return float((ka * kb).sum()) / (n * (n - 3))
 
 

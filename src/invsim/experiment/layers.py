@@ -47,10 +47,12 @@ from torch import nn
 
 from invsim._io import progress_bar
 from invsim.config import PENULTIMATE
+from invsim.distributed import all_reduce_accumulator
 from invsim.representation import capture_layers, eval_mode, select_layers
 from invsim.similarity.by_layer import LayerSimilarity, depth_profile, write_layers_csv
 from invsim.similarity.core import cka_ratio_matrix
-from invsim.similarity.layerwise import GramTiles, minibatch_hsic
+from invsim.similarity.layerwise import GramTiles
+from invsim.similarity.streaming import MinibatchCKA
 
 __all__ = [
     "LayerSimilarity",
@@ -250,15 +252,28 @@ def _batches(images: Any, start: int, size: int) -> Iterator[tuple[int, torch.Te
         yield j, images[j : j + size]
 
 
-def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int, block: int,
-                batch_size: int, bar: Any) -> None:  # fmt: skip
+@dataclass
+class _Sweep:
+    """What every pass over the images shares: the layer readers, the images, the batch
+    size, the products' dtype, the progress bar and this process's place in the group."""
+
+    readers: _Readers
+    images: Any
+    batch_size: int
+    dtype: torch.dtype
+    bar: Any
+    rank: int = 0
+    world: int = 1
+
+
+def _exact_pass(acc: GramTiles, sweep: _Sweep, i0: int, block: int) -> None:
     """One pass: hold examples [i0, i0 + block), stream [i0, n) past them."""
     held: list[torch.Tensor] | None = None
     chunks: list[tuple[int, int]] = []
-    stop = min(i0 + block, len(images))
-    for j0, x in _batches(images, i0, batch_size):
-        views = acc.shifted(readers.at(j0, x), inplace=True)  # the readers' own copies
-        bar.update(len(x))
+    stop = min(i0 + block, len(sweep.images))
+    for j0, x in _batches(sweep.images, i0, sweep.batch_size):
+        views = acc.shifted(sweep.readers.at(j0, x), inplace=True)  # the readers' own copies
+        sweep.bar.update(len(x))
         if j0 < stop:
             if held is None:
                 held = [torch.empty(stop - i0, v.shape[1], dtype=v.dtype) for v in views]
@@ -269,29 +284,20 @@ def _exact_pass(acc: GramTiles, readers: _Readers, images: torch.Tensor, i0: int
                 _block_tiles(acc, held, i0, chunks)
         else:
             assert held is not None
-            acc.add_tile(held, i0, views, j0, shifted=True)
+            acc.update(held, i0, views, j0, shifted=True)
         del views  # before the next forward: one batch's copies alive at a time
 
 
-def _block_tiles(acc: GramTiles, held: list[torch.Tensor], i0: int,
-                 chunks: list[tuple[int, int]]) -> None:  # fmt: skip
+def _block_tiles(
+    acc: GramTiles, held: list[torch.Tensor], i0: int, chunks: list[tuple[int, int]]
+) -> None:
     """The held block's own pairs as chunk x chunk tiles, each unordered pair once: a
     chunk with itself (the diagonal), and with each later chunk (standing for both
     orders), half the products of the whole block against each chunk."""
     parts = [(c0, [h[c0 - i0 : c0 - i0 + w] for h in held]) for c0, w in chunks]
     for k, (c0, first) in enumerate(parts):
         for c1, second in parts[k:]:
-            acc.add_tile(first, c0, second, c1, shifted=True)
-
-
-def _all_reduce(tensors: Sequence[torch.Tensor]) -> None:
-    from invsim.distributed import rank_world
-
-    if rank_world()[1] > 1:
-        import torch.distributed as dist
-
-        for t in tensors:
-            dist.all_reduce(t)
+            acc.update(first, c0, second, c1, shifted=True)
 
 
 def layer_similarity(
@@ -342,19 +348,28 @@ def layer_similarity(
     try:
         held_now = _rss()  # before the first batch, which the budget counts itself
         dims, shifts = _first_batch(readers, images[:batch_size], rank)
-        plan = _schedule(dims, count, batch_size, memory_gb, block, product_dtype, exact,
-                         held_now)  # fmt: skip
+        plan = _schedule(
+            dims,
+            count,
+            batch_size=batch_size,
+            memory_gb=memory_gb,
+            block=block,
+            dtype=product_dtype,
+            exact=exact,
+            held_now=held_now,
+        )
         with progress_bar(plan.forwarded, "layers", progress) as bar:
-            if estimator == "exact":
-                acc = _exact(readers, images, plan, shifts, product_dtype, groups, bar, rank, world)
-                hsic = {d: acc.hsic(debiased=d) for d in {LAYER_MEASURES[m] for m in names}}
+            sweep = _Sweep(readers, images, batch_size, product_dtype, bar, rank, world)
+            if exact:
+                tiles = _exact(sweep, plan, shifts, groups)
+                hsic = {m: tiles.hsic(debiased=LAYER_MEASURES[m]) for m in names}
             else:
-                hsic = _minibatch(readers, images, len(dims), batch_size, product_dtype, bar,
-                                  rank, world)  # fmt: skip
-        stats = _intervals(acc, names, ci) if estimator == "exact" else {}
+                summed = _minibatch(sweep, len(dims)).hsic_matrix()
+                hsic = {m: summed for m in names}
+        stats = _intervals(tiles, names, ci) if exact else {}
     finally:
         readers.close()
-    values = {m: cka_ratio_matrix(hsic[LAYER_MEASURES[m]]).numpy() for m in names}
+    values = {m: cka_ratio_matrix(h).numpy() for m, h in hsic.items()}
     starts = np.cumsum([0] + [len(chosen[k]) for k in models]).tolist()
     widths = {k: dims[starts[i] : starts[i + 1]] for i, k in enumerate(models)}
     return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
@@ -372,7 +387,17 @@ def _first_batch(readers: _Readers, x: torch.Tensor, rank: int) -> tuple[list, l
     return dims, shifts
 
 
-def _schedule(dims, count, batch_size, memory_gb, block, dtype, exact, held_now) -> Schedule:
+def _schedule(
+    dims: list[int],
+    count: int,
+    *,
+    batch_size: int,
+    memory_gb: float,
+    block: int | None,
+    dtype: torch.dtype,
+    exact: bool,
+    held_now: int,
+) -> Schedule:
     """The exact estimator's passes in the budget; the minibatch one's single pass. The
     budget leaves room for what the process holds already (the models, the images,
     torch) and the forwards' own activations (about twice one batch of the selected
@@ -396,11 +421,12 @@ def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, see
     return about
 
 
-def _exact(readers, images, plan, shifts, dtype, groups, bar, rank, world) -> GramTiles:
-    acc = GramTiles(plan.n, shifts=shifts, product_dtype=dtype, groups=groups)
-    for p in range(rank, plan.passes, world):
-        _exact_pass(acc, readers, images, p * plan.block, plan.block, plan.batch_size, bar)
-    _all_reduce(acc.state_tensors())
+def _exact(sweep: _Sweep, plan: Schedule, shifts: list, groups: int) -> GramTiles:
+    """The Gram tiles of every example pair, this process's passes summed with the rest."""
+    acc = GramTiles(plan.n, shifts=shifts, product_dtype=sweep.dtype, groups=groups)
+    for p in range(sweep.rank, plan.passes, sweep.world):
+        _exact_pass(acc, sweep, p * plan.block, plan.block)
+    all_reduce_accumulator(acc)
     return acc
 
 
@@ -425,15 +451,16 @@ def _intervals(acc: GramTiles, names: Sequence[str], ci: float | None) -> dict[s
     return out
 
 
-def _minibatch(readers, images, views, batch_size, dtype, bar, rank, world) -> dict:
-    """Sum of per-batch unbiased HSIC (a last batch of fewer than 4 is left out)."""
-    total = torch.zeros(views, views, dtype=torch.float64)
-    for i, (j0, x) in enumerate(_batches(images, 0, batch_size)):
-        if i % world == rank and len(x) > 3:
-            total += minibatch_hsic(readers.at(j0, x), product_dtype=dtype)
-            bar.update(len(x))
-    _all_reduce([total])
-    return {False: total, True: total}
+def _minibatch(sweep: _Sweep, views: int) -> MinibatchCKA:
+    """Per-batch unbiased HSIC summed over batches (a last batch of fewer than 4 is left
+    out), this process's batches summed with the rest."""
+    acc = MinibatchCKA(views=views, product_dtype=sweep.dtype)
+    for i, (j0, x) in enumerate(_batches(sweep.images, 0, sweep.batch_size)):
+        if i % sweep.world == sweep.rank and len(x) > 3:
+            acc.update_views(sweep.readers.at(j0, x))
+            sweep.bar.update(len(x))
+    all_reduce_accumulator(acc)
+    return acc
 
 
 def run_layers(cfg: Any, models: Mapping[str, nn.Module], data: Any,

@@ -8,9 +8,11 @@ under any registered measure (:data:`invsim.similarity.MEASURES`).
 - STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), X' inverted through m1 from noise seeds
   to match Rep_m1(X) (Nanda et al. 2022); entry (row m1, column m2).
 
-For an asymmetric measure, entry (r, c) is ``measure(Rep_r, Rep_c)``. ``measures`` is one
-name (a :class:`~invsim.similarity.SimilarityMatrix` comes back) or a list (a dict name
--> matrix). Each model's representation (and, for functional measures, its logits) of
+For an asymmetric measure, entry (r, c) is ``measure(Rep_r, Rep_c)``. The three regimes'
+functions share one signature (``n``, ``measures``, ``rng_seed``, ``layer``, ``cache``,
+``batch_size``, ``device``, ``calibration``) and one return type: a dict measure name ->
+:class:`~invsim.similarity.SimilarityMatrix`, whether ``measures`` is one name or a
+list. Each model's representation (and, for functional measures, its logits) of
 each data set is computed once and, with a cache directory, stored on disk keyed by
 (model fingerprint, data set id, layer), so a second run, or a run with one model added,
 computes only what is new. All streaming measures come from one pass of cross-moments
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invsim._io import atomic_write, renamed
+from invsim._io import atomic_write
 from invsim.config import CalibrationConfig, InversionConfig
 from invsim.distributed import gather_strided, is_main, rank_world
 from invsim.representation import LOGITS, PENULTIMATE, extract
@@ -126,7 +129,7 @@ def panel(
     rows: Sequence[str] | None = None,
     chunk: int = 1024,
     calibration: CalibrationConfig | None = None,
-    seed: int = 0,
+    rng_seed: int = 0,
 ) -> dict[str, SimilarityMatrix]:
     """Every measure between the representations ``reps`` (name -> (n, d), the same
     examples), for the ``rows`` asked (default: all) against every column. Functional
@@ -142,7 +145,7 @@ def panel(
         n = len(next(iter(reps.values())))
         for start in range(0, n, chunk):
             acc.update({k: v[start : start + chunk] for k, v in reps.items()})
-        centred = acc.moments.centred()
+        centred = acc.moments.compute()
         out.update(acc.compute_measures([found[m] for m in streaming], rows=rows, centred=centred))
         scatter = {k: centred.cov(i, i) for i, k in enumerate(names)}
     for name, spec in found.items():
@@ -156,7 +159,7 @@ def panel(
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
             out[name].stats, out[name].interval = _calibrated(
-                data, out[name].values, rows, names, found[name], calibration, seed, scatter
+                data, out[name].values, rows, names, found[name], calibration, rng_seed, scatter
             )
     for name, spec in found.items():
         out[name].measure, out[name].options = name, dict(spec.options)
@@ -207,23 +210,10 @@ def _calibrated(
     return stats, about
 
 
-def _one_or_many(result: dict[str, SimilarityMatrix], measures: Any):
-    """One matrix when one measure was asked for (not in a list), else name -> matrix."""
-    return next(iter(result.values())) if isinstance(measures, (str, Mapping, Measure)) else result
-
-
-def _resolve(measures: MeasureLike | Sequence[MeasureLike], debiased: bool) -> list[Measure]:
-    """The measures asked for, options bound; ``debiased=True`` asks for one measure's
-    debiased twin (:attr:`Measure.debiased`)."""
+def _resolve(measures: MeasureLike | Sequence[MeasureLike]) -> list[Measure]:
+    """The measures asked for (one, or a list), options bound."""
     one = isinstance(measures, (str, Mapping, Measure))
     found = [get_measure(m) for m in ([measures] if one else measures)]  # type: ignore[list-item]
-    if debiased:
-        if not one or found[0].debiased is None:
-            raise ValueError(
-                f"debiased=True needs one measure with a debiased twin; got {measures!r}. "
-                "Name the debiased measure instead (measures='debiased_cka')."
-            )
-        found = [get_measure(found[0].debiased)]
     names = [m.name for m in found]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -251,22 +241,25 @@ def _subset(dataset: Dataset, n: int | None) -> tuple[torch.Tensor, str]:
     return images, f"{getattr(dataset, 'id', type(dataset).__name__)}[:{n}]"
 
 
+Similarities = dict[str, SimilarityMatrix]
+
+
 def natural_similarity(
     models: Mapping[str, nn.Module],
     dataset: Dataset,
     *,
     n: int | None = 1000,
-    measures: str | Sequence[str] = "linear_cka",
+    measures: MeasureLike | Sequence[MeasureLike] = "linear_cka",
+    rng_seed: int = 0,
     layer: Layers = PENULTIMATE,
-    debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     calibration: CalibrationConfig | None = None,
-    seed: int = 0,
-) -> SimilarityMatrix:
-    """The ``measures`` (default linear CKA; ``debiased=True``: debiased CKA) on the first
-    ``n`` images of ``dataset``, the same images for every pair.
+) -> Similarities:
+    """measure name -> matrix of every model against every other on the first ``n`` images
+    of ``dataset`` (None: all of them), the same images for every pair. ``rng_seed``
+    draws the calibration's permutations and groups.
 
     Example:
         >>> import torch
@@ -274,75 +267,77 @@ def natural_similarity(
         >>> from invsim.experiment import natural_similarity
         >>> from invsim.models import load_model
         >>> ds = TensorImageDataset(torch.rand(64, 1, 28, 28), torch.arange(64) % 4)
-        >>> m = natural_similarity({"a": load_model("mlp"), "b": load_model("lenet")}, ds)
+        >>> found = natural_similarity({"a": load_model("mlp"), "b": load_model("lenet")}, ds)
+        >>> m = found["linear_cka"]
         >>> m.rows, round(m["a", "a"], 6)
         (['a', 'b'], 1.0)
     """
     cache = cache or RepresentationCache()
     images, data_id = _subset(dataset, n)
-    names = _resolve(measures, debiased)
+    wanted = _resolve(measures)
     kw = {"batch_size": batch_size, "device": device}
     reps = {
         k: cache.get(m, images, data_id, layer=layer_of(layer, k), **kw) for k, m in models.items()
     }
     logit = None
-    if _needs_logits(names):
+    if _needs_logits(wanted):
         logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
-    result = panel(reps, names, logits=logit, calibration=calibration, seed=seed)
-    return _one_or_many(result, measures)
+    return panel(reps, wanted, logits=logit, calibration=calibration, rng_seed=rng_seed)
+
+
+def _first(inv: InvertedDataset, n: int | None) -> tuple[torch.Tensor, str]:
+    """The first ``n`` images of an inverted set (all of them when None or fewer), and
+    their id for the representation cache."""
+    if n is None or n >= len(inv.images):
+        return inv.images, inv.id
+    return inv.images[:n], f"{inv.id}[:{n}]"
 
 
 def inverted_similarity(
     models: Mapping[str, nn.Module],
     inverted: Mapping[str, InvertedDataset],
     *,
-    measures: str | Sequence[str] = "linear_cka",
+    n: int | None = 1000,
+    measures: MeasureLike | Sequence[MeasureLike] = "linear_cka",
+    rng_seed: int = 0,
     layer: Layers = PENULTIMATE,
-    debiased: bool = False,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     calibration: CalibrationConfig | None = None,
-    seed: int = 0,
-) -> SimilarityMatrix | dict[str, SimilarityMatrix]:
-    """Asymmetric matrix: row r, column c = measure(Rep_r(X_r), Rep_c(X_r)) on row model
-    r's inverted data set X_r. Rows are the models in ``inverted``, columns all
-    ``models``. A row whose inversions did not converge (its set's ``diagnostics``) is
-    warned about (:class:`~invsim.store.diagnostics.InversionWarning`, naming the model,
-    its median loss and the criterion) and listed in each matrix's
-    ``flags["not_converged"]``."""
+) -> Similarities:
+    """measure name -> asymmetric matrix: row r, column c = measure(Rep_r(X_r),
+    Rep_c(X_r)) on the first ``n`` images (None: all) of row model r's inverted data set
+    X_r. Rows are the models in ``inverted``, columns all ``models``. The same ``n`` as
+    the natural matrix's keeps the two comparable (CKA's small-sample bias depends on n).
+    A row whose inversions did not converge (its set's ``diagnostics``) is warned about
+    (:class:`~invsim.store.diagnostics.InversionWarning`, naming the model, its median
+    loss and the criterion) and listed in each matrix's ``flags["not_converged"]``."""
     cache = cache or RepresentationCache()
     cols = list(models)
     rows = [r for r in models if r in inverted]
     missing = [r for r in inverted if r not in models]
     if missing:
         raise ValueError(f"inverted data sets for unknown models {missing}; known: {cols}.")
-    names = _resolve(measures, debiased)
-    values = {m.name: np.empty((len(rows), len(cols))) for m in names}
-    stats: dict[str, dict[str, np.ndarray]] = {}
-    about: dict[str, list[dict]] = {}
+    wanted = _resolve(measures)
+    cells = _Cells.empty(wanted, (len(rows), len(cols)))
     kw = {"batch_size": batch_size, "device": device}
     for i, r in enumerate(rows):
-        data = inverted[r]
-        _check_layer(data, r, layer_of(layer, r))
+        _check_layer(inverted[r], r, layer_of(layer, r))
+        images, data_id = _first(inverted[r], n)
         reps = {
-            c: cache.get(models[c], data.images, data.id, layer=layer_of(layer, c), **kw)
-            for c in cols
+            c: cache.get(models[c], images, data_id, layer=layer_of(layer, c), **kw) for c in cols
         }
         logit = None
-        if _needs_logits(names):
-            logit = {
-                c: cache.get(models[c], data.images, data.id, layer=LOGITS, **kw) for c in cols
-            }
-        found = panel(reps, names, logits=logit, rows=[r], calibration=calibration, seed=seed + i)
-        for m, mat in found.items():
-            values[m][i] = mat.values[0]
-            about.setdefault(m, []).append(mat.interval)
-            for k, v in mat.stats.items():
-                stats.setdefault(m, {}).setdefault(k, np.empty((len(rows), len(cols))))[i] = v[0]
-    result = _assemble(rows, cols, values, stats, about, names)
+        if _needs_logits(wanted):
+            logit = {c: cache.get(models[c], images, data_id, layer=LOGITS, **kw) for c in cols}
+        found = panel(
+            reps, wanted, logits=logit, rows=[r], calibration=calibration, rng_seed=rng_seed + i
+        )
+        cells.put(found, i, slice(None), slice(None))
+    result = cells.matrices(rows, cols, wanted)
     _flag_unconverged(result, inverted, rows)
-    return _one_or_many(result, measures)
+    return result
 
 
 def _flag_unconverged(result: Mapping[str, SimilarityMatrix], inverted, rows) -> None:
@@ -364,15 +359,6 @@ def _check_layer(data: Any, row: str, layer: str) -> None:
         )
 
 
-def _assemble(rows, cols, values, stats, about, measures) -> dict[str, SimilarityMatrix]:
-    """The matrices of a computation done a row or a cell at a time, per measure."""
-    return {
-        m.name: SimilarityMatrix(rows, cols, values[m.name], stats.get(m.name, {}),
-                                 merge_interval(about.get(m.name, [])), m.name, dict(m.options))
-        for m in measures
-    }  # fmt: skip
-
-
 def merge_interval(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One description of the intervals of matrices computed a row (or cell) at a time:
     the first's, with every distinct reason for a missing interval."""
@@ -387,27 +373,44 @@ def merge_interval(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _put(values, stats, about, found: Mapping[str, SimilarityMatrix], i: int, j: int) -> None:
-    """Copy STIR's (x, x_inv) entry of each measure, with its statistics and what its
-    interval is, into cell (i, j)."""
-    for m, mat in found.items():
-        about.setdefault(m, []).append(mat.interval)
-        col = mat.cols.index("x_inv")
-        values[m][i, j] = mat.values[0, col]
-        for k, v in mat.stats.items():
-            stats.setdefault(m, {}).setdefault(k, np.empty(values[m].shape))[i, j] = v[0, col]
+@dataclass
+class _Cells:
+    """The values, per-cell statistics and interval descriptions of matrices computed a
+    row or a cell at a time, per measure."""
 
+    values: dict[str, np.ndarray]
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    about: dict[str, list[dict]] = field(default_factory=dict)
 
-def _stir_pair(model, originals, inv, layer: str, measures, cache, kw) -> dict:
-    """One column model's representations (and, when a measure reads them, logits) of the
-    original images X and their inversions X', as ``{"rep": {"x", "x_inv"}, ...}``."""
-    images, data_id = originals
-    wanted = {"rep": layer, **({"logits": LOGITS} if _needs_logits(measures) else {})}
-    return {
-        key: {"x": cache.get(model, images, data_id, layer=at, **kw),
-              "x_inv": cache.get(model, inv.images, inv.id, layer=at, **kw)}
-        for key, at in wanted.items()
-    }  # fmt: skip
+    @classmethod
+    def empty(cls, measures: Sequence[Measure], shape: tuple[int, int]) -> _Cells:
+        return cls({m.name: np.empty(shape) for m in measures})
+
+    def put(self, found: Mapping[str, SimilarityMatrix], i: int, j: Any, col: Any) -> None:
+        """Copy row 0, column(s) ``col`` of each found matrix into row ``i``, column(s)
+        ``j``, with its statistics and what its interval is."""
+        for m, mat in found.items():
+            self.about.setdefault(m, []).append(mat.interval)
+            self.values[m][i, j] = mat.values[0, col]
+            for k, v in mat.stats.items():
+                store = self.stats.setdefault(m, {}).setdefault(k, np.empty(self.values[m].shape))
+                store[i, j] = v[0, col]
+
+    def matrices(
+        self, rows: list[str], cols: list[str], measures: Sequence[Measure]
+    ) -> Similarities:
+        return {
+            m.name: SimilarityMatrix(
+                rows,
+                cols,
+                self.values[m.name],
+                self.stats.get(m.name, {}),
+                merge_interval(self.about.get(m.name, [])),
+                m.name,
+                dict(m.options),
+            )
+            for m in measures
+        }
 
 
 def stir_similarity(
@@ -415,52 +418,72 @@ def stir_similarity(
     dataset: Dataset,
     out_dir: str | Path,
     *,
-    n: int = 500,
-    measures: str | Sequence[str] = "linear_cka",
+    n: int | None = 1000,
+    measures: MeasureLike | Sequence[MeasureLike] = "linear_cka",
     rng_seed: int = 0,
-    seed_images: str = "noise",
-    inversion: InversionConfig | None = None,
-    shard_size: int = 256,
+    layer: Layers | None = None,
     cache: RepresentationCache | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-    progress: bool | None = None,
     calibration: CalibrationConfig | None = None,
-    layer: Layers | None = None,
-    seed: int | None = None,
+    seed_images: str = "noise",
+    inversion: InversionConfig | None = None,
+    shard_size: int = 256,
+    progress: bool | None = None,
     **settings: Any,
-) -> tuple[SimilarityMatrix | dict[str, SimilarityMatrix], dict[str, InvertedDataset]]:
-    """STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X' is X inverted through m1 from
-    noise seeds (``seed_images="data"`` for data seeds). Entry (row m1, column m2). The
-    inverted sets are stored under ``out_dir/<m1>``; ``inversion`` and ``settings`` are
-    as in :func:`invsim.store.invert_dataset`. ``layer`` (one name, or model -> name;
+) -> Similarities:
+    """measure name -> matrix of STIR(m2 | m1) = measure(Rep_m2(X), Rep_m2(X')), where X
+    is ``n`` images of ``dataset`` (None: all) and X' is X inverted through m1 from noise
+    seed images (``seed_images="data"``: data seed images). Entry (row m1, column m2).
+    The inverted sets are stored under ``out_dir/<m1>`` (reopen one with
+    ``InvertedDataset(out_dir / m1)``); ``inversion`` and ``settings`` are as in
+    :func:`invsim.store.invert_dataset`. ``layer`` (one name, or model -> name;
     default: the inversion's layer) is where m1 is inverted and m2 is read. ``rng_seed``
-    draws the pairs, the noise and the calibration (``seed=``: its deprecated name)."""
-    seed = renamed("seed", seed, "rng_seed", rng_seed)
+    draws the pairs, the noise and the calibration."""
     cache = cache or RepresentationCache()
     cfg = (inversion or InversionConfig()).replace(**settings)
     layer = cfg.layer if layer is None else layer
-    names, wanted = list(models), _resolve(measures, False)
-    values = {m.name: np.empty((len(names), len(names))) for m in wanted}
-    stats: dict[str, dict[str, np.ndarray]] = {}
-    about: dict[str, list[dict]] = {}
+    names, wanted = list(models), _resolve(measures)
+    keys = {"rep": None, **({"logits": LOGITS} if _needs_logits(wanted) else {})}
+    cells = _Cells.empty(wanted, (len(names), len(names)))
     stored: dict[str, InvertedDataset] = {}
     kw = {"batch_size": batch_size, "device": device}
     for i, m1 in enumerate(names):
         at = cfg.replace(layer=layer_of(layer, m1))
-        inv = invert_dataset(models[m1], dataset, n, Path(out_dir) / m1, inversion=at,
-                             rng_seed=seed, seed_images=seed_images, shard_size=shard_size,
-                             device=device, progress=progress)  # fmt: skip
+        inv = invert_dataset(
+            models[m1],
+            dataset,
+            len(dataset) if n is None else n,
+            Path(out_dir) / m1,  # type: ignore[arg-type]
+            inversion=at,
+            rng_seed=rng_seed,
+            seed_images=seed_images,
+            shard_size=shard_size,
+            device=device,
+            progress=progress,
+        )
         assert inv is not None
         stored[m1] = inv
-        originals = dataset_images(dataset, inv.target_index.tolist())
-        original_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
+        x = dataset_images(dataset, inv.target_index.tolist())
+        x_id = f"{getattr(dataset, 'id', 'data')}@targets:{inv.id}"
         for j, m2 in enumerate(names):
-            x = (originals, original_id)
-            pair = _stir_pair(models[m2], x, inv, layer_of(layer, m2), wanted, cache, kw)
-            found = panel(pair["rep"], wanted, logits=pair.get("logits"), rows=["x"],
-                          calibration=calibration, seed=seed + i * len(names) + j)  # fmt: skip
-            _put(values, stats, about, found, i, j)
-    result = _assemble(names, names, values, stats, about, wanted)
+            read = {k: fixed or layer_of(layer, m2) for k, fixed in keys.items()}
+            pair = {
+                k: {
+                    "x": cache.get(models[m2], x, x_id, layer=where, **kw),
+                    "x_inv": cache.get(models[m2], inv.images, inv.id, layer=where, **kw),
+                }
+                for k, where in read.items()
+            }
+            found = panel(
+                pair["rep"],
+                wanted,
+                logits=pair.get("logits"),
+                rows=["x"],
+                calibration=calibration,
+                rng_seed=rng_seed + i * len(names) + j,
+            )
+            cells.put(found, i, j, 1)  # column 1: x_inv
+    result = cells.matrices(names, names, wanted)
     _flag_unconverged(result, stored, names)
-    return _one_or_many(result, measures), stored
+    return result

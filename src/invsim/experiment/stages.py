@@ -289,17 +289,19 @@ def matrices_stage(run: Run) -> Panels:
     if "natural" in cfg.regimes:
         run.log("natural similarity")
         out["natural"] = natural_similarity(
-            zoo.models, data, n=cfg.data.natural_n, seed=cfg.seed, **kw
+            zoo.models, data, n=cfg.data.natural_n, rng_seed=cfg.seed, **kw
         )
     if run["inverted"]:
         run.log("inverted similarity")
-        out["inverted"] = inverted_similarity(zoo.models, run["inverted"], seed=cfg.seed, **kw)
+        out["inverted"] = inverted_similarity(
+            zoo.models, run["inverted"], n=None, rng_seed=cfg.seed, **kw
+        )
     if "stir" in cfg.regimes:
         run.log("STIR")
         st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
-        out["stir"], stored = stir_similarity(
+        out["stir"] = stir_similarity(
             zoo.models,
             data,
             run.out / "stir",
@@ -310,6 +312,7 @@ def matrices_stage(run: Run) -> Panels:
             shard_size=cfg.inversion.shard_size,
             **kw,
         )
+        stored = {m: InvertedDataset(run.out / "stir" / m) for m in zoo.models}
         run.made_seconds["matrices"] = _stored_seconds(stored)
     return out
 
@@ -362,14 +365,15 @@ def drift_stage(run: Run) -> dict[str, Any] | None:
     if "inverted" not in r.matrices or not halves or any(h is None for h in halves.values()):
         return None
     cfg, full = run.cfg, r.matrix("inverted")
-    half = inverted_similarity(
+    (half,) = inverted_similarity(
         run["models"].models,
         halves,
+        n=None,
         measures=cfg.measures[0],
         layer=layers_of(cfg),
         cache=run.cache,
         device=cfg.device,
-    )
+    ).values()
     change = np.abs(full.values - half.values)
     moved = [
         {

@@ -8,7 +8,7 @@ Y)`` is the functional form. Importing this package registers every built-in mea
 from invsim.similarity import alignment, neighbors, outputs, rsa  # noqa: F401  (registers)
 from invsim.similarity.calibration import Calibrated, calibrate
 from invsim.similarity.functional import (
-    center_gram,
+    centre_gram,
     gram_linear,
     gram_rbf,
     hsic,
@@ -27,7 +27,6 @@ from invsim.similarity.registry import (
 from invsim.similarity.streaming import (
     CrossMoments,
     LinearCKA,
-    LinearCKAMatrix,
     MinibatchCKA,
     StreamingPanel,
 )
@@ -38,13 +37,12 @@ __all__ = [
     "MEASURES",
     "CrossMoments",
     "LinearCKA",
-    "LinearCKAMatrix",
     "StreamingPanel",
     "Measure",
     "MinibatchCKA",
     "SimilarityMatrix",
     "calibrate",
-    "center_gram",
+    "centre_gram",
     "cka_matrix",
     "get_measure",
     "gram_linear",

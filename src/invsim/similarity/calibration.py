@@ -59,6 +59,7 @@ from scipy.stats import t as student_t
 
 from invsim.similarity._inputs import ArrayLike, as_matrix
 from invsim.similarity.core import centred as centre_columns
+from invsim.similarity.core import hsic_from_sums
 from invsim.similarity.null import null_moments, pattern_sums, pearson3_sf
 from invsim.similarity.registry import Measure, get_measure
 
@@ -143,19 +144,19 @@ def _terms(x, y, kx=None, ky=None) -> tuple[torch.Tensor, ...]:
 
 def _unbiased_hsic(terms, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Song et al.'s unbiased HSIC of the whole sample and with each example left out,
-    each times its own n(n-3) (which cancels in CKA), from :func:`_terms` of features
+    from :func:`_terms` of features
     centred on the sample mean (then the U-centred sums are 1'K1 = -sum ||x_i||^2 and
     1'KL1 = sum ||x_i||^2 ||y_i||^2 with zero-diagonal K, L). The terms may carry trailing
     dimensions (every pair of models at once); sums run over the examples, dimension 0."""
     nx, ny, p, qx, qy = terms
     total, r1x, r1y, nxy = p.sum(0), nx.sum(0), ny.sum(0), nx * ny
     r2 = nxy.sum(0)
-    full = (total - r2) + r1x * r1y / ((n - 1) * (n - 2)) - 2 * r2 / (n - 2)
-    m = n - 1  # with example i left out, its remaining sums (the data's mean is 0)
+    full = hsic_from_sums(total - r2, r2, -r1x, -r1y, n, debiased=True)
+    # with example i left out, the remaining zero-diagonal sums (the data's mean is 0)
     trace = total - 2 * p + nxy - (r2 - nxy)
-    ones = (2 * nx - r1x) * (2 * ny - r1y)
     cross = p + qx + qy + r2 - 4 * nxy
-    return full, trace + ones / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)
+    loo = hsic_from_sums(trace, cross, 2 * nx - r1x, 2 * ny - r1y, n - 1, debiased=True)
+    return full, loo
 
 
 PAIR_BLOCK = 2**17  # Gram entries of all models per block of rows: the block stays in cache

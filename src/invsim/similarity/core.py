@@ -5,9 +5,9 @@ own. Every value is float64.
 
 Example:
     >>> import torch
-    >>> from invsim.similarity.core import center_gram, cka_ratio, gram_linear, hsic
+    >>> from invsim.similarity.core import centre_gram, cka_ratio, gram_linear, hsic
     >>> x = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    >>> k = center_gram(gram_linear(x))
+    >>> k = centre_gram(gram_linear(x))
     >>> cka_ratio(hsic(k, k), hsic(k, k), hsic(k, k))
     1.0
 """
@@ -23,17 +23,16 @@ import torch
 BLOCK_ELEMENTS = 1 << 22  # squared distances per block: 32 MB of float64
 
 __all__ = [
-    "center_gram",
     "distance_blocks",
+    "centre_gram",
     "centred",
-    "centred_gram",
     "cka_ratio",
     "cka_ratio_matrix",
-    "double_centre",
     "gram_linear",
     "gram_rbf",
     "hsic",
     "hsic_from_moments",
+    "hsic_from_sums",
 ]
 
 
@@ -85,63 +84,75 @@ def gram_rbf(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-sq_dist / (2.0 * threshold**2 * median))
 
 
-def center_gram(gram: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
-    """Double-centre a Gram matrix, or U-centre it when ``unbiased``.
+def centre_gram(gram: torch.Tensor | np.ndarray, *, debiased: bool = False) -> torch.Tensor:
+    """The one centring of a Gram matrix, as a new float64 tensor: double-centred
+    (``H K H``, every row and column summing to zero), or U-centred when ``debiased``.
 
     U-centring (Szekely & Rizzo 2014) zeroes the diagonal and, off the diagonal, sets
     ``K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2))`` with row sums ``r`` and total ``s``
-    of the zero-diagonal matrix. ``<U(K), U(L)> / (n(n-3))`` is the unbiased HSIC.
+    of the zero-diagonal matrix. Features are centred by :func:`centred`; the linear Gram
+    matrix of centred features is already double-centred.
+
+    Example:
+        >>> import torch
+        >>> k = centre_gram(torch.rand(6, 6, dtype=torch.float64))
+        >>> bool(k.sum(dim=0).abs().max() < 1e-12)
+        True
     """
-    n = gram.shape[0]
-    g = gram.to(torch.float64).clone()
-    if not unbiased:
-        row = g.mean(dim=1, keepdim=True)
-        col = g.mean(dim=0, keepdim=True)
-        return g - row - col + g.mean()
-    g.fill_diagonal_(0.0)
-    row = g.sum(dim=1) / (n - 2)
-    col = g.sum(dim=0) / (n - 2)
-    total = g.sum() / ((n - 1) * (n - 2))
-    g = g - row[:, None] - col[None, :] + total
-    g.fill_diagonal_(0.0)
+    g = torch.as_tensor(gram).to(torch.float64, copy=True)
+    n = g.shape[0]
+    if debiased:
+        g.fill_diagonal_(0.0)
+        rows, cols, total = g.sum(1) / (n - 2), g.sum(0) / (n - 2), g.sum() / ((n - 1) * (n - 2))
+    else:
+        rows, cols, total = g.mean(1), g.mean(0), g.mean()
+    g -= cols  # in place: one n x n copy in all
+    g -= rows[:, None]
+    g += total
+    if debiased:
+        g.fill_diagonal_(0.0)
     return g
 
 
-def double_centre(gram: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``gram`` as a new float64 tensor with every row and column summing to zero."""
-    a = torch.as_tensor(gram).to(torch.float64, copy=True)
-    rows, cols, total = a.mean(1), a.mean(0), a.mean()
-    a -= cols
-    a -= rows[:, None]
-    a += total
-    return a
+def hsic_from_sums(p, rows, total_k, total_l, n: int, *, debiased: bool):
+    """The one HSIC formula, from sums of two Gram matrices K, L of n examples.
+
+    ``p = sum_ij K_ij L_ij``, ``rows = sum_i (K 1)_i (L 1)_i``, ``total_k = 1'K1``,
+    ``total_l = 1'L1``. Biased (full K, L): ``<HKH, HLH> / (n-1)^2 =
+    [p - 2 rows / n + total_k total_l / n^2] / (n-1)^2``. Debiased (Song et al. 2012;
+    the sums of the zero-diagonal K, L): ``[p + total_k total_l / ((n-1)(n-2))
+    - 2 rows / (n-2)] / (n (n-3))``, the ``n(n-3)`` in explicit parentheses. Every form
+    (features, Gram matrices, tiles, kernels, the jackknife) calls this. The arguments
+    may be floats or broadcastable tensors (a matrix of view pairs at once).
+
+    Example:
+        >>> round(hsic_from_sums(8.0, 0.0, 0.0, 0.0, 5, debiased=False), 6)
+        0.5
+    """
+    if debiased:
+        value = p + total_k * total_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows
+        return value / (n * (n - 3))
+    return (p - 2.0 / n * rows + total_k * total_l / n**2) / (n - 1) ** 2
 
 
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """The float64 doubly centred linear Gram matrix of ``x`` (n, ...)."""
-    x = centred(x)
-    return x @ x.T
-
-
-def hsic(k_centered: torch.Tensor, l_centered: torch.Tensor, *, debiased: bool = False) -> float:
-    """HSIC from two already centred (or U-centred, when ``debiased``) Gram matrices."""
-    n = k_centered.shape[0]
-    dot = float((k_centered * l_centered).sum())
-    return dot / (n * (n - 3)) if debiased else dot / ((n - 1) ** 2)
+def hsic(k_centred: torch.Tensor, l_centred: torch.Tensor, *, debiased: bool = False) -> float:
+    """HSIC from two Gram matrices already centred by :func:`centre_gram` (with the same
+    ``debiased``): their rows and totals are zero, so only ``p`` remains."""
+    p = float((k_centred * l_centred).sum())
+    return float(hsic_from_sums(p, 0.0, 0.0, 0.0, k_centred.shape[0], debiased=debiased))
 
 
 def hsic_from_moments(cross_sq, r_ab, r_a, r_b, n: int, *, debiased: bool):
     """Linear HSIC from the feature-space moments of *column-centred* data.
 
     ``cross_sq = ||X_a^T X_b||_F^2``, ``r_ab = sum_i ||x_ai||^2 ||x_bi||^2``,
-    ``r_a = sum_i ||x_ai||^2``. The debiased form is Song et al.'s estimator written
-    in feature space (it needs no n x n matrix); the ``n(n-3)`` factor is applied with
-    explicit parentheses. The arguments may be floats or broadcastable tensors.
+    ``r_a = sum_i ||x_ai||^2``. Centred data have zero Gram row sums, so the
+    zero-diagonal Gram matrices have ``p = cross_sq - r_ab``, row sums ``-||x_i||^2``
+    and totals ``-r_a``: :func:`hsic_from_sums` in feature space, no n x n matrix.
     """
     if not debiased:
-        return cross_sq / ((n - 1) ** 2)
-    value = cross_sq - r_ab * n / (n - 2) + r_a * r_b / ((n - 1) * (n - 2))
-    return value / (n * (n - 3))
+        return hsic_from_sums(cross_sq, 0.0, 0.0, 0.0, n, debiased=False)
+    return hsic_from_sums(cross_sq - r_ab, r_ab, -r_a, -r_b, n, debiased=True)
 
 
 def cka_ratio(hxy: float, hxx: float, hyy: float) -> float:

@@ -20,7 +20,7 @@ from invsim.similarity import kernel as kernel_module
 from invsim.similarity import moments
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
 from invsim.similarity.core import (
-    center_gram,
+    centre_gram,
     cka_ratio,
     gram_linear,
     gram_rbf,
@@ -30,7 +30,7 @@ from invsim.similarity.core import (
 from invsim.similarity.registry import Measure, register
 
 __all__ = [
-    "center_gram",
+    "centre_gram",
     "linear_hsic_matrix",
     "gram_linear",
     "gram_rbf",
@@ -96,8 +96,8 @@ def linear_hsic_matrix(xs: list[torch.Tensor], *, debiased: bool) -> torch.Tenso
 
 
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool) -> float:  # noqa: E741
-    kc = center_gram(k, unbiased=debiased)
-    lc = center_gram(l, unbiased=debiased)
+    kc = centre_gram(k, debiased=debiased)
+    lc = centre_gram(l, debiased=debiased)
     return cka_ratio(
         hsic(kc, lc, debiased=debiased),
         hsic(kc, kc, debiased=debiased),

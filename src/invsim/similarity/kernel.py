@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_not_constant, check_pair
-from invsim.similarity.core import cka_ratio, distance_blocks
+from invsim.similarity.core import cka_ratio, distance_blocks, hsic_from_sums
 
 __all__ = ["distance_blocks", "median_sq_distance", "rbf_cka"]
 
@@ -91,13 +91,9 @@ def _sums(x: torch.Tensor, y: torch.Tensor, sx: float, sy: float, block: int | N
 def _hsic(dot: float, a: torch.Tensor, b: torch.Tensor, n: int, debiased: bool) -> float:
     """HSIC (up to a factor common to the CKA ratio) of two RBF Gram matrices (unit
     diagonal) from sum K*L (``dot``) and their row sums ``a``, ``b``."""
-    if not debiased:
-        return dot - 2.0 / n * float(a @ b) + float(a.sum()) * float(b.sum()) / n**2
-    a, b = a - 1.0, b - 1.0  # the zero-diagonal matrices' row sums
-    off = dot - n  # sum over i != j of K_ij L_ij
-    sa, sb = float(a.sum()), float(b.sum())
-    value = off + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(a @ b)
-    return value / (n * (n - 3))
+    if debiased:  # the zero-diagonal matrices: row sums less 1, sum K*L less n
+        a, b, dot = a - 1.0, b - 1.0, dot - n
+    return hsic_from_sums(dot, float(a @ b), float(a.sum()), float(b.sum()), n, debiased=debiased)
 
 
 def rbf_cka(

@@ -20,7 +20,7 @@ zero diagonal, ``S`` the sum of all entries):
 
 Both are invariant to the shift, so they equal :func:`invsim.linear_cka` on the full
 data (to ~1e-10 in float64). The state is a sum over tiles: tiles split across passes
-and processes add up (``merge``, ``state_tensors`` for an all-reduce).
+and processes add up (the accumulator contract of :mod:`invsim.similarity.accumulator`).
 
 Example:
     >>> import torch
@@ -33,8 +33,8 @@ Example:
     >>> for start in range(0, 40, 20):  # held blocks of 20 examples, batches of 10
     ...     held = [X[start:start + 20], Y[start:start + 20]]
     ...     for j in range(start, 40, 10):
-    ...         acc.add_tile(held, start, [X[j:j + 10], Y[j:j + 10]], j)
-    >>> abs(float(acc.cka()[0, 1]) - linear_cka(X, Y)) < 1e-10
+    ...         acc.update(held, start, [X[j:j + 10], Y[j:j + 10]], j)
+    >>> abs(float(acc.compute()[0, 1]) - linear_cka(X, Y)) < 1e-10
     True
 """
 
@@ -45,15 +45,16 @@ from collections.abc import Sequence
 import torch
 
 from invsim.similarity._inputs import check_enough
-from invsim.similarity.core import center_gram, cka_ratio_matrix
+from invsim.similarity.accumulator import Accumulator
+from invsim.similarity.core import centre_gram, cka_ratio_matrix, hsic_from_sums
 
 __all__ = ["GramTiles", "minibatch_hsic"]
 
 
-class GramTiles:
+class GramTiles(Accumulator):
     """Linear HSIC between V views of n examples, accumulated from Gram tiles.
 
-    ``add_tile(held, i0, batch, j0)`` adds the tile of example pairs (i, j), i in the held
+    ``update(held, i0, batch, j0)`` adds the tile of example pairs (i, j), i in the held
     block starting at ``i0``, j in the batch starting at ``j0``. A tile with
     ``j0 >= i0 + len(held)`` lies above the diagonal and also stands for its transpose;
     a batch inside the held block adds only its own columns. Every unordered example pair
@@ -72,9 +73,13 @@ class GramTiles:
         self.shifts = [s.detach().to(torch.float64).flatten() for s in shifts]
         self.product_dtype = product_dtype
         self.groups = max(1, min(groups, n))
-        v, g = len(self.shifts), self.groups
+        g = self.groups
         # example i is in group g when bounds[g] <= i < bounds[g + 1] (contiguous groups)
         self.bounds = [round(k * n / g) for k in range(g + 1)]
+        self.reset()
+
+    def reset(self) -> None:
+        v, g, n = len(self.shifts), self.groups, self.n
         self.E = torch.zeros(g, g, v, v, dtype=torch.float64)  # P split by (group i, group j)
         self.R = torch.zeros(v, n, g, dtype=torch.float64)  # row sums split by group of j
         self.diag = torch.zeros(v, n, dtype=torch.float64)
@@ -117,7 +122,7 @@ class GramTiles:
             out.append(x.to(self.product_dtype))
         return out
 
-    def add_tile(
+    def update(
         self,
         held: Sequence[torch.Tensor],
         i0: int,
@@ -149,16 +154,15 @@ class GramTiles:
             k = j0 - i0
             self.diag[:, j0 : j0 + w] += tiles[:, k : k + w].diagonal(dim1=1, dim2=2)
 
-    def merge(self, other: GramTiles) -> GramTiles:
-        """Add another accumulator's tiles (same n, shifts and groups). Returns self."""
+    def _check_mergeable(self, other: Accumulator) -> None:
+        """Tiles add up over the same n, shifts and groups."""
+        super()._check_mergeable(other)
+        assert isinstance(other, GramTiles)
         if (other.n, other.views, other.groups) != (self.n, self.views, self.groups):
             raise ValueError(
                 f"cannot merge tiles over n={other.n}, {other.views} views, {other.groups} "
                 f"groups into n={self.n}, {self.views} views, {self.groups} groups."
             )
-        for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
-            mine += theirs
-        return self
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The state, for an all-reduce (sum) across processes that share the shifts."""
@@ -180,7 +184,7 @@ class GramTiles:
         rows = (self.rows - self.R[:, :, group])[:, keep]
         return _hsic(p, rows, self.diag[:, keep], int(keep.sum()), debiased)
 
-    def cka(self, *, debiased: bool = False) -> torch.Tensor:
+    def compute(self, *, debiased: bool = False) -> torch.Tensor:
         """(V, V) linear CKA between the views (NaN where a view has zero variance)."""
         return cka_ratio_matrix(self.hsic(debiased=debiased))
 
@@ -194,7 +198,7 @@ class GramTiles:
             [cka_ratio_matrix(self.hsic_without(k, debiased=debiased)) for k in range(g)]
         )
         spread = ((parts - parts.mean(dim=0)) ** 2).sum(dim=0)
-        return self.cka(debiased=debiased), ((g - 1) / g * spread).sqrt()
+        return self.compute(debiased=debiased), ((g - 1) / g * spread).sqrt()
 
     def null_mean(self) -> torch.Tensor:
         """(V, V): the exact mean of biased linear CKA over all permutations of one side's
@@ -207,14 +211,11 @@ class GramTiles:
 
 
 def _hsic(p: torch.Tensor, r: torch.Tensor, d: torch.Tensor, n: int, debiased: bool):
-    if not debiased:
-        s = r.sum(dim=1)
-        return (p - 2.0 / n * (r @ r.T) + torch.outer(s, s) / n**2) / (n - 1) ** 2
-    rt = r - d
-    st = rt.sum(dim=1)
-    pt = p - d @ d.T
-    value = pt + torch.outer(st, st) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rt @ rt.T)
-    return value / (n * (n - 3))
+    """(V, V) HSIC from P, the row sums ``r`` (V, n) and diagonals ``d`` (V, n)."""
+    if debiased:  # the zero-diagonal matrices
+        p, r = p - d @ d.T, r - d
+    s = r.sum(dim=1)
+    return hsic_from_sums(p, r @ r.T, s[:, None], s[None, :], n, debiased=debiased)
 
 
 def minibatch_hsic(
@@ -236,6 +237,6 @@ def minibatch_hsic(
             # first only conditions the product): one copy, no float64 batch
             x = v.to(product_dtype)
             x = x - x.mean(dim=0)
-        grams.append(center_gram((x @ x.T).to(torch.float64), unbiased=True).reshape(-1))
+        grams.append(centre_gram((x @ x.T).to(torch.float64), debiased=True).reshape(-1))
     flat = torch.stack(grams)
-    return flat @ flat.T / (m * (m - 3))
+    return hsic_from_sums(flat @ flat.T, 0.0, 0.0, 0.0, m, debiased=True)

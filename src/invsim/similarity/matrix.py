@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,13 +14,8 @@ from invsim.similarity._inputs import (
     check_enough,
     check_not_constant,
 )
-from invsim.similarity.core import cka_ratio
-from invsim.similarity.functional import (
-    center_gram,
-    gram_linear,
-    gram_rbf,
-    linear_hsic_matrix,
-)
+from invsim.similarity.core import centre_gram, cka_ratio, gram_linear, gram_rbf, hsic
+from invsim.similarity.functional import linear_hsic_matrix
 
 __all__ = ["SimilarityMatrix", "cka_matrix", "each_cell"]
 
@@ -164,13 +158,10 @@ def cka_matrix(
     kernel: str = "linear",
     debiased: bool = False,
     threshold: float = 1.0,
-    measure: str | None = None,
 ) -> SimilarityMatrix:
     """CKA between every pair of representations of the same n examples.
 
-    ``kernel`` is ``"linear"`` or ``"rbf"`` (bandwidth as in :func:`kernel_cka`);
-    ``measure=`` is its deprecated old name (a *measure* is a similarity index such as
-    ``linear_cka``; the kernel is a choice within CKA). Each
+    ``kernel`` is ``"linear"`` or ``"rbf"`` (bandwidth as in :func:`kernel_cka`). Each
     model's centred representation, Gram matrix and self-HSIC are computed once, not
     once per pair. Returns a symmetric :class:`SimilarityMatrix`.
 
@@ -182,10 +173,6 @@ def cka_matrix(
         >>> round(m["a", "b"], 6), m.values.shape
         (1.0, (3, 3))
     """
-    if measure is not None:
-        warnings.warn("cka_matrix(measure=...) is now cka_matrix(kernel=...); measure= "
-                      "will be removed.", DeprecationWarning, stacklevel=2)  # fmt: skip
-        kernel = measure
     names = list(representations)
     if not names:
         raise ValueError("representations is empty; pass a mapping name -> (n, d) tensor.")
@@ -202,13 +189,12 @@ def cka_matrix(
     mean_d = sum(x.shape[1] for x in xs) / m
     if kernel == "rbf" or (kernel == "linear" and n <= mean_d):
         if kernel == "rbf":
-            grams = [center_gram(gram_rbf(x, threshold), unbiased=debiased) for x in xs]
+            grams = [centre_gram(gram_rbf(x, threshold), debiased=debiased) for x in xs]
         else:
-            grams = [center_gram(gram_linear(x), unbiased=debiased) for x in xs]
-        scale = n * (n - 3) if debiased else (n - 1) ** 2
+            grams = [centre_gram(gram_linear(x), debiased=debiased) for x in xs]
         for i in range(m):
             for j in range(i, m):
-                h[i, j] = h[j, i] = float((grams[i] * grams[j]).sum()) / scale
+                h[i, j] = h[j, i] = hsic(grams[i], grams[j], debiased=debiased)
     elif kernel == "linear":
         h = linear_hsic_matrix(xs, debiased=debiased).numpy()
     else:

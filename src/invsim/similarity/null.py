@@ -22,9 +22,10 @@ matrix of nulls costs a few O(n^2) passes per model and one small product per ce
 
 Example:
     >>> import torch
-    >>> from invsim.similarity.null import centred_gram, null_moments, pattern_sums
+    >>> from invsim.similarity.core import centred, gram_linear
+    >>> from invsim.similarity.null import null_moments, pattern_sums
     >>> g = torch.Generator().manual_seed(0)
-    >>> a, b = (centred_gram(torch.randn(30, d, generator=g)) for d in (4, 3))
+    >>> a, b = (gram_linear(centred(torch.randn(30, d, generator=g))) for d in (4, 3))
     >>> centred_mean, var, skew = null_moments(pattern_sums(a), pattern_sums(b), 30)
     >>> mean = float(torch.trace(a) * torch.trace(b)) / 29  # E T, exactly
     >>> abs(centred_mean) < 1e-9 * mean, var > 0, skew > 0
@@ -40,9 +41,9 @@ from functools import cache
 import numpy as np
 import torch
 
-from invsim.similarity.core import centred_gram, double_centre
+from invsim.similarity.core import centre_gram
 
-__all__ = ["centred_gram", "double_centre", "null_moments", "pattern_sums", "pearson3_sf"]
+__all__ = ["null_moments", "pattern_sums", "pearson3_sf"]
 
 ORDER = 3  # moments used: mean, variance, skewness
 
@@ -141,11 +142,12 @@ def pattern_sums(
     """For k = 1..3, the sums of the trace-free part of a centred Gram matrix K over every
     equality pattern of 2k indices (see the module doc). ``tr3``: tr(K^3), when the
     caller has a cheaper way to it (else one n^3 product); ``centred``: K's rows and
-    columns already sum to zero (see :func:`double_centre`), and a float32 K is then
+    columns already sum to zero (see :func:`~invsim.similarity.core.centre_gram`), and a
+    float32 K is then
     summed in float32 (tested: the moments move by ~1e-7 relative); ``overwrite``: a
     centred ``gram`` tensor may serve as scratch space (one n x n allocation fewer)."""
     n = gram.shape[0]
-    a = torch.as_tensor(gram) if centred else double_centre(gram)
+    a = torch.as_tensor(gram) if centred else centre_gram(gram)
     if a.dtype not in (torch.float32, torch.float64):
         a = a.double()
     t1 = float(torch.trace(a))

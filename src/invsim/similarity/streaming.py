@@ -1,9 +1,10 @@
-"""Streaming CKA accumulators: ``update`` / ``compute`` / ``merge``.
+"""Streaming CKA accumulators, each following :mod:`invsim.similarity.accumulator`'s
+contract (``update`` / ``merge`` / ``compute`` / ``reset``, summed ``state_tensors``).
 
 ``LinearCKA`` and ``StreamingPanel`` give *exact* full-data linear CKA (biased or
 debiased) from batches, in memory O((sum of d)^2) independent of n. Their state is a
-flat list of float64 tensors (``state_tensors()``), so a sum across processes is a
-plain all-reduce once every process uses the same shift (``reshift``).
+flat list of float64 tensors, summable across processes once every process uses the same
+shift (``align`` re-shifts to the global mean).
 
 ``MinibatchCKA`` is Nguyen et al. (2021)'s minibatch estimator: a *different*
 quantity, the ratio of HSIC averaged over batches.
@@ -18,21 +19,16 @@ import numpy as np
 import torch
 
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
-from invsim.similarity.core import (
-    center_gram,
-    cka_ratio,
-    cka_ratio_matrix,
-    gram_linear,
-    hsic,
-    hsic_from_moments,
-)
+from invsim.similarity.accumulator import Accumulator
+from invsim.similarity.core import cka_ratio, cka_ratio_matrix, hsic_from_moments
+from invsim.similarity.layerwise import minibatch_hsic
 from invsim.similarity.matrix import SimilarityMatrix, each_cell
 from invsim.similarity.moments import CentredMoments
 
-__all__ = ["CrossMoments", "LinearCKA", "LinearCKAMatrix", "MinibatchCKA", "StreamingPanel"]
+__all__ = ["CrossMoments", "LinearCKA", "MinibatchCKA", "StreamingPanel"]
 
 
-class CrossMoments:
+class CrossMoments(Accumulator):
     """Raw moments of k views of the same examples, about a per-view shift.
 
     For views ``a, b`` (coordinates ``x - shift``) it keeps ``n``, ``S_a = sum x_a``,
@@ -47,6 +43,10 @@ class CrossMoments:
     def __init__(self, k: int, *, product_dtype: torch.dtype = torch.float64) -> None:
         self.k = k
         self.product_dtype = product_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        k = self.k
         self.n = torch.zeros((), dtype=torch.float64)
         self.shift: list[torch.Tensor] | None = None
         self.S: list[torch.Tensor] = []
@@ -168,14 +168,16 @@ class CrossMoments:
         out.RX = {key: v.clone() for key, v in self.RX.items()}
         return out
 
-    def merge(self, other: CrossMoments) -> None:
-        """Add ``other``'s moments (re-shifted to ours when shifts differ)."""
+    def merge(self, other: Accumulator) -> CrossMoments:
+        """Add ``other``'s moments (re-shifted to ours when shifts differ). Returns self."""
+        self._check_mergeable(other)
+        assert isinstance(other, CrossMoments)
         if other.shift is None:
-            return
+            return self
         if self.shift is None:
             src = other.copy()
             self.__dict__.update(src.__dict__)
-            return
+            return self
         if self.dims != other.dims:
             raise ValueError(f"cannot merge accumulators of dims {self.dims} and {other.dims}.")
         o = other.copy()
@@ -188,6 +190,19 @@ class CrossMoments:
             self.RX[key] += o.RX[key]
         self.R1 += o.R1
         self.R2 += o.R2
+        return self
+
+    def align(self, all_reduce: Any) -> None:
+        """Re-shift to the mean over all processes (an all-reduce of n and the raw sums),
+        after which the moments of all processes sum exactly."""
+        if self.shift is None:
+            raise ValueError("this process saw no data; give every process at least one batch.")
+        n = self.n.clone()
+        raw = [sh * self.n + s for sh, s in zip(self.shift, self.S, strict=True)]
+        all_reduce(n)
+        for t in raw:
+            all_reduce(t)
+        self.reshift([t / n for t in raw])
 
     def state_tensors(self) -> list[torch.Tensor]:
         """All state tensors in a fixed order (for all-reduce after a common ``reshift``)."""
@@ -197,7 +212,7 @@ class CrossMoments:
         out += [self.RX[key] for key in sorted(self.RX)]
         return out
 
-    def centred(self) -> CentredMoments:
+    def compute(self) -> CentredMoments:
         """The moments about the data's own mean, for every measure of
         :mod:`invsim.similarity.moments`. Raises for too few examples or a constant view."""
         if self.shift is None:
@@ -225,7 +240,7 @@ class CrossMoments:
         """(k, k) matrix of linear HSIC between views, on mean-centred data."""
         if self.shift is not None:
             check_enough(int(self.n), debiased=debiased)
-        c = self.centred()
+        c = self.compute()
         cross = torch.empty(self.k, self.k, dtype=torch.float64)
         for a, b in c.G:
             cross[a, b] = cross[b, a] = torch.linalg.matrix_norm(c.G[a, b]) ** 2
@@ -233,7 +248,33 @@ class CrossMoments:
         return hsic_from_moments(cross, c.R2, r1[:, None], r1[None, :], c.n, debiased=debiased)
 
 
-class LinearCKA:
+class _OnMoments(Accumulator):
+    """An accumulator whose state is one :class:`CrossMoments`."""
+
+    moments: CrossMoments
+
+    @property
+    def n(self) -> int:
+        return int(self.moments.n)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.moments.state_tensors()
+
+    def align(self, all_reduce: Any) -> None:
+        self.moments.align(all_reduce)
+
+    def reset(self) -> None:
+        self.moments.reset()
+
+    def merge(self, other: Accumulator) -> _OnMoments:
+        """Add another accumulator's data (e.g. from another process). Returns self."""
+        self._check_mergeable(other)
+        assert isinstance(other, _OnMoments)
+        self.moments.merge(other.moments)
+        return self
+
+
+class LinearCKA(_OnMoments):
     """Exact linear CKA accumulated over batches.
 
     Equal to :func:`invsim.linear_cka` on the concatenated batches (to ~1e-10 in
@@ -271,21 +312,12 @@ class LinearCKA:
             )
         self.moments.update([x, y])
 
-    def merge(self, other: LinearCKA) -> LinearCKA:
-        """Add another accumulator's data (e.g. from another process). Returns self."""
-        self.moments.merge(other.moments)
-        return self
-
-    @property
-    def n(self) -> int:
-        return int(self.moments.n)
-
     def compute(self, *, debiased: bool | None = None) -> float:
         h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
         return float(cka_ratio_matrix(h, ["X", "Y"])[0, 1])
 
 
-class StreamingPanel:
+class StreamingPanel(_OnMoments):
     """Every streaming measure (linear CKA, debiased CKA, Procrustes, the CCA family, R²)
     between k named representations, from one streamed pass of cross-moments; exact.
 
@@ -320,11 +352,11 @@ class StreamingPanel:
             raise ValueError(f"batch sizes differ between representations: {sizes}.")
         self.moments.update(views)
 
-    def merge(self, other: StreamingPanel) -> StreamingPanel:
+    def _check_mergeable(self, other: Accumulator) -> None:
+        super()._check_mergeable(other)
+        assert isinstance(other, StreamingPanel)
         if other.names != self.names:
             raise ValueError(f"cannot merge matrices over {other.names} into {self.names}.")
-        self.moments.merge(other.moments)
-        return self
 
     def compute(self, *, debiased: bool | None = None) -> SimilarityMatrix:
         h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
@@ -341,10 +373,10 @@ class StreamingPanel:
         """Every streaming measure (``Measure.streams``) from this one pass, for the
         ``rows`` asked (default all) against every column: entry (r, c) is
         ``measure(Rep_r, Rep_c)`` (an asymmetric measure is computed both ways).
-        ``centred``: this pass's ``moments.centred()``, when the caller already has it."""
+        ``centred``: this pass's ``moments.compute()``, when the caller already has it."""
         from invsim.similarity.registry import get_measure
 
-        centred = self.moments.centred() if centred is None else centred
+        centred = self.moments.compute() if centred is None else centred
         rows = list(rows or self.names)
         at = {v: i for i, v in enumerate(self.names)}
         out = {}
@@ -363,7 +395,7 @@ class StreamingPanel:
         return out
 
 
-class MinibatchCKA:
+class MinibatchCKA(Accumulator):
     """Minibatch CKA of Nguyen et al. (2021): a different estimator from full-data CKA.
 
     Each batch contributes the *unbiased* HSIC (Song et al. 2012) of its linear Gram
@@ -376,7 +408,10 @@ class MinibatchCKA:
     batch size and converges to population CKA as batches grow; it does not equal
     :func:`linear_cka` on the concatenated data. Batches of n <= 3 are rejected.
     ``product_dtype=torch.float32`` computes each batch's Gram matrices in float32 (on
-    column-centred data; the sums stay float64): faster, accurate to ~1e-6.
+    column-centred data; the sums stay float64): faster, accurate to ~1e-6. ``views``
+    (default 2: X and Y) sums the (views, views) matrix of HSIC between many views of the
+    same examples at once (:meth:`update_views`, :meth:`hsic_matrix`); layer-by-layer
+    similarity uses it for every layer of every model.
 
     Example:
         >>> import torch
@@ -390,70 +425,61 @@ class MinibatchCKA:
     """
 
     def __init__(
-        self, *, weighting: str = "batch", product_dtype: torch.dtype = torch.float64
+        self,
+        *,
+        weighting: str = "batch",
+        product_dtype: torch.dtype = torch.float64,
+        views: int = 2,
     ) -> None:
         if weighting not in ("batch", "size"):
             raise ValueError(f"weighting must be 'batch' or 'size'; got {weighting!r}.")
         self.weighting = weighting
         self.product_dtype = product_dtype
-        self.hsic_xy = torch.zeros((), dtype=torch.float64)
-        self.hsic_xx = torch.zeros((), dtype=torch.float64)
-        self.hsic_yy = torch.zeros((), dtype=torch.float64)
+        self.views = views
+        self.reset()
+
+    def reset(self) -> None:
+        self.hsic = torch.zeros(self.views, self.views, dtype=torch.float64)
         self.batches = torch.zeros((), dtype=torch.float64)
 
     def update(self, x_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        low = self.product_dtype != torch.float64
-        # with float32 products a float32 batch stays float32: centring it in float32 is
-        # exact up to one rounding of the mean, a constant shift that U-centring removes
-        x, y = paired_batch(x_batch, y_batch, dtype=None if low else torch.float64)
-        m = x.shape[0]
+        """Add one batch of X and Y (views=2)."""
+        if self.views != 2:
+            raise ValueError(f"update(x, y) is for 2 views; this one has {self.views}.")
+        low = self.product_dtype != torch.float64  # a float32 batch stays float32
+        self.update_views(paired_batch(x_batch, y_batch, dtype=None if low else torch.float64))
+
+    def update_views(self, views: Sequence[torch.Tensor]) -> None:
+        """Add one batch of every view, each (m, d_v) for the same m examples."""
+        m = views[0].shape[0]
         if m <= 3:
             raise ValueError(
                 f"minibatch CKA uses the unbiased HSIC, which needs batches of n >= 4; got a "
                 f"batch of n={m}. Use larger batches or drop the last one (drop_last=True)."
             )
         w = 1.0 if self.weighting == "batch" else float(m)
-        kc = center_gram(self._gram(x), unbiased=True)
-        lc = center_gram(self._gram(y), unbiased=True)
-        self.hsic_xy += w * hsic(kc, lc, debiased=True)
-        self.hsic_xx += w * hsic(kc, kc, debiased=True)
-        self.hsic_yy += w * hsic(lc, lc, debiased=True)
+        self.hsic += w * minibatch_hsic(views, product_dtype=self.product_dtype)
         self.batches += 1
 
-    def _gram(self, x: torch.Tensor) -> torch.Tensor:
-        if self.product_dtype == torch.float64:
-            return gram_linear(x)
-        # U-centring removes the column means exactly, so centre first: the product of
-        # centred data is well conditioned in a faster dtype
-        mean = x.mean(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
-        low = (x - mean).to(self.product_dtype)
-        return gram_linear(low).to(torch.float64)
-
-    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
-        if other.weighting != self.weighting:
-            raise ValueError("cannot merge MinibatchCKA accumulators with different weighting.")
-        self.hsic_xy += other.hsic_xy
-        self.hsic_xx += other.hsic_xx
-        self.hsic_yy += other.hsic_yy
-        self.batches += other.batches
-        return self
+    def _check_mergeable(self, other: Accumulator) -> None:
+        super()._check_mergeable(other)
+        assert isinstance(other, MinibatchCKA)
+        if (other.weighting, other.views) != (self.weighting, self.views):
+            raise ValueError(
+                f"cannot merge MinibatchCKA with weighting={other.weighting!r}, "
+                f"views={other.views} into weighting={self.weighting!r}, views={self.views}."
+            )
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [self.hsic_xy, self.hsic_xx, self.hsic_yy, self.batches]
+        return [self.hsic, self.batches]
 
-    def compute(self) -> float:
+    def hsic_matrix(self) -> torch.Tensor:
+        """(views, views): the weighted sum over batches of each batch's unbiased HSIC."""
         if int(self.batches) == 0:
             raise ValueError("no data: call update() before compute().")
-        return cka_ratio(float(self.hsic_xy), float(self.hsic_xx), float(self.hsic_yy))
+        return self.hsic.clone()
 
-
-class LinearCKAMatrix(StreamingPanel):
-    """Deprecated name of :class:`StreamingPanel` (it computes every streaming measure,
-    not only linear CKA); kept for one release."""
-
-    def __init__(self, names: Sequence[str], *, debiased: bool = False) -> None:
-        import warnings
-
-        warnings.warn("LinearCKAMatrix is now StreamingPanel; the old name will be removed.",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
-        super().__init__(names, debiased=debiased)
+    def compute(self) -> float:
+        """Minibatch CKA between X and Y (views 0 and 1)."""
+        h = self.hsic_matrix()
+        return cka_ratio(float(h[0, 1]), float(h[0, 0]), float(h[1, 1]))

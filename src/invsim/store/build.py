@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from invsim._io import atomic_write, json_bytes, renamed
+from invsim._io import atomic_write, json_bytes
 from invsim.config import InversionConfig
 from invsim.data.base import dataset_images, dataset_labels
 from invsim.data.pairs import check_pairs, sample_pairs
@@ -40,7 +40,6 @@ def invert_dataset(
     part: tuple[int, int] | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    seed: int | None = None,
     **settings: Any,
 ) -> InvertedDataset | None:
     """Sample ``n_pairs`` seed/target pairs from ``dataset``, invert them through ``model``
@@ -48,8 +47,8 @@ def invert_dataset(
 
     ``inversion`` holds the settings (default: the paper's); keyword ``settings`` such as
     ``iterations=50`` replace its fields (an unknown name is an error).
-    ``rng_seed`` draws the pairs and the noise (``seed=`` is its deprecated old name: a
-    *seed* is the image an inversion starts from). ``seed_images="noise"`` starts from
+    ``rng_seed`` draws the pairs and the noise (a *seed* is the image an inversion
+    starts from). ``seed_images="noise"`` starts from
     noise (STIR). Under torchrun the shards are
     split over the process group and every rank returns the assembled data set.
     ``part=(i, k)`` does only the shards s with s % k == i (job arrays without a process
@@ -66,7 +65,6 @@ def invert_dataset(
         >>> len(out), out.images.dtype
         (6, torch.float32)
     """
-    rng_seed = renamed("seed", seed, "rng_seed", rng_seed)
     cfg = (inversion or InversionConfig()).replace(**settings)
     if seed_images not in ("data", "noise"):
         raise ValueError(f"seed_images must be 'data' or 'noise'; got {seed_images!r}.")
