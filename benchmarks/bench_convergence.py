@@ -240,7 +240,7 @@ def main() -> None:
     cfg = demo_config(args.demo_dir)
     test = load_dataset("mnist5k", split="test")
     models = load_models(cfg, test, quiet=True).models
-    s, t = sample_pairs(test.labels, args.pairs, seed=0)
+    s, t = sample_pairs(test.labels, args.pairs, rng_seed=0)
     seeds, targets = test.images[s], test.images[t]
     if args.methods:
         found = {}

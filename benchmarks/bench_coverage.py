@@ -51,7 +51,7 @@ PROCRUSTES_GRID = {256: [(16, 24)], 1000: [(32, 48), (64, 64)]}
 
 
 def cell(n: int, widths, signal: str, measure: str, draws: int) -> dict:
-    pop = Population(widths, **SIGNALS[signal], seed=0)
+    pop = Population(widths, **SIGNALS[signal], rng_seed=0)
     truth = pop.cka if measure == "linear_cka" else pop.procrustes
     g = torch.Generator().manual_seed(n * 7 + widths[0] * 3 + widths[1] + len(signal))
     rows = []
@@ -147,7 +147,7 @@ def candidates(draws: int) -> list[dict]:
     """Coverage of the candidate intervals on a few cells: how the method was chosen."""
     out = []
     for n, widths, signal in CANDIDATE_CELLS:
-        pop = Population(widths, **SIGNALS[signal], seed=0)
+        pop = Population(widths, **SIGNALS[signal], rng_seed=0)
         g = torch.Generator().manual_seed(n + widths[0])
         hits = {
             k: []

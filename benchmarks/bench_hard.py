@@ -198,7 +198,7 @@ def main() -> None:
     torch.manual_seed(0)
     models, accuracies = zoo(Path(args.models_dir))
     test = load_dataset("mnist5k", split="test")
-    s, t = sample_pairs(test.labels.numpy(), args.pairs, seed=0)
+    s, t = sample_pairs(test.labels.numpy(), args.pairs, rng_seed=0)
     pairs = (test.images[s], test.images[t], test.labels[t])
     results = {
         "machine": f"{platform.processor() or platform.machine()}, "

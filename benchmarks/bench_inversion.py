@@ -78,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
     test = load_dataset("mnist5k", split="test")
     train = load_dataset("mnist5k", split="train")
-    s, t = sample_pairs(test.labels, args.batch, seed=0)
+    s, t = sample_pairs(test.labels, args.batch, rng_seed=0)
     seeds, targets = test.images[s], test.images[t]
     overhead = {}
     models = {}
@@ -106,7 +106,7 @@ def main() -> None:
 
     # early stopping on the trained LeNet: 64 pairs, paper = 2000 iterations
     model = models["lenet"]
-    s, t = sample_pairs(test.labels, 64, seed=1)
+    s, t = sample_pairs(test.labels, 64, rng_seed=1)
     seeds, targets = test.images[s], test.images[t]
     paper = invert_images(model, seeds, targets, iterations=2000, batch_size=64, progress=False)
     target_loss = float(paper.loss.median())

@@ -58,7 +58,7 @@ def main() -> None:
     cells, started = [], time.perf_counter()
     for widths in GRID_WIDTHS:
         for signal, kw in SIGNALS.items():
-            pop = Population(widths=widths, seed=0, **kw)
+            pop = Population(widths=widths, rng_seed=0, **kw)
             for n in GRID_N:
                 gen = torch.Generator().manual_seed(n)
                 hits, width = 0, 0.0

@@ -58,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     models = zoo(ROOT / "runs" / "hard-models")
     test = load_dataset("mnist5k", split="test")
-    s, t = sample_pairs(test.labels.numpy(), 64, seed=0)
+    s, t = sample_pairs(test.labels.numpy(), 64, rng_seed=0)
     seeds, targets = test.images[s], test.images[t]
     out: dict = {"pairs": 64, "runs": {}}
     try:

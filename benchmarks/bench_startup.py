@@ -73,7 +73,7 @@ def small_job(repeat: int, work: Path) -> dict:
         "from invsim import invert_images, load_dataset, load_model, sample_pairs\n"
         f"m = load_model({str(model)!r})\n"
         "d = load_dataset('mnist5k', split='test')\n"
-        "s, t = sample_pairs(d.labels.numpy(), 64, seed=0)\n"
+        "s, t = sample_pairs(d.labels.numpy(), 64, rng_seed=0)\n"
         "invert_images(m, d.images[s], d.images[t], iterations=300, progress=False)\n"
     )
     cli_times, api_times = [], []

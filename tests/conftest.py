@@ -34,7 +34,7 @@ def trained_lenet(mnist_train, mnist_test):
     from invsim.train import train_model
 
     model, metrics = train_model(
-        "lenet", mnist_train, epochs=6, test_dataset=mnist_test, progress=False, seed=0
+        "lenet", mnist_train, epochs=6, test_dataset=mnist_test, progress=False, rng_seed=0
     )
     assert metrics["clean_acc"] > 0.93, metrics
     return model

@@ -161,7 +161,7 @@ def test_help_is_complete():
         text = invsim(cmd, "--help").stdout
         assert "Usage:" in text
     assert "--device" in invsim("invert", "--help").stdout
-    assert "--seed" in invsim("train", "--help").stdout
+    assert "--rng-seed" in invsim("train", "--help").stdout
     assert "--out" in invsim("demo", "--help").stdout
 
 
@@ -192,7 +192,7 @@ def test_train_invert_similarity_commands(tmp_path):
     # a second, adversarially trained model: the training options reach the checkpoint
     other = tmp_path / "mlp-linf.safetensors"
     invsim("train", "mlp", "--data", "digits", "--epochs", "1", "--eps", "0.3", "--norm",
-           "linf", "--steps", "2", "--seed", "3", "--out", str(other))  # fmt: skip
+           "linf", "--steps", "2", "--rng-seed", "3", "--out", str(other))  # fmt: skip
     meta = read_checkpoint(other).meta
     assert meta["eps"] == 0.3 and meta["norm"] == "linf"
     assert read_checkpoint(model).meta["eps"] == 0.0
@@ -225,7 +225,7 @@ def test_unconverged_rows_are_flagged_everywhere(tmp_path):
     from invsim.experiment import run_experiment
 
     cfg = validate({
-        "out": str(tmp_path / "run"), "seed": 0,
+        "out": str(tmp_path / "run"), "rng_seed": 0,
         "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
         "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
                    {"name": "b", "spec": "lenet", "train": {"epochs": 1}}],

@@ -78,9 +78,9 @@ def test_training_defaults_have_one_source():
 
 
 def test_train_model_takes_a_recipe_and_keywords_replace_it(digits_small):
-    a, ma = train_model("mlp", digits_small, TrainConfig(epochs=1, seed=3), progress=False)
-    b, mb = train_model("mlp", digits_small, epochs=1, seed=3, progress=False)
-    assert ma["seed"] == mb["seed"] == 3
+    a, ma = train_model("mlp", digits_small, TrainConfig(epochs=1, rng_seed=3), progress=False)
+    b, mb = train_model("mlp", digits_small, epochs=1, rng_seed=3, progress=False)
+    assert ma["rng_seed"] == mb["rng_seed"] == 3
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert __import__("torch").equal(v, w), k
     with pytest.raises(ConfigError, match="adversarial.eps"):

@@ -126,7 +126,7 @@ def test_torchrun_experiment_matches_single_process(tmp_path):
     cfg = {
         "data": {"dataset": "digits", "size": 28, "natural_n": 90, "pairs": 21},
         "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
-                   {"name": "b", "spec": "mlp", "train": {"epochs": 1, "seed": 3}}],
+                   {"name": "b", "spec": "mlp", "train": {"epochs": 1, "rng_seed": 3}}],
         "inversion": {"iterations": 8, "batch_size": 7, "shard_size": 6},
     }  # fmt: skip
     results = {}

@@ -159,7 +159,7 @@ def test_examples_validate(path):
 
 def _small_config(out):
     return validate({
-        "out": str(out), "seed": 0,
+        "out": str(out), "rng_seed": 0,
         "data": {"dataset": "digits", "size": 28, "natural_n": 100, "pairs": 12},
         "models": [{"name": "mlp", "spec": "mlp", "train": {"epochs": 1}},
                    {"name": "mlp-r", "spec": "mlp",
@@ -439,7 +439,7 @@ def test_invert_false_and_arch_kwargs_reach_the_run(tmp_path):
     from invsim.experiment import run_experiment
 
     cfg = validate({
-        "out": str(tmp_path / "run"), "seed": 0,
+        "out": str(tmp_path / "run"), "rng_seed": 0,
         "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
         "models": [{"name": "wide", "spec": "mlp", "arch_kwargs": {"width": 48},
                     "train": {"epochs": 1}},
@@ -462,7 +462,7 @@ def test_a_models_own_layer_is_honoured(tmp_path):
     from invsim.store import InvertedDataset
 
     cfg = validate({
-        "out": str(tmp_path / "run"), "seed": 0,
+        "out": str(tmp_path / "run"), "rng_seed": 0,
         "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
         "models": [{"name": "early", "spec": "mlp", "layer": "model.2", "train": {"epochs": 1}},
                    {"name": "late", "spec": "mlp", "train": {"epochs": 1}}],

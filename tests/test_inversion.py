@@ -57,7 +57,7 @@ def _reference_inversion(model, seeds, targets, iterations, step=1 / 8, beta=0.9
 
 @pytest.fixture(scope="module")
 def mnist_pairs(mnist_test):
-    s, t = sample_pairs(mnist_test.labels, 6, seed=1)
+    s, t = sample_pairs(mnist_test.labels, 6, rng_seed=1)
     return mnist_test.images[s], mnist_test.images[t], mnist_test.labels[t]
 
 
@@ -111,7 +111,7 @@ def test_results_do_not_depend_on_batch_size(mnist_pairs, dtype):
 
 
 def test_inversion_works_on_a_trained_model(trained_lenet, mnist_test):
-    s, t = sample_pairs(mnist_test.labels, 32, seed=0)
+    s, t = sample_pairs(mnist_test.labels, 32, rng_seed=0)
     res = invert_images(
         trained_lenet,
         mnist_test.images[s],
@@ -173,7 +173,7 @@ def test_noise_seeds_are_deterministic(mnist_pairs):
 
 
 def test_tol_stops_early_and_freezes(trained_lenet, mnist_test):
-    s, t = sample_pairs(mnist_test.labels, 8, seed=2)
+    s, t = sample_pairs(mnist_test.labels, 8, rng_seed=2)
     seeds, targets = mnist_test.images[s], mnist_test.images[t]
     full = invert_images(trained_lenet, seeds, targets, iterations=600, progress=False)
     early = invert_images(
@@ -213,7 +213,7 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
 def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):
     # float64, so that per-example results can be compared exactly across batch shapes
     model = _small_cnn(torch.float64)
-    s, t = sample_pairs(mnist_test.labels, 10, seed=3)
+    s, t = sample_pairs(mnist_test.labels, 10, rng_seed=3)
     seeds, targets = mnist_test.images[s].double(), mnist_test.images[t].double()
     kw = {"iterations": 60, "progress": False, **rule}
     batched = invert_images(model, seeds, targets, batch_size=4, **kw)

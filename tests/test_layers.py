@@ -52,12 +52,12 @@ def test_layer_matrix_equals_per_layer_cka_for_resnets_in_one_pass_and_in_many(r
     # 40 images, layers up to 16,384 wide (far wider than n), mean-shifted inputs
     x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     kw = {"layers": "blocks", "measures": ["linear_cka", "debiased_cka"], "batch_size": 8}
-    one = layer_similarity(resnets, x, seed=None, **kw)  # the data's order: extract's batches
+    one = layer_similarity(resnets, x, rng_seed=None, **kw)  # the data's order: extract's batches
     assert one.schedule["passes"] == 1 and max(one.dims["a"]) > 40 * 100
     want = _exact_reference(resnets, x, one.layers, 8)
     _check(one, want)
     # a budget too small for one block: several passes, the same numbers
-    many = layer_similarity(resnets, x, seed=None, block=8, **kw)
+    many = layer_similarity(resnets, x, rng_seed=None, block=8, **kw)
     assert many.schedule["passes"] == 5
     _check(many, want)
     assert one.pair("a", "a")["model.layer1", "model.layer1"] == pytest.approx(1.0, abs=1e-12)
@@ -88,7 +88,7 @@ def test_layer_matrix_equals_per_layer_cka_for_a_timm_vit():
     x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     layers = {"vit": ["patch_embed", "blocks.*", "penultimate"], "lenet": "blocks"}
     res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
-                           batch_size=6, block=12, seed=None)  # fmt: skip
+                           batch_size=6, block=12, rng_seed=None)  # fmt: skip
     assert res.layers["vit"][1:4] == [f"model.blocks.{i}" for i in range(3)]
     assert max(res.dims["vit"]) > 24 and res.schedule["passes"] > 1
     _check(res, _exact_reference(models, x, res.layers, 6))
@@ -163,7 +163,7 @@ def test_minibatch_estimator_is_named_and_equals_minibatch_cka():
     models = {"a": load_model("lenet"), "b": load_model("mlp")}
     x = torch.rand(48, 1, 28, 28)
     res = layer_similarity(
-        models, x, layers="penultimate", estimator="minibatch", batch_size=16, seed=None
+        models, x, layers="penultimate", estimator="minibatch", batch_size=16, rng_seed=None
     )
     acc = MinibatchCKA()
     ra, rb = extract(models["a"], x, batch_size=16), extract(models["b"], x, batch_size=16)
@@ -219,7 +219,7 @@ def test_hugging_face_models_are_one_more_source_with_named_layers(tmp_path):
     models = {"vit": vit, "lenet": load_model("lenet", in_channels=3, image_size=32)}
     layers = {"vit": ["blocks", "penultimate"], "lenet": ["model.3", "penultimate"]}
     res = layer_similarity(models, x, layers=layers, measures=["linear_cka", "debiased_cka"],
-                           batch_size=5, seed=None)  # fmt: skip
+                           batch_size=5, rng_seed=None)  # fmt: skip
     _check(res, _exact_reference(models, x, res.layers, 5))
     with pytest.raises(ValueError, match="unknown Hugging Face model type 'nosuch'"):
         load_model("hf:nosuch")
@@ -266,7 +266,7 @@ def test_layer_intervals_cover_the_population_cka_where_n_is_below_the_width():
     q = float(student_t.ppf(0.975, 19))
     for n, widths, kw in ((64, (256, 256), {"shared": 0.5, "noise": 0.5}),
                           (48, (128, 384), {"kind": "readout", "noise": 0.3})):  # fmt: skip
-        pop = Population(widths=widths, seed=0, **kw)
+        pop = Population(widths=widths, rng_seed=0, **kw)
         gen, hits = torch.Generator().manual_seed(10), 0
         for _ in range(100):
             x, y = (v.double() for v in pop.draw(n, gen))

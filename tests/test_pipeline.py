@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "invsim"
 
 def _config(out, **changes):
     raw = {
-        "out": str(out), "seed": 0,
+        "out": str(out), "rng_seed": 0,
         "data": {"dataset": "digits", "size": 28, "natural_n": 60, "pairs": 8},
         "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}},
                    {"name": "b", "spec": "lenet", "train": {"epochs": 1}}],

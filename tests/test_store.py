@@ -38,7 +38,7 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     assert torch.all(ds.loss <= ds.initial_loss)
     cfg = json.loads((tmp_path / "dataset.json").read_text())
     assert cfg["dataset"] == {"id": "mnist-200", "size": 200}
-    assert cfg["pairs"] == {"n_pairs": 10, "seed": 1}
+    assert cfg["pairs"] == {"n_pairs": 10, "rng_seed": 1}
     assert cfg["inversion"]["step_size"] == 1 / 8 and cfg["inversion"]["iterations"] == 8
     assert cfg["inversion"]["momentum"] == 0.9 and cfg["inversion"]["eps"] == 1000.0
     assert cfg["versions"]["torch"] == torch.__version__

@@ -41,22 +41,22 @@ def test_training_is_deterministic_and_saves(tmp_path, mnist_train, mnist_test):
     small = torch.utils.data.Subset(mnist_train, range(512))
     small.classes = mnist_train.classes  # type: ignore[attr-defined]
     a, ma = train_model(
-        "mlp", small, epochs=1, seed=5, progress=False, out=tmp_path / "a.safetensors"
+        "mlp", small, epochs=1, rng_seed=5, progress=False, out=tmp_path / "a.safetensors"
     )
-    b, _ = train_model("mlp", small, epochs=1, seed=5, progress=False)
-    c, _ = train_model("mlp", small, epochs=1, seed=6, progress=False)
+    b, _ = train_model("mlp", small, epochs=1, rng_seed=5, progress=False)
+    c, _ = train_model("mlp", small, epochs=1, rng_seed=6, progress=False)
     sa, sb, sc = (m.state_dict() for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     back = load_model(str(tmp_path / "a.safetensors"))
-    assert back.invsim_meta["training"]["seed"] == 5 and back.invsim_meta["eps"] == 0.0
+    assert back.invsim_meta["training"]["rng_seed"] == 5 and back.invsim_meta["eps"] == 0.0
     assert all(torch.equal(back.state_dict()[k], sa[k]) for k in sa)
     assert ma["final_train_loss"] > 0
 
 
 def test_adversarial_training_raises_robust_accuracy(tmp_path, mnist_train, mnist_test):
     attack = {"norm": "l2", "eps": 1.5, "steps": 5}
-    kw = {"epochs": 2, "progress": False, "seed": 0, "test_dataset": mnist_test, "eval_n": 300}
+    kw = {"epochs": 2, "progress": False, "rng_seed": 0, "test_dataset": mnist_test, "eval_n": 300}
     standard, ms = train_model("mlp", mnist_train, **kw)
     robust, mr = train_model("mlp", mnist_train, adversarial=attack, **kw)
     rob_std = accuracy(standard, mnist_test, adversarial={**attack, "steps": 10}, n=300)

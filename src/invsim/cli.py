@@ -2,7 +2,7 @@
 
 Every command exits 0 on success and non-zero on failure (2 for bad input, with the
 reason on stderr). Options that several commands share (``--data``, ``--split``,
-``--size``, ``--crop``, ``--device``, ``--seed``) share their names, defaults and help;
+``--size``, ``--crop``, ``--device``, ``--rng-seed``) share their names, defaults and help;
 the inversion options are generated from :class:`invsim.config.InversionConfig` and the
 training options from :class:`invsim.config.TrainConfig`, so their defaults cannot
 drift. Only ``click`` and the torch-free config are imported until a command runs, so
@@ -115,7 +115,7 @@ select_opt = click.option(
     help="Module names, patterns (layer*, blocks.*), penultimate, logits or blocks (repeat).",
 )
 device_opt = click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
-seed_opt = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+seed_opt = click.option("--rng-seed", default=0, show_default=True, type=int, help="Random seed.")
 data_opts = _field_options(
     DataConfig,
     ["dataset", "eval_split", "size", "crop"],
@@ -145,14 +145,14 @@ def main() -> None:
 @device_opt
 @seed_opt
 @_guard
-def demo(quick: bool, out: str | None, device: str | None, seed: int) -> None:
+def demo(quick: bool, out: str | None, device: str | None, rng_seed: int) -> None:
     """Train a small zoo on MNIST-5k (standard and robust), invert, run the confound
     experiment and write the report. Resumes when run again."""
     from invsim.demo import run_demo
     from invsim.experiment import headline
 
     out = out or ("runs/demo-quick" if quick else "runs/demo")
-    results = run_demo(out, quick=quick, seed=seed, device=device)
+    results = run_demo(out, quick=quick, rng_seed=rng_seed, device=device)
     click.echo(headline(results))
     click.echo(f"report: {Path(out) / 'report.html'}")
 
@@ -161,16 +161,18 @@ def demo(quick: bool, out: str | None, device: str | None, seed: int) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", default=None, help="Override the config's output directory.")
 @device_opt
-@click.option("--seed", default=None, type=int, help="Override the config's seed.")
+@click.option("--rng-seed", default=None, type=int, help="Override the config's seed.")
 @click.option("--quiet", is_flag=True, help="No progress messages.")
 @_guard
-def run(config: str, out: str | None, device: str | None, seed: int | None, quiet: bool) -> None:
+def run(
+    config: str, out: str | None, device: str | None, rng_seed: int | None, quiet: bool
+) -> None:
     """Run the experiment described by the YAML file CONFIG (see examples/).
     An interrupted run started again resumes."""
     from invsim.config import load_config
     from invsim.experiment import headline, run_experiment
 
-    cfg = load_config(config, out=out, device=device, seed=seed)
+    cfg = load_config(config, out=out, device=device, rng_seed=rng_seed)
     results = run_experiment(cfg, quiet=quiet)
     click.echo(headline(results))
     click.echo(f"report: {Path(cfg.out) / 'report.html'}")
@@ -193,13 +195,15 @@ def schema() -> None:
 @device_opt
 @seed_opt
 @_guard
-def train(spec, data, split, size, crop, eps, norm, steps, out, device, seed, **recipe) -> None:
+def train(spec, data, split, size, crop, eps, norm, steps, out, device, rng_seed, **recipe) -> None:
     """Train SPEC (a built-in name, tv:NAME or timm:NAME) on the train split of DATA and
     save it with its metadata. ``--split`` names the evaluation split."""
     from invsim.train import train_model
 
     adv = AdversarialConfig(norm=norm, eps=eps, steps=steps) if eps > 0 else None
-    settings = TrainConfig.checked({**recipe, "adversarial": adv, "seed": seed}, where="train")
+    settings = TrainConfig.checked(
+        {**recipe, "adversarial": adv, "rng_seed": rng_seed}, where="train"
+    )
     _, metrics = train_model(
         spec,
         _load_data(data, "train", size, crop),
@@ -255,7 +259,7 @@ def invert(
     shard_index,
     merge_only,
     device,
-    seed,
+    rng_seed,
     **settings,
 ) -> None:
     """Invert PAIRS seed/target pairs of DATA through MODEL (a saved invsim model, or a
@@ -274,7 +278,7 @@ def invert(
         pairs,
         out,
         inversion=inversion,
-        rng_seed=seed,
+        rng_seed=rng_seed,
         shard_size=shard_size,
         seed_images="noise" if noise_seeds else "data",
         part=part,

@@ -200,7 +200,7 @@ class TrainConfig(_Settings):
 
     epochs: int = Field(3, ge=1, description="Training epochs.")
     adversarial: AdversarialConfig | None = None
-    seed: int | None = Field(None, description="Training seed (default: the run's seed).")
+    rng_seed: int | None = Field(None, description="Training seed (default: the run's rng_seed).")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (one-cycle AdamW).")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
@@ -324,7 +324,7 @@ class ExperimentConfig(_Settings):
 
     name: str = "experiment"
     out: str
-    seed: int = 0
+    rng_seed: int = 0
     device: str | None = None
     data: DataConfig
     models: list[ModelConfig] = Field(min_length=1)
@@ -458,7 +458,7 @@ def validate(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path, **overrides: Any) -> ExperimentConfig:
-    """Read and validate a YAML experiment file; ``overrides`` (e.g. out, seed, device)
+    """Read and validate a YAML experiment file; ``overrides`` (e.g. out, rng_seed, device)
     replace top-level keys when not None."""
     path = Path(path)
     try:

@@ -47,7 +47,7 @@ DEMO_SCHEDULE = {
 
 
 def demo_config(
-    out: str | Path, *, quick: bool = False, seed: int = 0, device: str | None = None
+    out: str | Path, *, quick: bool = False, rng_seed: int = 0, device: str | None = None
 ) -> ExperimentConfig:
     """The demo's experiment as a config dict (see examples/ for YAML equivalents)."""
     if quick:
@@ -69,7 +69,7 @@ def demo_config(
     raw: dict[str, Any] = {
         "name": "demo-quick" if quick else "demo",
         "out": str(out),
-        "seed": seed,
+        "rng_seed": rng_seed,
         "device": device,
         "data": {"dataset": "mnist5k", "natural_n": natural_n, "pairs": pairs},
         "models": _ladders(zoo, robust_steps),
@@ -93,10 +93,12 @@ def run_demo(
     out: str | Path = "runs/demo",
     *,
     quick: bool = False,
-    seed: int = 0,
+    rng_seed: int = 0,
     device: str | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     from invsim.experiment import run_experiment
 
-    return run_experiment(demo_config(out, quick=quick, seed=seed, device=device), quiet=quiet)
+    return run_experiment(
+        demo_config(out, quick=quick, rng_seed=rng_seed, device=device), quiet=quiet
+    )

@@ -34,7 +34,7 @@ def accuracy(
     adversarial: Mapping[str, Any] | None = None,
     n: int | None = None,
     batch_size: int = 250,
-    seed: int = 0,
+    rng_seed: int = 0,
     device: str | torch.device | None = None,
 ) -> float:
     """Clean accuracy, or robust accuracy under PGD when ``adversarial`` gives
@@ -42,7 +42,7 @@ def accuracy(
     dev = device or next((p.device for p in model.parameters()), "cpu")
     idx = range(len(dataset) if n is None else min(n, len(dataset)))  # type: ignore[arg-type]
     loader = DataLoader(torch.utils.data.Subset(dataset, list(idx)), batch_size=batch_size)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(rng_seed)
     correct = total = 0
     attack = bool(adversarial and adversarial.get("eps", 0) > 0)
     # the attack's many passes run on a copy with folded batch-norms (the same function)
@@ -101,7 +101,7 @@ def train_model(
     ``num_classes``, ...) go to the architecture.
 
     AdamW with a one-cycle schedule (warm-up then cosine decay). Deterministic on CPU for
-    a given ``recipe.seed`` (default 0). Metrics: clean test accuracy and, for robust
+    a given ``recipe.rng_seed`` (default 0). Metrics: clean test accuracy and, for robust
     models, robust test accuracy under PGD-``eval_steps`` at the training eps (on
     ``eval_n`` test images). With ``out``, saves a checkpoint that ``load_model(out)``
     restores with its metadata.
@@ -120,30 +120,30 @@ def train_model(
     if isinstance(changes.get("adversarial"), Mapping):
         changes["adversarial"] = _attack(changes["adversarial"])
     r = (recipe or TrainConfig()).replace(**changes) if changes else (recipe or TrainConfig())
-    seed = 0 if r.seed is None else r.seed
+    rng_seed = 0 if r.rng_seed is None else r.rng_seed
     if r.width is not None:
         kwargs.setdefault("width", r.width)
-    torch.manual_seed(seed)
+    torch.manual_seed(rng_seed)
     model = _build(spec, dataset, kwargs)
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
     adv = _attack(r.adversarial) if r.adversarial and r.adversarial.eps > 0 else None
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(rng_seed)
     loader = DataLoader(dataset, batch_size=r.batch_size, shuffle=True, generator=g, drop_last=True)
     t0 = time.perf_counter()
-    losses = _fit(model, loader, r.epochs, r.lr, r.weight_decay, adv, seed, progress)
+    losses = _fit(model, loader, r.epochs, r.lr, r.weight_decay, adv, rng_seed, progress)
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - t0,
         "epochs": r.epochs,
         "final_train_loss": float(sum(losses[-20:]) / max(len(losses[-20:]), 1)),
-        "seed": seed,
+        "rng_seed": rng_seed,
         "adversarial": dict(adv) if adv else None,
         "dataset": getattr(dataset, "id", None),
     }
     if test_dataset is not None:
         t0 = time.perf_counter()
-        metrics.update(_evaluate(model, test_dataset, adv, r, seed, dev))
+        metrics.update(_evaluate(model, test_dataset, adv, r, rng_seed, dev))
         metrics["eval_seconds"] = time.perf_counter() - t0  # the robust accuracy's PGD: not small
     meta = {"training": metrics, "eps": adv["eps"] if adv else 0.0, "norm": adv and adv["norm"]}
     model.invsim_meta.update(meta)
@@ -152,13 +152,13 @@ def train_model(
     return model, metrics
 
 
-def _evaluate(model, test_dataset, adv, r: TrainConfig, seed: int, dev) -> dict[str, Any]:
+def _evaluate(model, test_dataset, adv, r: TrainConfig, rng_seed: int, dev) -> dict[str, Any]:
     """Clean accuracy and, for an adversarial recipe, robust accuracy at its eps."""
     out: dict[str, Any] = {"clean_acc": accuracy(model, test_dataset, n=r.eval_n, device=dev)}
     if adv is not None:
         attack = {"norm": adv["norm"], "eps": adv["eps"], "steps": r.eval_steps}
         out["robust_acc"] = accuracy(
-            model, test_dataset, adversarial=attack, n=r.eval_n, device=dev, seed=seed
+            model, test_dataset, adversarial=attack, n=r.eval_n, device=dev, rng_seed=rng_seed
         )
         out["robust_eval"] = attack
     return out
@@ -178,7 +178,7 @@ def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]
     )
 
 
-def _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress) -> list[float]:
+def _fit(model, loader, epochs, lr, weight_decay, adv, rng_seed, progress) -> list[float]:
     """AdamW with a one-cycle schedule; adversarial examples from PGD when ``adv``."""
     dev = next(model.parameters()).device
     steps_total = epochs * len(loader)
@@ -186,7 +186,7 @@ def _fit(model, loader, epochs, lr, weight_decay, adv, seed, progress) -> list[f
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=max(steps_total, 1), pct_start=0.15
     )
-    attack_gen = torch.Generator().manual_seed(seed + 1)
+    attack_gen = torch.Generator().manual_seed(rng_seed + 1)
     losses: list[float] = []
     desc = f"train {model.invsim_meta['arch']}"
     with progress_bar(steps_total, desc, progress, unit="it") as bar:

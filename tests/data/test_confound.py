@@ -25,9 +25,9 @@ def test_variants_follow_their_definition():
 
 
 def test_seedable_and_splits_differ():
-    a = make_confound("both", n=20, split="train", seed=3)
-    b = make_confound("both", n=20, split="train", seed=3)
-    c = make_confound("both", n=20, split="test", seed=3)
+    a = make_confound("both", n=20, split="train", rng_seed=3)
+    b = make_confound("both", n=20, split="train", rng_seed=3)
+    c = make_confound("both", n=20, split="test", rng_seed=3)
     assert torch.equal(a.images, b.images) and a.id == b.id
     assert not torch.equal(a.images, c.images) and a.id != c.id
 
@@ -63,9 +63,9 @@ def confound_models():
     only_a = make_confound("only_a", split="train")
     only_b = make_confound("only_b", split="train")
     return {
-        "A": train_model("mlp", only_a, seed=0, **kw)[0],
-        "A2": train_model("mlp", only_a, seed=1, **kw)[0],
-        "B": train_model("mlp", only_b, seed=0, **kw)[0],
+        "A": train_model("mlp", only_a, rng_seed=0, **kw)[0],
+        "A2": train_model("mlp", only_a, rng_seed=1, **kw)[0],
+        "B": train_model("mlp", only_b, rng_seed=0, **kw)[0],
     }
 
 

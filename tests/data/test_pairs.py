@@ -10,12 +10,12 @@ from invsim.data.pairs import check_pairs, sample_pairs
 
 def test_pairs_differ_in_label_targets_unique_and_deterministic():
     labels = np.repeat(np.arange(5), 20)
-    s, t = sample_pairs(labels, 60, seed=3)
+    s, t = sample_pairs(labels, 60, rng_seed=3)
     assert len(set(t.tolist())) == 60  # without replacement
     assert np.all(labels[s] != labels[t])
-    s2, t2 = sample_pairs(labels, 60, seed=3)
+    s2, t2 = sample_pairs(labels, 60, rng_seed=3)
     assert np.array_equal(s, s2) and np.array_equal(t, t2)
-    s3, _ = sample_pairs(labels, 60, seed=4)
+    s3, _ = sample_pairs(labels, 60, rng_seed=4)
     assert not np.array_equal(s, s3)
 
 
@@ -25,7 +25,7 @@ def test_seed_is_uniform_over_other_classes():
     labels = np.array([0] * 10 + [1] * 10 + [2] * 80)
     counts = np.zeros(3)
     for seed in range(200):
-        s, t = sample_pairs(labels, 100, seed=seed)
+        s, t = sample_pairs(labels, 100, rng_seed=seed)
         counts += np.bincount(labels[s[labels[t] == 0]], minlength=3)
     assert counts[0] == 0
     assert 6.5 < counts[2] / counts[1] < 9.5
@@ -34,7 +34,7 @@ def test_seed_is_uniform_over_other_classes():
 def test_more_pairs_than_data_warns_and_replaces():
     labels = np.array([0, 1, 0, 1])
     with pytest.warns(UserWarning, match="with replacement"):
-        s, t = sample_pairs(labels, 10, seed=0)
+        s, t = sample_pairs(labels, 10, rng_seed=0)
     assert len(t) == 10 and np.all(labels[s] != labels[t])
 
 

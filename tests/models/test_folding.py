@@ -32,7 +32,7 @@ def _with_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def mnist_pairs(mnist_test):
-    s, t = sample_pairs(mnist_test.labels, 6, seed=1)
+    s, t = sample_pairs(mnist_test.labels, 6, rng_seed=1)
     return mnist_test.images[s], mnist_test.images[t], mnist_test.labels[t]
 
 
@@ -159,7 +159,7 @@ def test_robust_accuracy_attacks_a_folded_copy_with_the_same_result(mnist_test):
     torch.manual_seed(0)
     model = _with_statistics(load_model("vgg", width=4)).train()
     attack = {"norm": "l2", "eps": 1.0, "steps": 3}
-    got = accuracy(model, mnist_test, adversarial=attack, n=64, seed=0)
+    got = accuracy(model, mnist_test, adversarial=attack, n=64, rng_seed=0)
     assert model.training  # restored
     g, x, y = torch.Generator().manual_seed(0), mnist_test.images[:64], mnist_test.labels[:64]
     model.eval()

@@ -36,7 +36,7 @@ def _coverage_draws():
     g = torch.Generator().manual_seed(0)
     out = []
     for n, widths, settings in REGIMES:
-        pop = Population(widths, **settings, seed=1)
+        pop = Population(widths, **settings, rng_seed=1)
         cells = [calibrate(*pop.draw(n, g), n_perm=0) for _ in range(DRAWS)]
         out.append((pop, cells))
     return out
@@ -129,7 +129,7 @@ def test_null_is_the_value_for_unrelated_representations(null):
     x = torch.randn(draws, n, 10, generator=g, dtype=torch.float64)
     y = torch.randn(draws, n, 8, generator=g, dtype=torch.float64)
     results = [
-        calibrate(a, b, n_perm=200, seed=i, null=null)
+        calibrate(a, b, n_perm=200, rng_seed=i, null=null)
         for i, (a, b) in enumerate(zip(x, y, strict=True))
     ]
     # what biased CKA averages for independent data at this n and these widths
@@ -155,13 +155,13 @@ def test_deterministic_dtype_free_and_a_strong_signal():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(120, 6, generator=g, dtype=torch.float64)
     y = x @ torch.randn(6, 5, generator=g, dtype=torch.float64)
-    a = calibrate(x, y, seed=3)
-    assert a == calibrate(x, y, seed=3)
-    b = calibrate(x.float().numpy(), y.float().numpy(), seed=3)
+    a = calibrate(x, y, rng_seed=3)
+    assert a == calibrate(x, y, rng_seed=3)
+    b = calibrate(x.float().numpy(), y.float().numpy(), rng_seed=3)
     assert b.value == pytest.approx(a.value, abs=1e-6)
     assert b.p_value == pytest.approx(a.p_value, rel=1e-3)
     assert a.value == pytest.approx(linear_cka(x, y)) and a.p_value < 1e-12 and a.null == "moments"
-    mc = calibrate(x, y, seed=3, null="permutation")
+    mc = calibrate(x, y, rng_seed=3, null="permutation")
     assert mc.p_value == pytest.approx(1 / 201) and mc.null == "permutation"
     assert a.ci_low <= a.value <= a.ci_high and a.null_mean < 0.2
 
@@ -175,9 +175,9 @@ def test_large_n_path_equals_the_gram_path(monkeypatch):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(120, 5, generator=g, dtype=torch.float64)
     y = x[:, :3] + torch.randn(120, 3, generator=g, dtype=torch.float64)
-    gram = calibrate(x, y, n_perm=2000, seed=1)
+    gram = calibrate(x, y, n_perm=2000, rng_seed=1)
     monkeypatch.setattr(calibration, "GRAM_LIMIT", 100)
-    features = calibrate(x, y, n_perm=2000, seed=1)
+    features = calibrate(x, y, n_perm=2000, rng_seed=1)
     assert features.null == "permutation" and gram.null == "moments"
     assert features.ci_centre == pytest.approx(gram.ci_centre, abs=1e-12)
     z = stats.t.ppf(0.975, 119)

@@ -74,9 +74,9 @@ def content_id(images: torch.Tensor, labels: torch.Tensor) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> np.ndarray:
+def stratified_split(labels: np.ndarray, test_fraction: float, rng_seed: int = 0) -> np.ndarray:
     """Boolean mask of test examples: ``test_fraction`` of each class, deterministic."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(rng_seed)
     test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)

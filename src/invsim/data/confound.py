@@ -70,7 +70,7 @@ def glyphs(num_classes: int, size: int, *, salt: int) -> np.ndarray:
 
 
 _PARAMETERS = ("variant", "n", "split", "image_size", "channels", "num_classes", "glyph_size",
-               "jitter", "noise", "contrast", "agree", "seed")  # fmt: skip
+               "jitter", "noise", "contrast", "agree", "rng_seed")  # fmt: skip
 
 
 def _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast) -> np.ndarray:
@@ -119,7 +119,7 @@ def make_confound(
     noise: float = 0.05,
     contrast: tuple[float, float] = (0.8, 1.0),
     agree: float | None = None,
-    seed: int = 0,
+    rng_seed: int = 0,
 ) -> TensorImageDataset:
     """Generate the confound set in memory (fast, seedable).
 
@@ -130,7 +130,7 @@ def make_confound(
     _check_confound(variant, split, image_size, glyph_size, jitter, num_classes)
     n = n if n is not None else (4000 if split != "test" else 1000)
     split_salt = {"train": 0, "test": 1, "all": 2}[split]
-    rng = np.random.default_rng([seed, split_salt])
+    rng = np.random.default_rng([rng_seed, split_salt])
     glyph_a = glyphs(num_classes, glyph_size, salt=0)
     glyph_b = 1.0 - glyph_a  # the complement: a distinct pattern with the same class geometry
 

@@ -40,7 +40,7 @@ __all__ = [
 
 def _split(images: torch.Tensor, y: np.ndarray, split: str, id: str) -> TensorImageDataset:  # noqa: A002
     """The deterministic stratified 80/20 split of a built-in set (every class kept)."""
-    mask = stratified_split(y, 0.2, seed=0)
+    mask = stratified_split(y, 0.2, rng_seed=0)
     sel = {"train": ~mask, "test": mask, "all": np.ones_like(mask)}[split]
     return TensorImageDataset(
         images[torch.from_numpy(sel)],
@@ -158,7 +158,7 @@ def _npz(path: Path, split: str) -> TensorImageDataset:
         raise ValueError(f"'x' must be uint8 or float; got dtype {x.dtype}.")
     labels = torch.from_numpy(y.astype(np.int64))
     if split != "all":
-        mask = torch.from_numpy(stratified_split(y, 0.2, seed=0))
+        mask = torch.from_numpy(stratified_split(y, 0.2, rng_seed=0))
         keep = mask if split == "test" else ~mask
         images, labels = images[keep], labels[keep]
     ds = TensorImageDataset(images, labels)

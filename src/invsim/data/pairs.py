@@ -17,7 +17,7 @@ def _as_labels(labels: Any) -> np.ndarray:
     return arr
 
 
-def sample_pairs(labels: Any, n_pairs: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample_pairs(labels: Any, n_pairs: int, *, rng_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n_pairs`` (seed index, target index) pairs with different labels.
 
     Targets are drawn without replacement (with replacement, and a warning, only when
@@ -27,7 +27,7 @@ def sample_pairs(labels: Any, n_pairs: int, *, seed: int = 0) -> tuple[np.ndarra
     Example:
         >>> from invsim.data.pairs import sample_pairs
         >>> labels = [0, 0, 1, 1, 2, 2]
-        >>> s, t = sample_pairs(labels, 4, seed=0)
+        >>> s, t = sample_pairs(labels, 4, rng_seed=0)
         >>> all(labels[i] != labels[j] for i, j in zip(s, t))
         True
     """
@@ -41,7 +41,7 @@ def sample_pairs(labels: Any, n_pairs: int, *, seed: int = 0) -> tuple[np.ndarra
             f"the data set has a single class ({classes.tolist()}), so no seed can differ in "
             "label from its target; inversion pairs need at least two classes."
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(rng_seed)
     if n_pairs > n:
         warnings.warn(
             f"n_pairs={n_pairs} exceeds the {n} examples: targets are drawn with replacement.",

@@ -147,7 +147,7 @@ def _measures(measures: str | Sequence[str], estimator: str) -> list[str]:
     return names
 
 
-def _images(data: Any, n: int | None, seed: int | None = None) -> Any:
+def _images(data: Any, n: int | None, rng_seed: int | None = None) -> Any:
     from invsim.data.base import dataset_images
 
     if isinstance(data, torch.Tensor):
@@ -162,12 +162,12 @@ def _images(data: Any, n: int | None, seed: int | None = None) -> Any:
         images = images[:n]
     if len(images) < 4:
         raise ValueError(f"layer_similarity needs at least 4 images; got {len(images)}.")
-    if seed is None:
+    if rng_seed is None:
         return images
     # a random order, so the jackknife's groups are random subsets; a view that indexes
     # each batch, not a reordered copy of the data
     return _Ordered(
-        images, torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        images, torch.randperm(len(images), generator=torch.Generator().manual_seed(rng_seed))
     )
 
 
@@ -313,7 +313,7 @@ def layer_similarity(
     estimator: str = "exact",
     ci: float | None = 0.95,
     groups: int = JACKKNIFE_GROUPS,
-    seed: int | None = 0,
+    rng_seed: int | None = 0,
     product_dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = None,
     progress: bool | None = None,
@@ -339,7 +339,7 @@ def layer_similarity(
     from invsim.distributed import rank_world
 
     names = _measures(measures, estimator)
-    images = _images(data, n, seed)
+    images = _images(data, n, rng_seed)
     count = len(images)
     chosen = _layer_names(models, layers)
     exact = estimator == "exact"  # exact sums take float64 copies; minibatch, the model's own
@@ -374,7 +374,7 @@ def layer_similarity(
     widths = {k: dims[starts[i] : starts[i + 1]] for i, k in enumerate(models)}
     return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
                            asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
-                           about=_about(stats, names, ci, groups, seed))  # fmt: skip
+                           about=_about(stats, names, ci, groups, rng_seed))  # fmt: skip
 
 
 def _first_batch(readers: _Readers, x: torch.Tensor, rank: int) -> tuple[list, list]:
@@ -411,9 +411,9 @@ def _schedule(
     return Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
 
 
-def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, seed) -> dict:
+def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, rng_seed) -> dict:
     """What the intervals are (when computed) and the example order's seed."""
-    about: dict[str, Any] = {"order_seed": seed}
+    about: dict[str, Any] = {"order_seed": rng_seed}
     if "ci_low" in stats.get(names[0], {}):
         method = CI_METHOD.replace("20", str(groups))
         about.update(ci=ci, ci_method=method, ci_target=CI_TARGET, groups=groups,

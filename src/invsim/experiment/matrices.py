@@ -167,7 +167,7 @@ def panel(
 
 
 def _calibrated(
-    data, values, rows, cols, spec: Measure, cal: CalibrationConfig, seed: int, scatter=None
+    data, values, rows, cols, spec: Measure, cal: CalibrationConfig, rng_seed: int, scatter=None
 ) -> tuple[dict, dict]:
     """Per-cell interval and null (:mod:`invsim.similarity.calibration`), and what the
     interval is (``ci_method``, ``ci_target``, ``ci_centre``, ``ci_reason``). A measure
@@ -186,7 +186,7 @@ def _calibrated(
         stats = cka_calibration(data, values, rows, cols, ci=cal.ci, null=moments,
                                 scatter=scatter)  # fmt: skip
         if cal.null == "permutation" and cal.n_perm:
-            null = cka_null_matrix(data, rows, cols, cal.n_perm, seed)  # (rows, cols, n_perm)
+            null = cka_null_matrix(data, rows, cols, cal.n_perm, rng_seed)  # (rows, cols, n_perm)
             stats["null_mean"] = null.mean(axis=2)
             stats["p_value"] = (1 + (null >= values[:, :, None]).sum(axis=2)) / (1 + cal.n_perm)
     else:
@@ -194,7 +194,7 @@ def _calibrated(
             rows,
             cols,
             lambda r, c: calibrate(data[r], data[c], measure=spec, n_perm=cal.n_perm,
-                                   ci=cal.ci, seed=seed, null=cal.null),
+                                   ci=cal.ci, rng_seed=rng_seed, null=cal.null),
             symmetric=spec.symmetric,
         )  # fmt: skip
         stats = {

@@ -180,7 +180,9 @@ def _trainer(cfg: ExperimentConfig, m: ModelConfig, eval_ds: Dataset, path: Path
         log(
             f"model {m.name}: training {m.spec} {recipe.model_dump(exclude_none=True)}", quiet=quiet
         )
-        seeded = recipe.replace(seed=cfg.seed if recipe.seed is None else recipe.seed)
+        seeded = recipe.replace(
+            rng_seed=cfg.rng_seed if recipe.rng_seed is None else recipe.rng_seed
+        )
         _, metrics = train_model(
             m.spec,
             ds,
@@ -227,7 +229,7 @@ def load_models(cfg: ExperimentConfig, eval_ds: Dataset, *, quiet: bool = False)
 def data_stage(run: Run) -> Dataset:
     """The evaluation data set (seeds, targets and natural images come from it)."""
     run.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(run.cfg.seed)
+    torch.manual_seed(run.cfg.rng_seed)
     return load_data(run.cfg)
 
 
@@ -265,7 +267,7 @@ def inverted_stage(run: Run) -> dict[str, InvertedDataset]:
             cfg.data.pairs,
             run.out / "inverted" / m.name,
             inversion=cfg.inversion.settings().replace(layer=layers[m.name]),
-            rng_seed=cfg.seed,
+            rng_seed=cfg.rng_seed,
             shard_size=cfg.inversion.shard_size,
             device=cfg.device,
         )
@@ -289,12 +291,12 @@ def matrices_stage(run: Run) -> Panels:
     if "natural" in cfg.regimes:
         run.log("natural similarity")
         out["natural"] = natural_similarity(
-            zoo.models, data, n=cfg.data.natural_n, rng_seed=cfg.seed, **kw
+            zoo.models, data, n=cfg.data.natural_n, rng_seed=cfg.rng_seed, **kw
         )
     if run["inverted"]:
         run.log("inverted similarity")
         out["inverted"] = inverted_similarity(
-            zoo.models, run["inverted"], n=None, rng_seed=cfg.seed, **kw
+            zoo.models, run["inverted"], n=None, rng_seed=cfg.rng_seed, **kw
         )
     if "stir" in cfg.regimes:
         run.log("STIR")
@@ -306,7 +308,7 @@ def matrices_stage(run: Run) -> Panels:
             data,
             run.out / "stir",
             n=st.n,
-            rng_seed=cfg.seed,
+            rng_seed=cfg.rng_seed,
             seed_images=st.seed_images,
             inversion=settings,
             shard_size=cfg.inversion.shard_size,
@@ -404,7 +406,7 @@ def statistics_stage(run: Run) -> dict[str, Any]:
         return r.matrix(regime) if regime in r.matrices else None
 
     r.statistics = claim_statistics(
-        primary("natural"), primary("inverted"), zoo.eps, arch=zoo.arch, seed=run.cfg.seed
+        primary("natural"), primary("inverted"), zoo.eps, arch=zoo.arch, rng_seed=run.cfg.rng_seed
     )
     return r.statistics
 
@@ -547,31 +549,31 @@ def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The confound experiment of ``cfg.confound`` as a config of this pipeline: an
     only-A model (two seeds) and an only-B model, tested on ``both`` images; the two
     inverted rows are only_a and only_b."""
-    c, seed = cfg.confound, cfg.seed
+    c, rng_seed = cfg.confound, cfg.rng_seed
     assert c is not None
 
     def model(name: str, variant: str, s: int, invert: bool = True) -> dict[str, Any]:
-        data = {"variant": variant, "seed": seed}
-        train = {"epochs": c.epochs, "seed": s, "dataset": "confound", "data_options": data}
+        data = {"variant": variant, "rng_seed": rng_seed}
+        train = {"epochs": c.epochs, "rng_seed": s, "dataset": "confound", "data_options": data}
         return {"name": name, "spec": c.arch, "arch": c.arch, "invert": invert, "train": train}
 
     return validate(
         {
             "name": f"{cfg.name}-confound",
             "out": str(Path(cfg.out) / "confound"),
-            "seed": seed,
+            "rng_seed": rng_seed,
             "device": cfg.device,
             "regimes": ["natural", "inverted"],
             "data": {
                 "dataset": "confound",
-                "options": {"variant": "both", "seed": seed},
+                "options": {"variant": "both", "rng_seed": rng_seed},
                 "natural_n": None,
                 "pairs": c.pairs,
             },
             "models": [
-                model("only_a", "only_a", seed),
-                model("only_a_seed2", "only_a", seed + 1, invert=False),
-                model("only_b", "only_b", seed),
+                model("only_a", "only_a", rng_seed),
+                model("only_a_seed2", "only_a", rng_seed + 1, invert=False),
+                model("only_b", "only_b", rng_seed),
             ],
             "inversion": {"iterations": c.iterations, "batch_size": 256},
         }

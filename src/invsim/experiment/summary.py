@@ -249,7 +249,7 @@ def robustness_within(
     n_perm: int = 2000,
     n_boot: int = 2000,
     ci: float = 0.95,
-    seed: int = 0,
+    rng_seed: int = 0,
 ) -> dict[str, Any] | None:
     """The robustness claim as Jones et al. state it: within each architecture, does a
     more robust model sit closer to the *other* architectures? Statistic: the mean over
@@ -272,10 +272,10 @@ def robustness_within(
     ys = [np.array([sim[m] for m in ms]) for ms in ladders.values()]
     rhos = np.array([float(_spearman(x, y[None])[0]) for x, y in zip(xs, ys, strict=True)])
     value = float(rhos.mean())
-    draws, exact = _stratified_null(xs, ys, n_perm, np.random.default_rng(seed))
+    draws, exact = _stratified_null(xs, ys, n_perm, np.random.default_rng(rng_seed))
     extreme = int(np.sum(np.abs(draws) >= abs(value) - 1e-12))
     p = extreme / len(draws) if exact else (1 + extreme) / (1 + len(draws))
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(rng_seed + 1)
     boot = rhos[rng.integers(0, len(rhos), size=(n_boot, len(rhos)))].mean(1)
     lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     ends = {a: sorted(ms, key=lambda m: eps[m]) for a, ms in ladders.items()}
@@ -349,7 +349,7 @@ def claim_statistics(
     arch: Mapping[str, str] | None = None,
     n_boot: int = 2000,
     n_perm: int = 2000,
-    seed: int = 0,
+    rng_seed: int = 0,
     ci: float = 0.95,
 ) -> dict[str, Any]:
     """Intervals and p-values for the paper's three claims, on the primary measure.
@@ -369,12 +369,12 @@ def claim_statistics(
     The units resampled are models, pairs and cells: these intervals speak of this zoo,
     not of architectures in general (each cell's own interval is in the matrices).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(rng_seed)
     lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out: dict[str, Any] = {}
     if inverted is not None and arch is not None:
         within = robustness_within(inverted, eps, arch, n_perm=n_perm, n_boot=n_boot, ci=ci,
-                                   seed=seed)  # fmt: skip
+                                   rng_seed=rng_seed)  # fmt: skip
         if within is not None:
             out["robustness_within"] = within
     if inverted is not None and len(set(eps.values())) > 1:

@@ -212,13 +212,13 @@ def image_grid(
     return path
 
 
-def confound_examples(path: Path, *, per_variant: int = 6, seed: int = 0) -> Path:
+def confound_examples(path: Path, *, per_variant: int = 6, rng_seed: int = 0) -> Path:
     """A few examples of each confound variant (for the README and the report)."""
     from invsim.data.confound import make_confound
 
     rows = []
     for variant in ("both", "only_a", "only_b"):
-        ds = make_confound(variant, n=per_variant, split="test", seed=seed)
+        ds = make_confound(variant, n=per_variant, split="test", rng_seed=rng_seed)
         rows.append((variant, ds.images))
     return image_grid(rows, path, title="confound set: A top-left, B bottom-right")
 

@@ -382,14 +382,14 @@ def _cka_null(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor) -> torch.Te
     return torch.stack([(kc * lc[p][:, p]).sum() for p in perms]) / scale
 
 
-def permutations(n: int, n_perm: int, seed: int) -> torch.Tensor:
+def permutations(n: int, n_perm: int, rng_seed: int) -> torch.Tensor:
     """(n_perm, n) permutations of the examples, deterministic for ``seed``; the same for
     :func:`calibrate` and :func:`cka_null_matrix`."""
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(rng_seed + 1)
     return torch.stack([torch.randperm(n, generator=g) for _ in range(n_perm)])
 
 
-def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
+def cka_null_matrix(data, rows, cols, n_perm: int, rng_seed: int) -> np.ndarray:
     """Linear CKA of every (row, column) pair with the row side's examples permuted, the
     same permutations for every pair: each permutation reorders each row model's centred
     Gram matrix once, and one matrix product gives the whole row of statistics. The
@@ -404,15 +404,15 @@ def cka_null_matrix(data, rows, cols, n_perm: int, seed: int) -> np.ndarray:
     n = grams[rows[0]].shape[0]
     out = torch.empty(len(rows), len(cols), n_perm, dtype=torch.float64)
     flat_rows = [grams[r].flatten() for r in rows]
-    for b, p in enumerate(permutations(n, n_perm, seed)):
+    for b, p in enumerate(permutations(n, n_perm, rng_seed)):
         where = (p[:, None] * n + p[None, :]).flatten()  # (P K P^T)_ij = K_{p_i p_j}
         permuted = torch.stack([f.take(where) for f in flat_rows])
         out[:, :, b] = (permuted @ flat.T).double() / scale
     return out.numpy()
 
 
-def _permutation_null(spec: Measure, x, y, value: float, n_perm: int, seed: int):
-    perms = permutations(len(x), n_perm, seed)
+def _permutation_null(spec: Measure, x, y, value: float, n_perm: int, rng_seed: int):
+    perms = permutations(len(x), n_perm, rng_seed)
     if spec.exact_null:
         draws = _cka_null(x, y, perms)
     else:
@@ -436,7 +436,7 @@ def calibrate(
     *,
     measure: str | Measure = "linear_cka",
     n_perm: int = 200,
-    seed: int = 0,
+    rng_seed: int = 0,
     ci: float = 0.95,
     null: str = "moments",
 ) -> Calibrated:
@@ -464,6 +464,6 @@ def calibrate(
         method, reason = None, "a delete-one self-HSIC is not positive: too few examples."
     kind = None if not n_perm else "moments" if gram else "permutation"
     if kind == "permutation":
-        null_mean, p_value = _permutation_null(spec, x, y, value, n_perm, seed)
+        null_mean, p_value = _permutation_null(spec, x, y, value, n_perm, rng_seed)
     return Calibrated(value, lo, hi, null_mean, p_value, spec.name, n, n_perm, ci, kind,
                       centre, method, CI_TARGET, reason)  # fmt: skip

@@ -18,7 +18,7 @@ Procrustes ``||S_xy||_* / sqrt(tr S_xx tr S_yy)`` need no sampling.
 Example:
     >>> import torch
     >>> from invsim.similarity.populations import Population
-    >>> pop = Population(widths=(84, 512), shared=0.5, noise=0.5, seed=0)
+    >>> pop = Population(widths=(84, 512), shared=0.5, noise=0.5, rng_seed=0)
     >>> x, y = pop.draw(256, torch.Generator().manual_seed(1))
     >>> x.shape, y.shape, 0 < pop.cka < 1
     (torch.Size([256, 84]), torch.Size([256, 512]), True)
@@ -57,14 +57,14 @@ class Population:
     noise: float = 0.1
     kind: str = "relu"
     latent: int = 32
-    seed: int = 0
+    rng_seed: int = 0
     cka: float = field(init=False)
     procrustes: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("relu", "readout"):
             raise ValueError(f"kind must be 'relu' or 'readout'; got {self.kind!r}.")
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.rng_seed)
         k, (dx, dy) = self.latent, self.widths
         ks = round(self.shared * k)
         wx = torch.zeros(2 * k, dx, dtype=torch.float64)

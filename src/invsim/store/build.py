@@ -112,7 +112,7 @@ class _Job:
     n_pairs: int
     out: Path
     inversion: InversionConfig
-    seed: int
+    rng_seed: int
     shard_size: int
     seed_images: str
 
@@ -125,7 +125,7 @@ class _Job:
     def open(self) -> None:
         """Write dataset.json, or check that the one there has the same configuration."""
         cfg = fmt.config_record(
-            self.model, self.dataset, self.n_pairs, self.seed, self.shard_size, self.record()
+            self.model, self.dataset, self.n_pairs, self.rng_seed, self.shard_size, self.record()
         )
         self.config_hash = cfg["config_hash"]
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ class _Job:
     def run(self, part: tuple[int, int], device: Any, progress: bool | None) -> None:
         """Invert and write the shards of ``part`` that are not finished yet."""
         labels = dataset_labels(self.dataset)
-        seed_idx, target_idx = sample_pairs(labels, self.n_pairs, seed=self.seed)
+        seed_idx, target_idx = sample_pairs(labels, self.n_pairs, rng_seed=self.rng_seed)
         noise = self.seed_images == "noise"
         if not noise:
             check_pairs(labels[seed_idx], labels[target_idx])
@@ -165,7 +165,7 @@ class _Job:
                 self.inversion,
                 device=device,
                 progress=progress,
-                noise_seed=self.seed * 1_000_003 + s,
+                noise_seed=self.rng_seed * 1_000_003 + s,
                 snapshots=(half,),
             )
             tensors = {

@@ -44,7 +44,7 @@ def config_record(
     model: torch.nn.Module,
     dataset: Dataset,
     n_pairs: int,
-    seed: int,
+    rng_seed: int,
     shard_size: int,
     inversion: dict[str, Any],
 ) -> dict:
@@ -60,7 +60,7 @@ def config_record(
         },
         "checkpoint": {"path": meta.get("checkpoint"), "sha256": meta.get("sha256")},
         "dataset": {"id": getattr(dataset, "id", type(dataset).__name__), "size": len(dataset)},
-        "pairs": {"n_pairs": n_pairs, "seed": seed},
+        "pairs": {"n_pairs": n_pairs, "rng_seed": rng_seed},
         "shard_size": shard_size,
         "inversion": inversion,
         "versions": {"invsim": invsim.__version__, "torch": torch.__version__},
