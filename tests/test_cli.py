@@ -200,18 +200,19 @@ def test_train_invert_similarity_commands(tmp_path):
     proc = invsim("similarity", "--model", f"a={model}", "--model", f"b={other}", "--data",
                   "digits", "--inverted", inv, "--measure", "linear_cka", "--measure",
                   "procrustes", "--out", str(tmp_path / "s"))  # fmt: skip
-    sim = json.loads((tmp_path / "s" / "similarity.json").read_text())
+    sim = json.loads((tmp_path / "s" / "results.json").read_text())["measures"]
+    assert not (tmp_path / "s" / "similarity.json").exists()  # one results file, no second
     # the CLI's numbers are linear CKA computed here from the two models' representations
     images = load_dataset("digits", split="test").images[:1000]
     a, b = load_model(str(model)), load_model(str(other))
     want = linear_cka(extract(a, images), extract(b, images))
-    got = sim["natural"]["linear_cka"]["matrix"]["values"]
+    got = sim["linear_cka"]["natural"]["values"]
     assert got[0][1] == pytest.approx(want, abs=1e-9) and 0.05 < want < 0.99
     assert got[1][0] == pytest.approx(want, abs=1e-9) and got[0][0] == pytest.approx(1.0)
     x = InvertedDataset(tmp_path / "inv").images  # row a: a's inverted data
     want = measure("procrustes", extract(a, x), extract(b, x))
     # (the CLI's Procrustes streams from moments: its eigenvalues' square roots agree to 1e-7)
-    assert sim["inverted"]["procrustes"]["matrix"]["values"][0][1] == pytest.approx(want, abs=1e-6)
+    assert sim["procrustes"]["inverted"]["values"][0][1] == pytest.approx(want, abs=1e-6)
     with open(tmp_path / "s" / "natural.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["measure"] == "linear_cka"]
     cell = next(r["value"] for r in rows if (r["row"], r["column"]) == ("a", "b"))
@@ -329,8 +330,8 @@ def test_invert_at_an_intermediate_layer_then_every_layer_of_it(tmp_path):
     invsim("layer-similarity", "--model", f"a={model}", "--data", "digits", "--natural-n", "30",
            "--select", "model.*", "--inverted", f"a={tmp_path / 'inv'}", "--out",
            str(tmp_path / "ls"))  # fmt: skip
-    found = json.loads((tmp_path / "ls" / "layers.json").read_text())
-    inv = found["inverted-a"]
+    found = json.loads((tmp_path / "ls" / "results.json").read_text())["layers"]
+    inv = found["inverted"]["a"]
     assert inv["n"] == 8 and inv["row"] == "a" and inv["layers"]["a"][2] == "model.2"
     assert found["natural"]["n"] == 30
     assert (tmp_path / "ls" / "layers-inverted-a.csv").exists()

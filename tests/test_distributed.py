@@ -173,8 +173,8 @@ def test_torchrun_layer_similarity_matches_single_process(tmp_path):
                           "--out", str(tmp_path / "two")], env=ENV, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "layers.json").read_text())["natural"]
-    b = json.loads((tmp_path / "two" / "layers.json").read_text())["natural"]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["layers"]["natural"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["layers"]["natural"]
     same = ("block", "passes", "forwarded")
     assert a["schedule"]["passes"] == 4 and all(a["schedule"][k] == b["schedule"][k] for k in same)
     for measure in ("linear_cka", "debiased_cka"):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from invsim import LayerSimilarity, MinibatchCKA, layer_similarity, linear_cka
-from invsim.experiment.layers import depth_profile, plan_passes
+from invsim.experiment.layers import plan_passes
 from invsim.models import load_model
 from invsim.representation import capture_layers, extract, select_layers
+from invsim.results import depth_profile
 from invsim.similarity.layerwise import GramTiles
 
 

@@ -37,18 +37,19 @@ _LAZY: dict[str, str] = {
     "LinearCKA": "invsim.similarity",
     "StreamingPanel": "invsim.similarity",
     "MinibatchCKA": "invsim.similarity",
-    "SimilarityMatrix": "invsim.similarity",
+    "SimilarityMatrix": "invsim.results",
     "cka_matrix": "invsim.similarity",
     "kernel_cka": "invsim.similarity",
     "linear_cka": "invsim.similarity",
     # experiments
     "natural_similarity": "invsim.experiment",
     "layer_similarity": "invsim.experiment",
-    "LayerSimilarity": "invsim.experiment",
+    "LayerSimilarity": "invsim.results",
     "inverted_similarity": "invsim.experiment",
     "stir_similarity": "invsim.experiment",
     "run_experiment": "invsim.experiment",
     "Results": "invsim.results",
+    "write_outputs": "invsim.report",
     "train_model": "invsim.train",
 }
 

@@ -362,14 +362,13 @@ def similarity(
         natural_similarity,
         summarize,
     )
-    from invsim.experiment.stages import write_outputs
     from invsim.models import load_model
+    from invsim.report import write_outputs
     from invsim.results import Results
     from invsim.store import InvertedDataset
 
     models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
     outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
     kw = {
         "measures": list(measures),
         "cache": RepresentationCache(outdir / "cache"),
@@ -383,14 +382,9 @@ def similarity(
     results = Results(matrices=matrices)
     results.summary = {regime: summarize(results.matrix(regime)) for regime in matrices}
     write_outputs(outdir, results, report=False)  # results.json and one CSV per regime
-    res = {
-        regime: {m: {"matrix": mat.to_dict(), "summary": summarize(mat)} for m, mat in by.items()}
-        for regime, by in results.matrices.items()
-    }
     for regime, by in results.matrices.items():
         for m, mat in by.items():
             click.echo(f"{regime} ({m}):\n{mat!r}")
-    (outdir / "similarity.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
 @main.command()
@@ -456,8 +450,10 @@ def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, sel
     --inverted on each model's inverted set). Under torchrun the passes are split
     across processes; the numbers equal one process's."""
     from invsim.distributed import init_from_env, is_main
-    from invsim.experiment.layers import layer_similarity, write_layers_csv
+    from invsim.experiment.layers import layer_similarity
     from invsim.models import load_model
+    from invsim.report import write_outputs
+    from invsim.results import Results
     from invsim.store import InvertedDataset
 
     init_from_env(device)
@@ -467,21 +463,24 @@ def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, sel
     kw = {"layers": layers, "measures": list(measures), "memory_gb": memory_gb, "block": block,
           "batch_size": batch_size, "estimator": estimator, "device": device}  # fmt: skip
     dataset = _load_data(data, split, size, crop)
-    found = {"natural": layer_similarity(models, dataset, n=min(n, len(dataset)), **kw)}
+    natural = layer_similarity(models, dataset, n=min(n, len(dataset)), **kw)
+    inverted = {}
     for k, d in _name_value(inverted_specs).items():
-        found[f"inverted-{k}"] = layer_similarity(models, InvertedDataset(d), **kw)
-        found[f"inverted-{k}"].row = k
+        inverted[k] = layer_similarity(models, InvertedDataset(d), **kw)
+        inverted[k].row = k
+    # results.json (its "layers") and layers-natural.csv, layers-inverted-ROW.csv
+    write_outputs(out, Results(layers={"natural": natural, "inverted": inverted}), report=False)
     if not is_main():
         return
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    for key, res in found.items():
-        write_layers_csv(res, outdir / f"layers-{key}.csv")
+    for key, res in {
+        "natural": natural,
+        **{f"inverted-{k}": v for k, v in inverted.items()},
+    }.items():
         s = res.schedule
-        click.echo(f"{key}: {sum(len(v) for v in res.layers.values())} layers, n={res.n}, "
-                   f"{s['passes']} pass(es), ~{s['bytes'] / 1e9:.2f} GB held")  # fmt: skip
-    payload = {k: v.to_dict() for k, v in found.items()}
-    (outdir / "layers.json").write_text(json.dumps(payload, indent=2) + "\n")
+        click.echo(
+            f"{key}: {sum(len(v) for v in res.layers.values())} layers, n={res.n}, "
+            f"{s['passes']} pass(es), ~{s['bytes'] / 1e9:.2f} GB held"
+        )
 
 
 @main.command()

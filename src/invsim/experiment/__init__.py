@@ -7,7 +7,7 @@
 - :mod:`invsim.experiment.stages`: ``run_experiment`` as declared, resumable stages.
 """
 
-from invsim.experiment.layers import LayerSimilarity, layer_similarity
+from invsim.experiment.layers import layer_similarity
 from invsim.experiment.matrices import (
     RepresentationCache,
     inverted_similarity,
@@ -24,17 +24,11 @@ from invsim.experiment.stages import (
     load_data,
     run_experiment,
 )
-from invsim.experiment.summary import (
-    headline,
-    robustness_summary,
-    summarize,
-    write_matrix_csv,
-)
+from invsim.experiment.summary import headline, robustness_summary, summarize
 from invsim.store.diagnostics import inversion_diagnostics
 
 __all__ = [
     "STAGES",
-    "LayerSimilarity",
     "RepresentationCache",
     "Run",
     "Stage",
@@ -51,5 +45,4 @@ __all__ = [
     "run_experiment",
     "stir_similarity",
     "summarize",
-    "write_matrix_csv",
 ]

@@ -49,20 +49,12 @@ from invsim._io import progress_bar
 from invsim.config import PENULTIMATE
 from invsim.distributed import all_reduce_accumulator
 from invsim.representation import capture_layers, eval_mode, select_layers
-from invsim.similarity.by_layer import LayerSimilarity, depth_profile, write_layers_csv
+from invsim.results import LayerSimilarity
 from invsim.similarity.core import cka_ratio_matrix
 from invsim.similarity.layerwise import GramTiles
 from invsim.similarity.streaming import MinibatchCKA
 
-__all__ = [
-    "LayerSimilarity",
-    "Schedule",
-    "depth_profile",
-    "layer_similarity",
-    "plan_passes",
-    "run_layers",
-    "write_layers_csv",
-]
+__all__ = ["Schedule", "layer_similarity", "plan_passes", "run_layers"]
 
 # measure -> debiased; the layer-by-layer matrices are the linear-CKA family (from Grams)
 LAYER_MEASURES = {"linear_cka": False, "debiased_cka": True}

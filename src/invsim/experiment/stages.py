@@ -35,7 +35,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import invsim
-from invsim._io import atomic_write
 from invsim.config import ExperimentConfig, InversionConfig, ModelConfig, validate
 from invsim.data import load_dataset
 from invsim.data.datasets import load_configured
@@ -53,9 +52,9 @@ from invsim.experiment.summary import (
     robustness_summary,
     summarize,
     warnings_of,
-    write_matrix_csv,
 )
 from invsim.models import load_model
+from invsim.report import write_outputs
 from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
 from invsim.store import InvertedDataset, invert_dataset
@@ -71,7 +70,6 @@ __all__ = [
     "layers_of",
     "load_data",
     "run_experiment",
-    "write_outputs",
 ]
 
 Panels = dict[str, dict[str, SimilarityMatrix]]  # regime -> measure -> matrix
@@ -100,6 +98,7 @@ class Run:
     cfg: ExperimentConfig
     quiet: bool = False
     report: bool = True
+    stages: list[Stage] = field(default_factory=list)
     artefacts: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     # each finished stage's time in this run, and, for the stages that can reuse stored
@@ -319,9 +318,18 @@ def matrices_stage(run: Run) -> Panels:
     return out
 
 
+def _primary(run: Run, regime: str) -> SimilarityMatrix | None:
+    """The primary (first listed) measure's matrix of ``regime``, if it was computed."""
+    found = run["matrices"].get(regime)
+    return next(iter(found.values())) if found else None
+
+
 def results_stage(run: Run) -> Results:
-    """The typed results: every matrix, the primary measure's summaries and robustness
-    trend, the per-measure panel, each row's inversion diagnostics and the models."""
+    """The typed results, assembled from the stages' artefacts (no stage writes into
+    them): every matrix, the primary measure's summaries and robustness trend, the
+    per-measure panel, each row's inversion diagnostics, the models, the layer view,
+    drift, statistics, the confound experiment, provenance, the added stages'
+    artefacts, and the warnings read from all of them (logged)."""
     zoo, panels, inverted = run["models"], run["matrices"], run["inverted"]
     r = Results(matrices={k: dict(v) for k, v in panels.items()})
     primary = {regime: r.matrix(regime) for regime in r.regimes}
@@ -330,7 +338,20 @@ def results_stage(run: Run) -> Results:
     r.diagnostics = {k: v.diagnostics_with(zoo.models[k]) for k, v in inverted.items()}
     if len(set(zoo.eps.values())) > 1:
         r.robustness = {k: robustness_summary(m, zoo.eps, zoo.arch) for k, m in primary.items()}
-    r.models = {
+    r.models = _models(zoo)
+    for key in ("layers", "drift", "statistics", "confound", "provenance"):
+        if run.artefacts.get(key) is not None:
+            setattr(r, key, run.artefacts[key])
+    r.extra = {s.name: run.artefacts[s.name] for s in run.stages if s.in_results}
+    r.warnings = warnings_of(r)
+    for w in r.warnings:
+        run.log(w["message"])
+    return r
+
+
+def _models(zoo: Zoo) -> dict[str, Any]:
+    """Each model's robustness, architecture, spec, checksum and training record."""
+    return {
         n: {
             "eps": zoo.eps[n],
             "arch": zoo.arch[n],
@@ -340,19 +361,16 @@ def results_stage(run: Run) -> Results:
         }
         for n, m in zoo.models.items()
     }
-    return r
 
 
 def layers_stage(run: Run) -> dict[str, Any] | None:
-    """The layer-by-layer view (config ``layers:``), into ``results.layers``."""
+    """The layer-by-layer view (config ``layers:``)."""
     if run.cfg.layers is None:
         return None
     from invsim.experiment.layers import run_layers
 
     run.log("layer-by-layer similarity")
-    found = run_layers(run.cfg, run["models"].models, run["data"], run["inverted"])
-    run["results"].layers = found
-    return found
+    return run_layers(run.cfg, run["models"].models, run["data"], run["inverted"])
 
 
 DRIFT_THRESHOLD = 0.02
@@ -362,11 +380,11 @@ def drift_stage(run: Run) -> dict[str, Any] | None:
     """The inverted matrix (primary measure) at half the inversion budget, from the
     stored half-budget images (no extra inversion): the cells that moved more than
     ``DRIFT_THRESHOLD`` in the second half have not settled."""
-    inverted, r = run["inverted"], run["results"]
-    halves = {k: v.at_half_budget() for k, v in inverted.items()}
-    if "inverted" not in r.matrices or not halves or any(h is None for h in halves.values()):
+    halves = {k: v.at_half_budget() for k, v in run["inverted"].items()}
+    full = _primary(run, "inverted")
+    if full is None or not halves or any(h is None for h in halves.values()):
         return None
-    cfg, full = run.cfg, r.matrix("inverted")
+    cfg = run.cfg
     (half,) = inverted_similarity(
         run["models"].models,
         halves,
@@ -389,35 +407,19 @@ def drift_stage(run: Run) -> dict[str, Any] | None:
         for j, c in enumerate(full.cols)
         if change[i, j] > DRIFT_THRESHOLD
     ]
-    r.drift = {
+    return {
         "half_iterations": cfg.inversion.iterations // 2,
         "threshold": DRIFT_THRESHOLD,
         "max_change": float(change.max()),
         "moved": moved,
     }
-    return r.drift
 
 
 def statistics_stage(run: Run) -> dict[str, Any]:
     """The claims' statistics: the asymmetry and the robustness trends, with intervals."""
-    r, zoo = run["results"], run["models"]
-
-    def primary(regime: str) -> SimilarityMatrix | None:
-        return r.matrix(regime) if regime in r.matrices else None
-
-    r.statistics = claim_statistics(
-        primary("natural"), primary("inverted"), zoo.eps, arch=zoo.arch, rng_seed=run.cfg.rng_seed
-    )
-    return r.statistics
-
-
-def warnings_stage(run: Run) -> list[dict[str, Any]]:
-    """Rows whose inversions did not converge, entries not settled; logged as found."""
-    r = run["results"]
-    r.warnings = warnings_of(r.to_dict())
-    for w in r.warnings:
-        run.log(w["message"])
-    return r.warnings
+    zoo = run["models"]
+    natural, inverted = _primary(run, "natural"), _primary(run, "inverted")
+    return claim_statistics(natural, inverted, zoo.eps, arch=zoo.arch, rng_seed=run.cfg.rng_seed)
 
 
 def confound_stage(run: Run) -> dict[str, Any] | None:
@@ -430,14 +432,13 @@ def confound_stage(run: Run) -> dict[str, Any] | None:
     run.made_seconds["confound"] = c.provenance.get("from_scratch_seconds", 0.0)
     natural, inverted = c.matrix("natural"), c.matrix("inverted")
     labelled = c.to_dict()["matrices"]
-    run["results"].confound = {
+    return {
         "natural": labelled["natural"],
         "inverted": labelled["inverted"],
         "headline": confound_headline(natural, inverted),
         "inversion_loss": {k: v["median_loss"] for k, v in c.diagnostics.items()},
         "settings": cfg.confound.model_dump(),
     }
-    return run["results"].confound
 
 
 def provenance_stage(run: Run) -> dict[str, Any]:
@@ -452,7 +453,7 @@ def provenance_stage(run: Run) -> dict[str, Any]:
         if getattr(used, a) != getattr(paper, a)
     }
     config = cfg.model_dump(mode="json")
-    run["results"].provenance = {
+    return {
         "invsim": invsim.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -463,7 +464,6 @@ def provenance_stage(run: Run) -> dict[str, Any]:
         "cache": dict(run.cache.stats),
         **run_seconds(run),
     }
-    return run["results"].provenance
 
 
 def run_seconds(run: Run) -> dict[str, Any]:
@@ -496,20 +496,20 @@ STAGES: list[Stage] = [
     Stage("models", models_stage, "each model, loaded or trained once"),
     Stage("inverted", inverted_stage, "each row model's inverted data set"),
     Stage("matrices", matrices_stage, "every regime's matrices, every measure"),
-    Stage("results", results_stage, "the typed results and their summaries"),
     Stage("layers", layers_stage, "layer-by-layer matrices, natural and inverted"),
     Stage("drift", drift_stage, "entries that moved in the second half of the budget"),
     Stage("statistics", statistics_stage, "the claims' statistics"),
-    Stage("warnings", warnings_stage, "unconverged rows and unsettled entries"),
     Stage("confound", confound_stage, "the confound experiment"),
     Stage("provenance", provenance_stage, "versions, config and its hash"),
+    Stage("results", results_stage, "the typed results, their summaries and warnings"),
     Stage("outputs", outputs_stage, "results.json, CSVs, report"),
 ]
 
 
-def add_stage(stage: Stage, *, before: str = "outputs") -> Stage:
-    """Insert ``stage`` into :data:`STAGES` before the stage named ``before``; remove it
-    with ``STAGES.remove(stage)``."""
+def add_stage(stage: Stage, *, before: str = "results") -> Stage:
+    """Insert ``stage`` into :data:`STAGES` before the stage named ``before`` (by default
+    before the results are assembled, so that an ``in_results`` artefact reaches them);
+    remove it with ``STAGES.remove(stage)``."""
     names = [s.name for s in STAGES]
     if stage.name in names:
         raise ValueError(f"a stage named {stage.name!r} is already in STAGES: {names}.")
@@ -517,32 +517,6 @@ def add_stage(stage: Stage, *, before: str = "outputs") -> Stage:
         raise ValueError(f"no stage named {before!r} to insert before; stages: {names}.")
     STAGES.insert(names.index(before), stage)
     return stage
-
-
-def write_outputs(out: Path, results: Results, *, report: bool = True) -> None:
-    """results.json, one CSV per regime and (with ``report``) the report; rank 0 only."""
-    results = Results.coerce(results)
-    if is_main():
-        atomic_write(out / "results.json", results.to_json())
-        for regime, by_measure in results.matrices.items():
-            write_matrix_csv(by_measure, out / f"{regime}.csv")
-        _write_layer_csvs(out, results.layers)
-        if report:
-            from invsim.report import write_report
-
-            write_report(out, results=results)
-    barrier()
-
-
-def _write_layer_csvs(out: Path, layers: dict[str, Any] | None) -> None:
-    """layers-natural.csv and layers-inverted-ROW.csv, layer names on both axes."""
-    if not layers:
-        return
-    from invsim.experiment.layers import write_layers_csv
-
-    write_layers_csv(layers["natural"], out / "layers-natural.csv")
-    for row, res in layers.get("inverted", {}).items():
-        write_layers_csv(res, out / f"layers-inverted-{row}.csv")
 
 
 def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -593,12 +567,10 @@ def run_experiment(
     and report.html. Returns the :class:`~invsim.results.Results`."""
     cfg = cfg if isinstance(cfg, ExperimentConfig) else validate(dict(cfg))
     init_from_env(cfg.device)  # under torchrun: join the group; else nothing
-    run = Run(cfg, quiet=quiet, report=report)
-    for stage in list(STAGES if stages is None else stages):
+    run = Run(cfg, quiet=quiet, report=report, stages=list(STAGES if stages is None else stages))
+    for stage in run.stages:
         t0 = time.perf_counter()
         run.artefacts[stage.name] = stage.run(run)
         run.stage_seconds[stage.name] = time.perf_counter() - t0
-        if stage.in_results:
-            run["results"].extra[stage.name] = run.artefacts[stage.name]
     run.log(f"done in {time.perf_counter() - run.started:.0f} s: {run.out / 'report.html'}")
     return run["results"]

@@ -12,10 +12,8 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,6 @@ from invsim.store.diagnostics import (
     CONVERGED_LOSS,
     converged,
     diagnostics_line,
-    diagnostics_of,
     inversion_diagnostics,
     unconverged_message,
 )
@@ -38,14 +35,12 @@ __all__ = [
     "robustness_within",
     "confound_headline",
     "diagnostics_line",
-    "diagnostics_of",
     "warnings_of",
     "panel_summary",
     "headline",
     "inversion_diagnostics",
     "robustness_summary",
     "summarize",
-    "write_matrix_csv",
 ]
 
 
@@ -100,10 +95,10 @@ def robustness_summary(
     return {"per_model": per_model, "spearman": rho}
 
 
-def warnings_of(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+def warnings_of(results: Results) -> list[dict[str, Any]]:
     """The run's warnings: rows whose inversions did not converge, entries not settled."""
     out = []
-    for name, d in diagnostics_of(results).items():
+    for name, d in results.diagnostics.items():
         if not converged(d):
             out.append(
                 {
@@ -113,7 +108,7 @@ def warnings_of(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "message": unconverged_message(name, d),
                 }
             )
-    drift = results.get("drift") or {}
+    drift = results.drift or {}
     if drift.get("moved"):
         out.append(
             {
@@ -137,25 +132,6 @@ def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> 
     }
 
 
-def write_matrix_csv(
-    matrices: SimilarityMatrix | Mapping[str, SimilarityMatrix], path: Path
-) -> None:
-    """Long format: row, column, measure, value, and beside the value its interval and
-    null (``ci_low``, ``ci_high``, ``ci_centre``, ``null_mean``, ``p_value``; empty where
-    not computed)."""
-    if isinstance(matrices, SimilarityMatrix):
-        matrices = {"linear_cka": matrices}
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "column", "measure", "value", *SimilarityMatrix.STATS])
-        for name, m in matrices.items():
-            for i, r in enumerate(m.rows):
-                for j, c in enumerate(m.cols):
-                    extra = [m.stat(k, i, j) for k in SimilarityMatrix.STATS]
-                    cells = ["" if v is None or math.isnan(v) else f"{v:.10g}" for v in extra]
-                    w.writerow([r, c, name, f"{m.values[i, j]:.10g}", *cells])
-
-
 def panel_summary(
     panels: Mapping[str, Mapping[str, SimilarityMatrix]], measure: str, eps: Mapping[str, float]
 ) -> dict[str, Any]:
@@ -175,10 +151,9 @@ def panel_summary(
     return out
 
 
-def headline(results: Results | Mapping[str, Any]) -> str:
+def headline(results: Results) -> str:
     """A few lines for the terminal: the paper's question answered by this run."""
-    results = Results.coerce(results).to_dict()
-    s = results["summary"]
+    s = results.summary
     lines = []
     if "natural" in s and "inverted" in s:
         lines.append(
@@ -186,8 +161,8 @@ def headline(results: Results | Mapping[str, Any]) -> str:
             f"inverted {s['inverted']['offdiag_mean']:.3f} "
             f"(asymmetry {s['inverted'].get('asymmetry', float('nan')):.3f})"
         )
-    rob = results.get("robustness", {}).get("inverted")
-    trend = results.get("statistics", {}).get("robustness_spearman")
+    rob = (results.robustness or {}).get("inverted")
+    trend = (results.statistics or {}).get("robustness_spearman")
     if trend and trend["ci_low"] is not None:
         lines.append(
             f"inverted similarity vs robustness: Spearman {trend['value']:.2f} "
@@ -195,7 +170,7 @@ def headline(results: Results | Mapping[str, Any]) -> str:
         )
     elif rob and rob["spearman"] is not None:
         lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
-    within = results.get("statistics", {}).get("robustness_within")
+    within = (results.statistics or {}).get("robustness_within")
     if within:
         lines.append(
             f"within architectures, vs other architectures: mean Spearman {within['value']:.2f} "
@@ -203,14 +178,14 @@ def headline(results: Results | Mapping[str, Any]) -> str:
             f"{within['p_value']:.3f}; the robust model is higher in {len(within['rising'])} of "
             f"{within['architectures']} architectures"
         )
-    c = results.get("confound", {}).get("headline")
+    c = (results.confound or {}).get("headline")
     if c:
         lines.append(
             f"confound: only-A vs only-B natural {c['natural_a_b']:.3f}, inverted "
             f"{c['inverted_a_b_on_a']:.3f} (A's data) / {c['inverted_a_b_on_b']:.3f} (B's data); "
             f"two only-A models inverted {c['inverted_a_a2_on_a']:.3f}"
         )
-    losses = [q["median_loss"] for q in diagnostics_of(results).values()]
+    losses = [q["median_loss"] for q in results.diagnostics.values()]
     if losses:
         lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from invsim.results import Results
 from invsim.similarity import SimilarityMatrix
 from invsim.store.diagnostics import CONVERGED_LOSS, converged
 
-__all__ = ["write_report"]
+__all__ = ["write_outputs", "write_report"]
 
 EXPLAIN = {
     "heatmaps": (
@@ -83,17 +83,17 @@ def _table(rows: list[list[Any]], head: list[str], classes: list[str] | None = N
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{body}</table>"
 
 
-def _grids(out: Path, results: dict) -> list[Path]:
+def _grids(out: Path, results: Results) -> list[Path]:
     """Seed / target / inverted image grids, read from the stored data sets."""
     from invsim.config import ExperimentConfig
     from invsim.data import dataset_images
     from invsim.data.datasets import load_configured
     from invsim.store import InvertedDataset
 
-    rows = results["matrices"].get("inverted", {}).get("rows", [])
+    rows = results.matrix("inverted").rows if "inverted" in results.matrices else []
     if not rows:
         return []
-    eval_ds = load_configured(ExperimentConfig.checked(results["provenance"]["config"]).data)
+    eval_ds = load_configured(ExperimentConfig.checked(results.provenance["config"]).data)
     paths = []
     for name in rows:
         inv = InvertedDataset(out / "inverted" / name)
@@ -117,8 +117,8 @@ def _grids(out: Path, results: dict) -> list[Path]:
     return paths
 
 
-def _header(results: dict) -> list[str]:
-    prov = results["provenance"]
+def _header(results: Results) -> list[str]:
+    prov = results.provenance
     cfg = prov["config"]
     parts = [f"<h1>invsim report: {html.escape(cfg.get('name', 'experiment'))}</h1>"]
     layers = [f"{m['name']} {m['layer']}" for m in cfg.get("models", []) if m.get("layer")]
@@ -139,11 +139,11 @@ def _header(results: dict) -> list[str]:
         )
     rows = [
         [key, s["offdiag_mean"], s["offdiag_median"], s.get("asymmetry", "")]
-        for key, s in results["summary"].items()
+        for key, s in results.summary.items()
     ]
     head = ["regime", "off-diagonal mean", "off-diagonal median", "asymmetry"]
     parts.append("<h2>Summary</h2>" + _table(rows, head))
-    return parts + _claims(results.get("statistics") or {})
+    return parts + _claims(results.statistics or {})
 
 
 def _claims(stats: dict) -> list[str]:
@@ -201,24 +201,25 @@ def values_tables(mats: dict[str, SimilarityMatrix]) -> str:
     return f"<details><summary>The numbers behind the heatmaps</summary>{''.join(out)}</details>"
 
 
-def interval_caption(matrices: dict) -> str:
+def interval_caption(matrices: Mapping[str, SimilarityMatrix]) -> str:
     """What the heatmaps' intervals are, per regime: their method, the population value
     they are for, the estimate they centre on, and why a regime has none."""
     lines = []
     for regime, m in matrices.items():
-        method, reason = m.get("ci_method"), m.get("ci_reason")
+        about, measure = m.interval, m.measure or ""
+        method, reason = about.get("ci_method"), about.get("ci_reason")
         if method:
-            centre = m.get("ci_centre_estimate") or m.get("measure", "")
+            centre = about.get("ci_centre") or measure
             why = (
-                f" ({html.escape(centre)} is unbiased where {html.escape(m.get('measure', ''))} "
+                f" ({html.escape(centre)} is unbiased where {html.escape(measure)} "
                 "is not; that bias can exceed the standard error, so the interval need not "
                 "contain the value shown)"
-                if centre != m.get("measure")
+                if centre != measure
                 else ""
             )
             lines.append(
                 f"<li>{html.escape(regime)}: {html.escape(method)}, for "
-                f"{html.escape(m.get('ci_target', ''))}, centred on "
+                f"{html.escape(about.get('ci_target', ''))}, centred on "
                 f"{html.escape(centre)}{why}.</li>"
             )
         elif reason:
@@ -226,24 +227,24 @@ def interval_caption(matrices: dict) -> str:
     return f'<ul class="intervals">{"".join(lines)}</ul>' if lines else ""
 
 
-def _matrices(out: Path, results: dict) -> list[str]:
-    mats = {k: SimilarityMatrix.from_dict(v) for k, v in results["matrices"].items()}
+def _matrices(out: Path, results: Results) -> list[str]:
+    mats = {k: results.matrix(k) for k in results.regimes}
     parts = []
     pair = {k: mats[k] for k in ("natural", "inverted") if k in mats}
-    label = next(iter(results["matrices"].values()), {}).get("measure", "linear_cka")
+    label = results.primary or "linear_cka"
     marks, note = {}, ""
-    moved = (results.get("drift") or {}).get("moved", [])
+    moved = (results.drift or {}).get("moved", [])
     if moved and "inverted" in mats:
         inv = mats["inverted"]
         marks["inverted"] = [(inv.rows.index(m["row"]), inv.cols.index(m["column"])) for m in moved]
-        d = results["drift"]
+        d = results.drift
         note = (
             f'<p class="warn">Not settled: {len(moved)} inverted entries (red frames) moved '
             f"by more than {d['threshold']} between {d['half_iterations']} iterations and the "
             f"full budget (largest change {d['max_change']:.3f}); more iterations or "
             '<code>schedule="converge"</code> would change them.</p>'
         )
-    bad = [n for n, d in results["diagnostics"].items() if not converged(d)]
+    bad = [n for n, d in results.diagnostics.items() if not converged(d)]
     flagged = {"inverted": [mats["inverted"].rows.index(n) for n in bad]} if bad else {}
     if bad:
         note += (
@@ -260,7 +261,7 @@ def _matrices(out: Path, results: dict) -> list[str]:
             marks=marks,
             flagged_rows=flagged,
         )
-        caption = interval_caption(results["matrices"])
+        caption = interval_caption(mats)
         parts.append(
             f"<h2>Similarity matrices</h2><p>{EXPLAIN['heatmaps']}</p>{caption}{note}{_img(p)}"
             + values_tables(pair)
@@ -271,28 +272,24 @@ def _matrices(out: Path, results: dict) -> list[str]:
             f"<h2>STIR</h2><p>STIR(column | row): CKA of the column model on natural "
             f"images and on their inversions through the row model.</p>{_img(p)}"
         )
-    if results.get("robustness"):
-        p = robustness_plot(results["robustness"], out / "figures" / "robustness.png")
+    if results.robustness:
+        p = robustness_plot(results.robustness, out / "figures" / "robustness.png")
         parts.append(f"<h2>Similarity and robustness</h2><p>{EXPLAIN['robustness']}</p>{_img(p)}")
     return parts
 
 
-def _measures(out: Path, results: dict) -> list[str]:
+def _measures(out: Path, results: Results) -> list[str]:
     """Every measure: the small multiples and the table of the paper's question."""
     from invsim.similarity import MEASURES
 
-    by_measure = results.get("measures") or {}
-    if len(by_measure) < 2:
+    if len(results.measures) < 2:
         return []
-    panels: dict[str, dict[str, SimilarityMatrix]] = {}
-    for name, regimes in by_measure.items():
-        for regime, m in regimes.items():
-            panels.setdefault(regime, {})[name] = SimilarityMatrix.from_dict(m)
-    ranges = {k: MEASURES[k].range for k in by_measure if k in MEASURES}
-    bad = [n for n, d in results["diagnostics"].items() if not converged(d)]
+    panels = results.matrices  # regime -> measure -> matrix
+    ranges = {k: MEASURES[k].range for k in results.measures if k in MEASURES}
+    bad = [n for n, d in results.diagnostics.items() if not converged(d)]
     p = measure_panel(panels, out / "figures" / "measures.png", ranges=ranges, flagged=bad)
     rows = []
-    for name, s in results["panel"].items():
+    for name, s in results.panel.items():
         rho = s.get("inverted_robustness_spearman")
         arrow = "higher" if s["higher_is_similar"] else "lower"
         rows.append(
@@ -314,8 +311,8 @@ def _measures(out: Path, results: dict) -> list[str]:
     return [f"<h2>Every measure</h2><p>{EXPLAIN['measures']}</p>" + _table(rows, head) + _img(p)]
 
 
-def _inversion(out: Path, results: dict) -> list[str]:
-    diagnostics = results["diagnostics"]
+def _inversion(out: Path, results: Results) -> list[str]:
+    diagnostics = results.diagnostics
     if not diagnostics:
         return []
     rows = [
@@ -348,8 +345,8 @@ def _inversion(out: Path, results: dict) -> list[str]:
     ]
 
 
-def _confound(out: Path, results: dict) -> list[str]:
-    c = results.get("confound")
+def _confound(out: Path, results: Results) -> list[str]:
+    c = results.confound
     if not c:
         return []
     ex = confound_examples(out / "figures" / "confound-examples.png")
@@ -365,11 +362,11 @@ def _confound(out: Path, results: dict) -> list[str]:
     ]
 
 
-def _models(results: dict) -> list[str]:
-    if not results.get("models"):
+def _models(results: Results) -> list[str]:
+    if not results.models:
         return []
     rows = []
-    for n, m in results["models"].items():
+    for n, m in results.models.items():
         tr = m.get("training") or {}
         rows.append([n, m["arch"], m["eps"], tr.get("clean_acc", ""), tr.get("robust_acc", "")])
     head = ["model", "architecture", "eps", "clean acc", "robust acc"]
@@ -411,7 +408,7 @@ def _layers(out: Path, results: Results) -> list[str]:
     """The layer-by-layer heatmaps (natural; inverted where computed) and similarity by
     depth, natural against inverted."""
     from invsim.report.figures import depth_plot, layer_heatmaps
-    from invsim.similarity.by_layer import depth_profile
+    from invsim.results import depth_profile
 
     if not results.layers:
         return []
@@ -463,19 +460,16 @@ def _extras(results: Results) -> list[str]:
     return ["<h2>Further stages</h2>" + "".join(parts)] if parts else []
 
 
-def write_report(
-    out_dir: str | Path, *, results: Results | Mapping[str, Any] | None = None
-) -> Path:
+def write_report(out_dir: str | Path, *, results: Results | None = None) -> Path:
     """Write figures under ``out_dir/figures`` and ``out_dir/report.html``, from
     ``results`` (default: ``out_dir/results.json``) and the stored inverted data sets."""
     out = Path(out_dir)
-    typed = Results.read(out) if results is None else Results.coerce(results)
-    view = typed.to_dict()  # the sections read results.json's layout
+    typed = Results.read(out) if results is None else results
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    parts = _header(view) + _matrices(out, view) + _measures(out, view)
-    parts += _inversion(out, view)
-    parts += _layers(out, typed) + _confound(out, view) + _models(view) + _extras(typed)
-    prov = json.dumps(view["provenance"], indent=2)
+    parts = _header(typed) + _matrices(out, typed) + _measures(out, typed)
+    parts += _inversion(out, typed)
+    parts += _layers(out, typed) + _confound(out, typed) + _models(typed) + _extras(typed)
+    prov = json.dumps(typed.provenance, indent=2, default=float)
     parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
     path = out / "report.html"
     path.write_text(TEMPLATE.replace("{{BODY}}", "\n".join(parts)))
@@ -510,3 +504,26 @@ window.addEventListener("load", function () {
 </script>
 </body></html>
 """
+
+
+def write_outputs(out: str | Path, results: Results, *, report: bool = True) -> None:
+    """Every output of a run, from its typed results: results.json, one CSV per regime
+    (``natural.csv``, ...), ``layers-natural.csv`` and ``layers-inverted-ROW.csv`` and
+    (with ``report``) report.html. Under torchrun only rank 0 writes; all ranks wait."""
+    from invsim._io import atomic_write
+    from invsim.distributed import barrier, is_main
+    from invsim.results import write_layers_csv, write_matrix_csv
+
+    out = Path(out)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "results.json", results.to_json())
+        for regime, by_measure in results.matrices.items():
+            write_matrix_csv(by_measure, out / f"{regime}.csv")
+        if results.layers:
+            write_layers_csv(results.layers["natural"], out / "layers-natural.csv")
+            for row, res in results.layers.get("inverted", {}).items():
+                write_layers_csv(res, out / f"layers-inverted-{row}.csv")
+        if report:
+            write_report(out, results=results)
+    barrier()

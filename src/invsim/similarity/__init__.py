@@ -5,6 +5,7 @@ neighbours, RSA, functional), streaming accumulators and many-model matrices.
 Y)`` is the functional form. Importing this package registers every built-in measure.
 """
 
+from invsim.results import SimilarityMatrix
 from invsim.similarity import alignment, neighbors, outputs, rsa  # noqa: F401  (registers)
 from invsim.similarity.calibration import Calibrated, calibrate
 from invsim.similarity.functional import (
@@ -15,7 +16,7 @@ from invsim.similarity.functional import (
     kernel_cka,
     linear_cka,
 )
-from invsim.similarity.matrix import SimilarityMatrix, cka_matrix
+from invsim.similarity.matrix import cka_matrix
 from invsim.similarity.registry import (
     INVARIANCES,
     MEASURES,

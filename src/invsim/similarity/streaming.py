@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from invsim.results import SimilarityMatrix
 from invsim.similarity._inputs import ArrayLike, as_matrix, check_enough, paired_batch
 from invsim.similarity.accumulator import Accumulator
 from invsim.similarity.core import cka_ratio, cka_ratio_matrix, hsic_from_moments
 from invsim.similarity.layerwise import minibatch_hsic
-from invsim.similarity.matrix import SimilarityMatrix, each_cell
+from invsim.similarity.matrix import each_cell
 from invsim.similarity.moments import CentredMoments
 
 __all__ = ["CrossMoments", "LinearCKA", "MinibatchCKA", "StreamingPanel"]

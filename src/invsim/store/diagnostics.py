@@ -35,7 +35,6 @@ __all__ = [
     "InversionWarning",
     "converged",
     "diagnostics_line",
-    "diagnostics_of",
     "inversion_diagnostics",
     "loss_diagnostics",
     "stop_reasons",
@@ -143,9 +142,3 @@ def warn_unconverged(inverted: Mapping[str, Any], rows: Sequence[str]) -> list[s
             warnings.warn(unconverged_message(r, d), InversionWarning, stacklevel=3)
             bad.append(r)
     return bad
-
-
-def diagnostics_of(results: Mapping[str, Any]) -> dict[str, Any]:
-    """``results["diagnostics"]``: each model's inversion summary (older results.json files
-    hold it under ``inversion``, which the report still reads)."""
-    return dict(results.get("diagnostics", results.get("inversion", {})))
