@@ -259,31 +259,59 @@ def _is_file(spec: str) -> bool:
 
 
 _IMAGENET = {"num_classes": 1000, "in_channels": 3, "image_size": 224}
-register_model_source(ModelSource(
-    "builtin", _builtin, lambda: list(BUILTIN_ARCHITECTURES),
-    "invsim's small architectures, trained in seconds (mean and std 0.5)",
-    matches=lambda spec: spec in BUILTIN,
-))  # fmt: skip
-register_model_source(ModelSource(
-    "torchvision", _torchvision, lambda: ["tv:" + n for n in torchvision_classifiers()],
-    "a torchvision classifier, random weights (ImageNet mean and std)", prefix="tv",
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, **_IMAGENET,
-))  # fmt: skip
-register_model_source(ModelSource(
-    "timm", _timm, lambda: ["timm:NAME"] if timm_available() else [],
-    "any timm.list_models() name, random weights (its own mean and std)", prefix="timm",
-    stats=_timm_stats, **_IMAGENET,
-))  # fmt: skip
-register_model_source(ModelSource(
-    "hf", _hf, lambda: ["hf:DIR", "hf:CONFIG.json", "hf:MODEL_TYPE"] if hf_available() else [],
-    "a Hugging Face transformers image classifier from a local directory, a config file or "
-    "a model type with its config's keywords (random weights; no download)", prefix="hf",
-    stats=_hf_stats, **_IMAGENET,
-))  # fmt: skip
-register_model_source(ModelSource(
-    "file", None, lambda: [], "a model saved by invsim (.safetensors); all it needs travels "
-    "with it", matches=_is_file,
-))  # fmt: skip
+register_model_source(
+    ModelSource(
+        "builtin",
+        _builtin,
+        lambda: list(BUILTIN_ARCHITECTURES),
+        "invsim's small architectures, trained in seconds (mean and std 0.5)",
+        matches=lambda spec: spec in BUILTIN,
+    )
+)
+register_model_source(
+    ModelSource(
+        "torchvision",
+        _torchvision,
+        lambda: ["tv:" + n for n in torchvision_classifiers()],
+        "a torchvision classifier, random weights (ImageNet mean and std)",
+        prefix="tv",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        **_IMAGENET,
+    )
+)
+register_model_source(
+    ModelSource(
+        "timm",
+        _timm,
+        lambda: ["timm:NAME"] if timm_available() else [],
+        "any timm.list_models() name, random weights (its own mean and std)",
+        prefix="timm",
+        stats=_timm_stats,
+        **_IMAGENET,
+    )
+)
+register_model_source(
+    ModelSource(
+        "hf",
+        _hf,
+        lambda: ["hf:DIR", "hf:CONFIG.json", "hf:MODEL_TYPE"] if hf_available() else [],
+        "a Hugging Face transformers image classifier from a local directory, a config file or "
+        "a model type with its config's keywords (random weights; no download)",
+        prefix="hf",
+        stats=_hf_stats,
+        **_IMAGENET,
+    )
+)
+register_model_source(
+    ModelSource(
+        "file",
+        None,
+        lambda: [],
+        "a model saved by invsim (.safetensors); all it needs travels with it",
+        matches=_is_file,
+    )
+)
 
 
 def list_models() -> dict[str, list[str]]:

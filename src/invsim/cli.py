@@ -415,8 +415,13 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
 
 
 @main.command("layer-similarity")
-@click.option("--model", "model_specs", multiple=True, required=True,
-              help="NAME=SPEC of a model: a saved model or a spec (repeat).")  # fmt: skip
+@click.option(
+    "--model",
+    "model_specs",
+    multiple=True,
+    required=True,
+    help="NAME=SPEC of a model: a saved model or a spec (repeat).",
+)
 @data_opts
 @click.option(
     "--natural-n",
@@ -428,23 +433,53 @@ def layers(model: str, selection: tuple[str, ...]) -> None:
     help="Natural images (--natural-n under torchrun, which claims --n).",
 )
 @select_opt
-@click.option("--select-for", "select_for", multiple=True,
-              help="NAME=SELECTION for one model (comma-separated), e.g. a=layer*,fc.")  # fmt: skip
-@click.option("--inverted", "inverted_specs", multiple=True,
-              help="NAME=DIR of a model's inverted data set (repeat): also on it.")  # fmt: skip
-@click.option("--measure", "measures", multiple=True, default=["linear_cka"], show_default=True,
-              type=click.Choice(["linear_cka", "debiased_cka"]))  # fmt: skip
+@click.option(
+    "--select-for",
+    "select_for",
+    multiple=True,
+    help="NAME=SELECTION for one model (comma-separated), e.g. a=layer*,fc.",
+)
+@click.option(
+    "--inverted",
+    "inverted_specs",
+    multiple=True,
+    help="NAME=DIR of a model's inverted data set (repeat): also on it.",
+)
+@click.option(
+    "--measure",
+    "measures",
+    multiple=True,
+    default=["linear_cka"],
+    show_default=True,
+    type=click.Choice(["linear_cka", "debiased_cka"]),
+)
 @click.option("--memory-gb", default=4.0, show_default=True, help="Peak memory budget (GB).")
 @click.option("--block", default=None, type=int, help="Examples held per pass (default: fit).")
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
-@click.option("--estimator", default="exact", show_default=True,
-              type=click.Choice(["exact", "minibatch"]))  # fmt: skip
+@click.option(
+    "--estimator", default="exact", show_default=True, type=click.Choice(["exact", "minibatch"])
+)
 @click.option("--out", required=True, help="Output directory (layers.json, CSVs).")
 @device_opt
 @_guard
-def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, select_for,
-                         inverted_specs, measures, memory_gb, block, batch_size, estimator,
-                         out, device) -> None:  # fmt: skip
+def layer_similarity_cmd(
+    model_specs,
+    data,
+    split,
+    size,
+    crop,
+    n,
+    selection,
+    select_for,
+    inverted_specs,
+    measures,
+    memory_gb,
+    block,
+    batch_size,
+    estimator,
+    out,
+    device,
+) -> None:
     """Layer-by-layer similarity of every model with every other: one L_a x L_b matrix
     per pair, exact linear CKA within a memory budget, on natural images (and with
     --inverted on each model's inverted set). Under torchrun the passes are split
@@ -460,8 +495,15 @@ def layer_similarity_cmd(model_specs, data, split, size, crop, n, selection, sel
     models = {k: load_model(v) for k, v in _name_value(model_specs).items()}
     layers: dict[str, Any] = {k: list(selection) for k in models}
     layers.update({k: v.split(",") for k, v in _name_value(select_for).items()})
-    kw = {"layers": layers, "measures": list(measures), "memory_gb": memory_gb, "block": block,
-          "batch_size": batch_size, "estimator": estimator, "device": device}  # fmt: skip
+    kw = {
+        "layers": layers,
+        "measures": list(measures),
+        "memory_gb": memory_gb,
+        "block": block,
+        "batch_size": batch_size,
+        "estimator": estimator,
+        "device": device,
+    }
     dataset = _load_data(data, split, size, crop)
     natural = layer_similarity(models, dataset, n=min(n, len(dataset)), **kw)
     inverted = {}

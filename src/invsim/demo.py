@@ -28,8 +28,9 @@ def _ladders(zoo: list, robust_steps: int) -> list[dict[str, Any]]:
         models.append({"name": f"{arch}", "spec": arch, "arch": arch, "train": dict(recipe)})
         adv = {**ROBUST, "steps": robust_steps}
         robust = {**recipe, "adversarial": adv}
-        models.append({"name": f"{arch}-l2-{ROBUST['eps']:g}", "spec": arch, "arch": arch,
-                       "train": robust})  # fmt: skip
+        models.append(
+            {"name": f"{arch}-l2-{ROBUST['eps']:g}", "spec": arch, "arch": arch, "train": robust}
+        )
     return models
 
 

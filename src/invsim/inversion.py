@@ -153,8 +153,21 @@ class _Slots:
         return len(self.index)
 
 
-def _admit(idx: range, seeds, targets, rep, cfg: InversionConfig, dev, dtype) -> _Slots:
+@dataclass
+class _Job:
+    """The pairs to invert (seed and target images) and how: the settings, the device
+    and the dtype the model computes in."""
+
+    seeds: torch.Tensor
+    targets: torch.Tensor
+    cfg: InversionConfig
+    dev: torch.device
+    dtype: torch.dtype
+
+
+def _admit(idx: range, job: _Job, rep: Callable[[torch.Tensor], torch.Tensor]) -> _Slots:
     """New rows for pairs ``idx``: x at the seed, zero momentum, no best yet."""
+    seeds, targets, cfg, dev, dtype = job.seeds, job.targets, job.cfg, job.dev, job.dtype
     seed = seeds[idx.start : idx.stop].to(dev, dtype)
     if cfg.channels_last and seed.ndim == 4:
         seed = seed.contiguous(memory_format=torch.channels_last)
@@ -420,8 +433,9 @@ class _Outputs:
         self.snapshot(s, 0, final=True)
 
 
-def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, hooks) -> tuple:
+def _run(model: nn.Module, ref: Any, job: _Job, bar: Any, hooks: tuple) -> tuple:
     """The continuously batched loop; returns (outputs, image passes)."""
+    seeds, cfg, dev, dtype = job.seeds, job.cfg, job.dev, job.dtype
     callback, snapshots = hooks
     out, n, passes, next_pair = _Outputs(seeds.shape, snapshots), len(seeds), 0, 0
     ball_binds = cfg.eps < math.sqrt(seeds[0].numel())
@@ -441,7 +455,7 @@ def _run(model, ref, seeds, targets, cfg: InversionConfig, dev, dtype, bar, hook
             free = cfg.batch_size - (len(slots) if slots is not None else 0)
             if free > 0 and next_pair < n:
                 new = range(next_pair, min(n, next_pair + free))
-                fresh = _admit(new, seeds, targets, rep, cfg, dev, dtype)
+                fresh = _admit(new, job, rep)
                 slots, next_pair = (fresh if slots is None else slots.cat(fresh)), new.stop
             assert slots is not None
             ev = _evaluate(rep, slots, cfg)
@@ -552,7 +566,8 @@ def invert_images(
         ref = resolve_layer(model, cfg.layer, example_input=probe)
         net, ref = _folded(model, ref, probe, cfg.channels_last) if cfg.fold_bn else (model, ref)
         hooks = (callback, snapshots)
-        out, passes = _run(net, ref, seeds, target_images, cfg, dev, dtype, bar, hooks)
+        job = _Job(seeds, target_images, cfg, dev, dtype)
+        out, passes = _run(net, ref, job, bar, hooks)
     return InversionResult(
         out.images,
         out.loss,

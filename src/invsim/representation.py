@@ -383,11 +383,11 @@ def capture_layers(
     handles = []
     for layer, (how, module) in targets.items():
         if how == "input":
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, k=layer: keep(k, args[0])))  # fmt: skip
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args, k=layer: keep(k, args[0]))
+            )
         else:
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, k=layer: keep(k, out)))  # fmt: skip
+            handles.append(module.register_forward_hook(lambda m, args, out, k=layer: keep(k, out)))
 
     def read(x: torch.Tensor) -> dict[str, torch.Tensor]:
         box.clear()

@@ -93,8 +93,7 @@ class SimilarityMatrix:
             return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
         heads = (self.rows, self.cols, self.measure, self.options, self.interval, self.flags)
-        theirs = (other.rows, other.cols, other.measure, other.options, other.interval,
-                  other.flags)  # fmt: skip
+        theirs = (other.rows, other.cols, other.measure, other.options, other.interval, other.flags)
         return (
             heads == theirs
             and same(self.values, other.values)
@@ -114,8 +113,10 @@ class SimilarityMatrix:
         out = {"rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
         out |= {k: _none_for_nan(v) for k, v in self.stats.items()}
         if self.interval:  # the estimate the intervals centre on: ci_centre_estimate
-            out |= {("ci_centre_estimate" if k == "ci_centre" else k): v
-                    for k, v in self.interval.items()}  # fmt: skip
+            out |= {
+                ("ci_centre_estimate" if k == "ci_centre" else k): v
+                for k, v in self.interval.items()
+            }
         if self.measure is not None:
             out["measure"] = self.measure
         if self.options:
@@ -127,11 +128,20 @@ class SimilarityMatrix:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SimilarityMatrix:
         stats = {k: np.asarray(d[k], dtype=np.float64) for k in d if k in cls.STATS}
-        about = {("ci_centre" if k == "ci_centre_estimate" else k): d[k]
-                 for k in d if k in cls.INTERVAL}  # fmt: skip
+        about = {
+            ("ci_centre" if k == "ci_centre_estimate" else k): d[k] for k in d if k in cls.INTERVAL
+        }
         values = np.asarray(d["values"], dtype=np.float64)
-        return cls(d["rows"], d["cols"], values, stats, about, d.get("measure"),
-                   dict(d.get("options") or {}), dict(d.get("flags") or {}))  # fmt: skip
+        return cls(
+            d["rows"],
+            d["cols"],
+            values,
+            stats,
+            about,
+            d.get("measure"),
+            dict(d.get("options") or {}),
+            dict(d.get("flags") or {}),
+        )
 
     def long(self) -> list[tuple[str, str, float]]:
         """Long format: (row, column, value) for every entry."""
@@ -201,8 +211,9 @@ class LayerSimilarity:
         block = self.values[name][rows, cols]
         flags = {"estimator": self.estimator} if self.estimator != "exact" else {}
         stats = {k: np.array(v[rows, cols]) for k, v in self.stats.get(name, {}).items()}
-        return SimilarityMatrix(self.layers[a], self.layers[b], np.array(block), measure=name,
-                                flags=flags, stats=stats)  # fmt: skip
+        return SimilarityMatrix(
+            self.layers[a], self.layers[b], np.array(block), measure=name, flags=flags, stats=stats
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -213,8 +224,10 @@ class LayerSimilarity:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerSimilarity:
         values = {k: np.array(v, dtype=float) for k, v in d["values"].items()}
-        stats = {m: {k: np.array(v, dtype=float) for k, v in by.items()}
-                 for m, by in d.get("stats", {}).items()}  # fmt: skip
+        stats = {
+            m: {k: np.array(v, dtype=float) for k, v in by.items()}
+            for m, by in d.get("stats", {}).items()
+        }
         return cls(**{**d, "values": values, "stats": stats})
 
 
@@ -241,8 +254,14 @@ def depth_profile(result: LayerSimilarity, measure: str | None = None) -> list[d
                 j = round(t * (len(lb) - 1))
                 vals.append(float(result.pair(a, b, name).values[i, j]))
             finite = [v for v in vals if math.isfinite(v)]
-            points.append({"model": a, "layer": layer, "depth": t,
-                           "mean": float(np.mean(finite)) if finite else None})  # fmt: skip
+            points.append(
+                {
+                    "model": a,
+                    "layer": layer,
+                    "depth": t,
+                    "mean": float(np.mean(finite)) if finite else None,
+                }
+            )
     return points
 
 
@@ -251,16 +270,28 @@ def write_layers_csv(result: LayerSimilarity, path: Any) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         stats = ("ci_low", "ci_high", "ci_centre", "null_mean")
-        w.writerow(["images", "row_model", "row_layer", "column_model", "column_layer",
-                    "measure", "value", *stats])  # fmt: skip
+        w.writerow(
+            [
+                "images",
+                "row_model",
+                "row_layer",
+                "column_model",
+                "column_layer",
+                "measure",
+                "value",
+                *stats,
+            ]
+        )
         for name in result.measures:
             for a in result.models:
                 for b in result.models:
                     m = result.pair(a, b, name)
                     for i, la in enumerate(m.rows):
                         for j, lb in enumerate(m.cols):
-                            cells = [m.values[i, j], *(m.stats[k][i, j] if k in m.stats
-                                                       else math.nan for k in stats)]  # fmt: skip
+                            cells = [
+                                m.values[i, j],
+                                *(m.stats[k][i, j] if k in m.stats else math.nan for k in stats),
+                            ]
                             text = ["" if not math.isfinite(v) else f"{v:.10g}" for v in cells]
                             w.writerow([result.row or "natural", a, la, b, lb, name, *text])
 
@@ -360,10 +391,11 @@ class Results:
             m: {r: _labelled(by[m], m) for r, by in self.matrices.items()} for m in self.measures
         }
         out: dict[str, Any] = {
-            "matrices": {r: labelled[self.primary][r] for r in self.matrices} if self.primary
+            "matrices": {r: labelled[self.primary][r] for r in self.matrices}
+            if self.primary
             else {},
             "measures": labelled,
-        }  # fmt: skip
+        }
         for key in _PLAIN:
             value = getattr(self, key)
             if value is not None:
@@ -401,10 +433,13 @@ class Results:
         diagnostics under ``inversion`` and, before the panel, only ``matrices``)."""
         if "measures" in d and d["measures"]:
             matrices = {
-                r: {m: SimilarityMatrix.from_dict({"measure": m, **by[r]}) for m, by in
-                    d["measures"].items() if r in by}
+                r: {
+                    m: SimilarityMatrix.from_dict({"measure": m, **by[r]})
+                    for m, by in d["measures"].items()
+                    if r in by
+                }
                 for r in d.get("matrices", {}) or next(iter(d["measures"].values()))
-            }  # fmt: skip
+            }
         else:
             matrices = {
                 r: {v.get("measure", "linear_cka"): SimilarityMatrix.from_dict(v)}

@@ -132,7 +132,7 @@ def train_model(
     g = torch.Generator().manual_seed(rng_seed)
     loader = DataLoader(dataset, batch_size=r.batch_size, shuffle=True, generator=g, drop_last=True)
     t0 = time.perf_counter()
-    losses = _fit(model, loader, r.epochs, r.lr, r.weight_decay, adv, rng_seed, progress)
+    losses = _fit(model, loader, r, adv, rng_seed, progress)
     metrics: dict[str, Any] = {
         "train_seconds": time.perf_counter() - t0,
         "epochs": r.epochs,
@@ -178,8 +178,9 @@ def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]
     )
 
 
-def _fit(model, loader, epochs, lr, weight_decay, adv, rng_seed, progress) -> list[float]:
+def _fit(model, loader, r: TrainConfig, adv, rng_seed: int, progress) -> list[float]:
     """AdamW with a one-cycle schedule; adversarial examples from PGD when ``adv``."""
+    epochs, lr, weight_decay = r.epochs, r.lr, r.weight_decay
     dev = next(model.parameters()).device
     steps_total = epochs * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,12 +70,47 @@ def glyphs(num_classes: int, size: int, *, salt: int) -> np.ndarray:
     return np.ascontiguousarray(big[:, :size, :size])
 
 
-_PARAMETERS = ("variant", "n", "split", "image_size", "channels", "num_classes", "glyph_size",
-               "jitter", "noise", "contrast", "agree", "rng_seed")  # fmt: skip
+_PARAMETERS = (
+    "variant",
+    "n",
+    "split",
+    "image_size",
+    "channels",
+    "num_classes",
+    "glyph_size",
+    "jitter",
+    "noise",
+    "contrast",
+    "agree",
+    "rng_seed",
+)
 
 
-def _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast) -> np.ndarray:
-    """Noisy background, glyph A top-left and glyph B bottom-right, each at its contrast."""
+@dataclass(frozen=True)
+class _Scene:
+    """How an image is drawn: its size, the glyphs' jitter and contrast range, the noise."""
+
+    image_size: int
+    jitter: int
+    noise: float
+    contrast: tuple[float, float]
+
+
+def _render(
+    rng: np.random.Generator,
+    feature_a: tuple[np.ndarray, np.ndarray],
+    feature_b: tuple[np.ndarray, np.ndarray],
+    scene: _Scene,
+) -> np.ndarray:
+    """Noisy background, glyph A top-left and glyph B bottom-right, each at its contrast;
+    ``feature_a`` is (each image's class, the glyph bank), likewise ``feature_b``."""
+    (cls_a, glyph_a), (cls_b, glyph_b) = feature_a, feature_b
+    image_size, jitter, noise, contrast = (
+        scene.image_size,
+        scene.jitter,
+        scene.noise,
+        scene.contrast,
+    )
     n, glyph_size, margin = len(cls_a), glyph_a.shape[-1], 1 + jitter
     images = rng.normal(0.0, noise, size=(n, image_size, image_size)).astype(np.float32) + 0.1
     far = image_size - glyph_size - margin
@@ -145,7 +181,8 @@ def make_confound(
     cls_a = labels if variant != "only_b" else other
     cls_b = labels if variant != "only_a" else other
 
-    images = _render(rng, cls_a, cls_b, glyph_a, glyph_b, image_size, jitter, noise, contrast)
+    scene = _Scene(image_size, jitter, noise, tuple(contrast))
+    images = _render(rng, (cls_a, glyph_a), (cls_b, glyph_b), scene)
     x = torch.from_numpy(np.clip(images, 0.0, 1.0))[:, None].repeat(1, channels, 1, 1)
     params = {k: v for k, v in locals().items() if k in _PARAMETERS}  # n, agree resolved
     params["contrast"] = list(contrast)

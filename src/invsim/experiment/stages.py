@@ -445,8 +445,12 @@ def provenance_stage(run: Run) -> dict[str, Any]:
     """Versions, the whole config and its hash, and where the run left the paper."""
     cfg = run.cfg
     paper, used = InversionConfig(), cfg.inversion
-    acting = {"iterations": "iterations", "step_size": "step_size",
-              "momentum": "step_momentum", "eps": "eps"}  # fmt: skip
+    acting = {
+        "iterations": "iterations",
+        "step_size": "step_size",
+        "momentum": "step_momentum",
+        "eps": "eps",
+    }
     reduced = {
         k: {"used": getattr(used, a), "paper": getattr(paper, a)}
         for k, a in acting.items()

@@ -256,12 +256,15 @@ def robustness_within(
     ends = {a: sorted(ms, key=lambda m: eps[m]) for a, ms in ladders.items()}
     rising = [a for a, ms in ends.items() if sim[ms[-1]] > sim[ms[0]]]
     return {
-        "value": value, "ci_low": float(np.percentile(boot, lo_q)),
-        "ci_high": float(np.percentile(boot, hi_q)), "p_value": float(p),
-        "architectures": len(ladders), "rising": rising,
+        "value": value,
+        "ci_low": float(np.percentile(boot, lo_q)),
+        "ci_high": float(np.percentile(boot, hi_q)),
+        "p_value": float(p),
+        "architectures": len(ladders),
+        "rising": rising,
         "per_architecture": dict(zip(ladders, rhos.tolist(), strict=True)),
         "cross_architecture_similarity": sim,
-    }  # fmt: skip
+    }
 
 
 def _stratified_null(xs, ys, n_perm: int, rng: np.random.Generator) -> np.ndarray:
@@ -272,11 +275,15 @@ def _stratified_null(xs, ys, n_perm: int, rng: np.random.Generator) -> np.ndarra
 
     total = math.prod(math.factorial(len(x)) for x in xs)
     if total <= n_perm:
-        per = [[float(_spearman(np.array(p), y[None])[0]) for p in itertools.permutations(x)]
-               for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+        per = [
+            [float(_spearman(np.array(p), y[None])[0]) for p in itertools.permutations(x)]
+            for x, y in zip(xs, ys, strict=True)
+        ]
         return np.array([np.mean(c) for c in itertools.product(*per)]), True
-    per = [_spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
-           for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+    per = [
+        _spearman(y, np.array([rng.permutation(x) for _ in range(n_perm)]))
+        for x, y in zip(xs, ys, strict=True)
+    ]
     return np.mean(per, axis=0), False
 
 
@@ -348,8 +355,9 @@ def claim_statistics(
     lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out: dict[str, Any] = {}
     if inverted is not None and arch is not None:
-        within = robustness_within(inverted, eps, arch, n_perm=n_perm, n_boot=n_boot, ci=ci,
-                                   rng_seed=rng_seed)  # fmt: skip
+        within = robustness_within(
+            inverted, eps, arch, n_perm=n_perm, n_boot=n_boot, ci=ci, rng_seed=rng_seed
+        )
         if within is not None:
             out["robustness_within"] = within
     if inverted is not None and len(set(eps.values())) > 1:

@@ -156,10 +156,14 @@ def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
         return net, {"spec": name, "arch": name, **shape}, stats
     source = source_of(str(spec))  # resolved once: a file source checks the disk
     d = source.defaults(in_channels)
-    d = {"num_classes": num_classes or d["num_classes"], "in_channels": d["in_channels"],
-         "image_size": image_size or d["image_size"]}  # fmt: skip
-    net, dmean, dstd = _build_spec(source, str(spec), d["num_classes"], d["in_channels"],
-                                   d["image_size"], arch_kwargs)  # fmt: skip
+    d = {
+        "num_classes": num_classes or d["num_classes"],
+        "in_channels": d["in_channels"],
+        "image_size": image_size or d["image_size"],
+    }
+    net, dmean, dstd = _build_spec(
+        source, str(spec), d["num_classes"], d["in_channels"], d["image_size"], arch_kwargs
+    )
     return net, {"spec": str(spec), "arch": str(spec), **d}, (dmean, dstd)
 
 

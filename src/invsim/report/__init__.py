@@ -193,11 +193,15 @@ def values_tables(mats: dict[str, SimilarityMatrix]) -> str:
             for j, c in enumerate(m.cols):
                 v, lo, hi = m.values[i, j], m.stat("ci_low", i, j), m.stat("ci_high", i, j)
                 ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else ""
-                cells.append(f'<td data-row="{html.escape(r)}" data-col="{html.escape(c)}" '
-                             f'data-value="{float(v)!r}">{v:.3f}{ci}</td>')  # fmt: skip
+                cells.append(
+                    f'<td data-row="{html.escape(r)}" data-col="{html.escape(c)}" '
+                    f'data-value="{float(v)!r}">{v:.3f}{ci}</td>'
+                )
             body.append(f"<tr><th>{html.escape(r)}</th>{''.join(cells)}</tr>")
-        out.append(f'<table class="matrix" data-regime="{html.escape(regime)}"><tr><th>row \\ '
-                   f"column</th>{head}</tr>{''.join(body)}</table>")  # fmt: skip
+        out.append(
+            f'<table class="matrix" data-regime="{html.escape(regime)}"><tr><th>row \\ '
+            f"column</th>{head}</tr>{''.join(body)}</table>"
+        )
     return f"<details><summary>The numbers behind the heatmaps</summary>{''.join(out)}</details>"
 
 
@@ -392,8 +396,10 @@ def _layers_caption(nat: Any, label: str) -> str:
     intervals = (
         f" Every cell has a {ci['ci']:.0%} interval for {ci['ci_target']} ({ci['ci_method']}, "
         "centred on debiased CKA) and linear CKA's exact permutation-null mean, in "
-        "results.json and the layers CSVs." if ci.get("ci_method") else ""
-    )  # fmt: skip
+        "results.json and the layers CSVs."
+        if ci.get("ci_method")
+        else ""
+    )
     return (
         '<h2 id="layers">Layer by layer</h2><p>Each heatmap compares every selected layer of '
         "one model (rows, input side at the top) with every layer of another (columns), "
@@ -423,11 +429,16 @@ def _layers(out: Path, results: Results) -> list[str]:
         parts.append(f'<h3 id="layers-natural">Natural images</h3>{_img(p)}')
     curves = {"natural": _binned(depth_profile(nat, measure))}
     inverted = results.layers.get("inverted") or {}
-    inv_blocks = [(f"{row}'s inverted set: {row} x {b}", res.pair(row, b))
-                  for row, res in inverted.items() for b in res.models if b != row]  # fmt: skip
+    inv_blocks = [
+        (f"{row}'s inverted set: {row} x {b}", res.pair(row, b))
+        for row, res in inverted.items()
+        for b in res.models
+        if b != row
+    ]
     if inv_blocks:
-        p = layer_heatmaps(inv_blocks[:MAX_LAYER_MAPS], out / "figures" / "layers-inverted.png",
-                           label=label)  # fmt: skip
+        p = layer_heatmaps(
+            inv_blocks[:MAX_LAYER_MAPS], out / "figures" / "layers-inverted.png", label=label
+        )
         parts.append(
             '<h3 id="layers-inverted">Inverted images</h3><p>Row model r\'s layers against '
             "every other model's, on r's inverted set (inverted at r's own layer).</p>" + _img(p)

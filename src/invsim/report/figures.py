@@ -55,9 +55,10 @@ def _flag_rows(ax, m: SimilarityMatrix, flagged: Sequence[int]) -> None:
     """Hatch the ``flagged`` rows (inversions that did not converge) and mark their labels."""
     for i in flagged:
         ax.add_patch(
-            plt.Rectangle((-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=2,
-                          hatch="//")
-        )  # fmt: skip
+            plt.Rectangle(
+                (-0.5, i - 0.5), len(m.cols), 1, fill=False, ec="orange", lw=2, hatch="//"
+            )
+        )
     if not flagged:
         return
     labels = [("! " + r + " (not converged)") if i in flagged else r for i, r in enumerate(m.rows)]
@@ -223,16 +224,22 @@ def confound_examples(path: Path, *, per_variant: int = 6, rng_seed: int = 0) ->
     return image_grid(rows, path, title="confound set: A top-left, B bottom-right")
 
 
-def layer_heatmaps(blocks: Sequence[tuple[str, SimilarityMatrix]], path: Path, *,
-                   label: str = "linear CKA", columns: int = 3) -> Path:  # fmt: skip
+def layer_heatmaps(
+    blocks: Sequence[tuple[str, SimilarityMatrix]],
+    path: Path,
+    *,
+    label: str = "linear CKA",
+    columns: int = 3,
+) -> Path:
     """Layer-by-layer heatmaps, one per (title, matrix): rows the first model's layers
     (shallow at the top), columns the second's, one colour scale; the dashed line is the
     diagonal of "same relative depth"."""
     lo = min(0.0, *(float(np.nanmin(m.values)) for _, m in blocks))
     cols = min(columns, len(blocks))
     rows = -(-len(blocks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 4.0 * rows), squeeze=False,
-                             constrained_layout=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols + 1, 4.0 * rows), squeeze=False, constrained_layout=True
+    )
     im = None
     for ax, (title, m) in zip(axes.flat, blocks, strict=False):
         im = ax.imshow(m.values, vmin=lo, vmax=1.0, cmap="magma", aspect="auto")
@@ -249,8 +256,9 @@ def layer_heatmaps(blocks: Sequence[tuple[str, SimilarityMatrix]], path: Path, *
     return path
 
 
-def depth_plot(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *,
-               label: str = "linear CKA") -> Path:  # fmt: skip
+def depth_plot(
+    curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, label: str = "linear CKA"
+) -> Path:
     """Similarity by relative depth: one line per curve (natural, each row's inverted)."""
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
     for name, pts in curves.items():

@@ -208,8 +208,14 @@ def _degenerate_variance(s: dict[str, torch.Tensor], n: int) -> torch.Tensor:
     pp = s["s22"] - (dd * dd).sum(0)  # sum K^2 L^2
     pq = s["s31"] - (d**3).T @ d  # sum K^3 L
     pr = pq.T  # sum K L^3
-    w2 = (alpha**2 * pp + beta**2 * s4[:, None] + gamma**2 * s4[None, :]
-          - 2 * alpha * beta * pq - 2 * alpha * gamma * pr + 2 * beta * gamma * pp)  # fmt: skip
+    w2 = (
+        alpha**2 * pp
+        + beta**2 * s4[:, None]
+        + gamma**2 * s4[None, :]
+        - 2 * alpha * beta * pq
+        - 2 * alpha * gamma * pr
+        + 2 * beta * gamma * pp
+    )
     h = (alpha * p - beta * rows[:, :, None] - gamma * rows[:, None, :]) / (n - 1)
     u = h.sum(0) / n
     r2 = w2 - 2 * n * (h * h).sum(0) + n * (n + 1) * u**2
@@ -285,8 +291,10 @@ def cka_intervals(
         centre, var = full.numpy()[cells], var.numpy()[cells]
     else:
         found = _feature_jackknife(x, {tuple(sorted((r, c))) for r in rows for c in cols})
-        centre, var = (np.array([[found[tuple(sorted((r, c)))][k] for c in cols] for r in rows])
-                       for k in (0, 1))  # fmt: skip
+        centre, var = (
+            np.array([[found[tuple(sorted((r, c)))][k] for c in cols] for r in rows])
+            for k in (0, 1)
+        )
     out["ci_low"], out["ci_high"] = _t_interval(centre, np.sqrt(var), n - 1, ci)
     out["ci_centre"] = centre
     return out
@@ -356,17 +364,19 @@ def cka_calibration(
     trace = dict(zip(models, grams.diagonal(dim1=1, dim2=2).sum(1).tolist(), strict=True))
     known = scatter or {}
     sums = {
-        m: pattern_sums(gram.float(), _trace_cubed(x[m], known.get(m)), centred=True,
-                        overwrite=True)
+        m: pattern_sums(
+            gram.float(), _trace_cubed(x[m], known.get(m)), centred=True, overwrite=True
+        )
         for m, gram in zip(models, grams, strict=True)
-    }  # fmt: skip
+    }
     del grams
     stacks = ([np.stack([sums[m][k] for m in ms]) for k in range(3)] for ms in (rows, cols))
     _, var, skew = null_moments(*stacks, n)
     scale = np.outer([norm[r] for r in rows], [norm[c] for c in cols])
     expected = np.outer([trace[r] for r in rows], [trace[c] for c in cols]) / (n - 1)
-    z = np.divide(values * scale - expected, np.sqrt(var), out=np.full_like(var, -np.inf),
-                  where=var > 0)  # fmt: skip
+    z = np.divide(
+        values * scale - expected, np.sqrt(var), out=np.full_like(var, -np.inf), where=var > 0
+    )
     out["null_mean"], out["p_value"] = expected / scale, pearson3_sf(z, skew)
     return out
 
@@ -394,8 +404,10 @@ def cka_null_matrix(data, rows, cols, n_perm: int, rng_seed: int) -> np.ndarray:
     same permutations for every pair: each permutation reorders each row model's centred
     Gram matrix once, and one matrix product gives the whole row of statistics. The
     permuted statistics are computed in float32 (a null distribution needs no more)."""
-    grams = {m: (lambda x: (x @ x.T).float())(centre_columns(data[m]))
-             for m in dict.fromkeys([*rows, *cols])}  # fmt: skip
+    grams = {
+        m: (lambda x: (x @ x.T).float())(centre_columns(data[m]))
+        for m in dict.fromkeys([*rows, *cols])
+    }
     norms = {m: g.norm() for m, g in grams.items()}
     flat = torch.stack([grams[c].flatten() for c in cols])  # (cols, n^2)
     scale = torch.outer(
@@ -465,5 +477,19 @@ def calibrate(
     kind = None if not n_perm else "moments" if gram else "permutation"
     if kind == "permutation":
         null_mean, p_value = _permutation_null(spec, x, y, value, n_perm, rng_seed)
-    return Calibrated(value, lo, hi, null_mean, p_value, spec.name, n, n_perm, ci, kind,
-                      centre, method, CI_TARGET, reason)  # fmt: skip
+    return Calibrated(
+        value,
+        lo,
+        hi,
+        null_mean,
+        p_value,
+        spec.name,
+        n,
+        n_perm,
+        ci,
+        kind,
+        centre,
+        method,
+        CI_TARGET,
+        reason,
+    )

@@ -163,8 +163,13 @@ def pattern_sums(
         t2 = float(rows2.sum()) + 2 * c * t1 - c**2 * (n - 1)  # ||K||^2
         shifted_tr3 = tr3 - 3 * c * t2 + 3 * c**2 * t1 - c**3 * (n - 1)
     d = a.diagonal()
-    parts = {1: a, 2: square, **{("diag", m): d**m for m in (1, 2, 3)}, "tr3": shifted_tr3,
-             "rows2": rows2}  # fmt: skip
+    parts = {
+        1: a,
+        2: square,
+        **{("diag", m): d**m for m in (1, 2, 3)},
+        "tr3": shifted_tr3,
+        "rows2": rows2,
+    }
     out = []
     for k in range(1, ORDER + 1):
         labels, mobius = _lattice(k)

@@ -122,9 +122,11 @@ class Measure:
         merged = {**self.options, **options}
         fm = self.from_moments and functools.partial(self.from_moments, **merged)
         return dataclasses.replace(
-            self, fn=functools.partial(_unbound(self.fn), **merged), from_moments=fm,
+            self,
+            fn=functools.partial(_unbound(self.fn), **merged),
+            from_moments=fm,
             options=merged,
-        )  # fmt: skip
+        )
 
     def metadata(self) -> dict[str, Any]:
         """JSON-ready: everything but the functions."""
