@@ -67,7 +67,7 @@ def one_pass(reps, measures):
     acc = StreamingPanel(list(reps))
     for start in range(0, N, BATCH):
         acc.update({k: v[start : start + BATCH] for k, v in reps.items()})
-    acc.compute_measures(measures)
+    acc.compute(measures)
     return time.perf_counter() - t0
 
 
@@ -86,7 +86,7 @@ def breakdown(reps, streaming) -> dict:
     own = {}
     for m in streaming:
         t0 = time.perf_counter()
-        acc.compute_measures([m])
+        acc.compute([m])
         own[m] = time.perf_counter() - t0
     s = torch.randn(WIDTH, WIDTH, dtype=torch.float64)
     s = s @ s.T

@@ -53,7 +53,7 @@ def test_distributed_cka_equals_single_process(tmp_path):
     x, y = dist_worker.data()
     want_mat = StreamingPanel(["x", "y", "z"])
     want_mat.update({"x": x, "y": y, "z": torch.tanh(x[:, :3] - 50)})
-    want = want_mat.compute(debiased=True).values
+    want = want_mat.compute(["debiased_cka"])["debiased_cka"].values
     for rank in (0, 1):
         got = json.loads((tmp_path / f"cka-{rank}.json").read_text())
         assert got["biased"] == pytest.approx(linear_cka(x, y), abs=1e-10)
@@ -69,7 +69,7 @@ def test_distributed_cka_equals_single_process(tmp_path):
             linear_cka(x, y, debiased=True), abs=1e-10
         )
         # every streaming measure, from the all-reduced moments, equals one process
-        single = want_mat.compute_measures(list(got["measures"]))
+        single = want_mat.compute(list(got["measures"]))
         for name, values in got["measures"].items():
             values = torch.tensor(values, dtype=torch.float64)
             assert torch.allclose(values, torch.from_numpy(single[name].values), atol=1e-8), name

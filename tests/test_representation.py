@@ -259,7 +259,7 @@ def test_extract_into_streams_exact_cka(mnist_1000):
     want = linear_cka(extract(a, images), extract(b, images))
     assert acc.compute() == pytest.approx(want, abs=1e-6)
     mat = extract_into({"a": a, "b": b}, images, StreamingPanel(["a", "b"]), batch_size=50)
-    assert mat.compute()["a", "b"] == pytest.approx(want, abs=1e-6)
+    assert mat.compute()["linear_cka"]["a", "b"] == pytest.approx(want, abs=1e-6)
 
 
 def test_nan_activations_are_named(mnist_1000):

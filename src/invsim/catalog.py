@@ -5,11 +5,9 @@ list its names and describe itself, and carries its defaults (classes, channels,
 size, mean and std). Specs name a source by prefix (``tv:resnet18``, ``timm:vit_tiny``,
 ``toy:NAME`` for a source a user registers); a bare name is a built-in architecture. A
 path to a checkpoint saved by invsim, and an ``nn.Module`` instance, are the two entries
-without a prefix. Everything here is importable without torch, so ``invsim models``
-lists the registry in a blink: torchvision's classifiers are read from its source files
-(``@register_model`` functions in ``torchvision/models/*.py``, the same set as
-``torchvision.models.list_models(torchvision.models)``, which a test checks), and timm
-is only looked up, not imported.
+without a prefix. This module is importable without torch; listing torchvision's
+classifiers imports torchvision (its own ``list_models``), and timm is only looked up,
+not imported.
 
 Adding a source is one :func:`register_model_source` call:
 
@@ -27,7 +25,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,25 +135,14 @@ def source_of(spec: str) -> ModelSource:
     raise ValueError(f"unknown model spec {spec!r}.{hint} Model sources: {known}.")
 
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-_REGISTERED = re.compile(r"@register_model\([^)]*\)\s*(?:@[^\n]*\n(?:[^\n]*\n)*?)*?\s*def (\w+)\(")
-
-
 def torchvision_classifiers() -> list[str]:
-    """Names of torchvision's classification models, from its source (no import)."""
-    root = _package_dir("torchvision")
-    if root is None:
+    """Names of torchvision's classification models, from its own registry
+    (``torchvision.models.list_models``; torchvision is imported only here)."""
+    if importlib.util.find_spec("torchvision") is None:
         return []
-    names = set()
-    for path in sorted((root / "models").glob("*.py")):
-        names.update(_REGISTERED.findall(path.read_text(encoding="utf-8")))
-    return sorted(names)
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def timm_available() -> bool:

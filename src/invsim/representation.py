@@ -114,7 +114,7 @@ BLOCKS = "blocks"
 
 def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
     """The wrapped network and the prefix its module names carry (``model.`` inside
-    invsim's Normalize wrapper)."""
+    invsim's InvsimModel wrapper)."""
     inner = getattr(model, "model", None)
     return (inner, "model.") if isinstance(inner, nn.Module) else (model, "")
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from invsim._io import progress_bar
 from invsim.attacks import pgd
 from invsim.config import AdversarialConfig, TrainConfig
-from invsim.models import Normalize, load_model, save_model
+from invsim.models import InvsimModel, load_model, save_model
 from invsim.models.folding import fold_batchnorm
 from invsim.representation import eval_mode, logits
 
@@ -93,7 +93,7 @@ def train_model(
     out: str | Path | None = None,
     progress: bool | None = None,
     **kwargs: Any,
-) -> tuple[Normalize, dict[str, Any]]:
+) -> tuple[InvsimModel, dict[str, Any]]:
     """Train a classifier on ``dataset`` with ``recipe`` (a :class:`TrainConfig`; default:
     its defaults): standard, or adversarial (Madry et al.) when ``recipe.adversarial``
     sets an eps above 0. Keywords named like a recipe field (``epochs=1``,
@@ -164,7 +164,7 @@ def _evaluate(model, test_dataset, adv, r: TrainConfig, rng_seed: int, dev) -> d
     return out
 
 
-def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]) -> Normalize:
+def _build(spec: str | nn.Module, dataset: Dataset, model_kwargs: dict[str, Any]) -> InvsimModel:
     """An untrained model shaped for ``dataset`` (channels, size, classes)."""
     if isinstance(spec, nn.Module):
         return load_model(spec, **model_kwargs)

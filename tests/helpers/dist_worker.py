@@ -87,9 +87,9 @@ def main() -> None:
         result = {"others": others(rank, world)}
         streaming = ["procrustes", "mean_cca", "pwcca", "linreg_r2", "svcca"]
         result |= {"biased": acc.compute(), "debiased": acc.compute(debiased=True),
-                  "matrix": mat.compute(debiased=True).values.tolist(),
+                  "matrix": mat.compute(["debiased_cka"])["debiased_cka"].values.tolist(),
                   "measures": {k: v.values.tolist()
-                               for k, v in mat.compute_measures(streaming).items()}}  # fmt: skip
+                               for k, v in mat.compute(streaming).items()}}  # fmt: skip
         with open(f"{out}/cka-{rank}.json", "w") as f:
             json.dump(result, f)
     elif task in ("invert", "invert-converge"):

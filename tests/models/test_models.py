@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from invsim.models import CheckpointError, Normalize, list_models, load_model, save_model
+from invsim.models import CheckpointError, InvsimModel, list_models, load_model, save_model
 from invsim.models.zoo import ARCHITECTURES
 
 BUILTINS = sorted(ARCHITECTURES)
@@ -20,7 +20,7 @@ BUILTINS = sorted(ARCHITECTURES)
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
 def test_builtin_shapes_and_eval_mode(arch, channels, size):
     m = load_model(arch, num_classes=7, in_channels=channels)
-    assert isinstance(m, Normalize) and not m.training
+    assert isinstance(m, InvsimModel) and not m.training
     assert not any(mod.training for mod in m.modules())
     out = m(torch.rand(2, channels, size, size))
     assert out.shape == (2, 7)
@@ -93,7 +93,7 @@ def lenet_sd():
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def _same_weights(model: Normalize, sd: dict) -> bool:
+def _same_weights(model: InvsimModel, sd: dict) -> bool:
     return all(torch.equal(model.model.state_dict()[k], v) for k, v in sd.items())
 
 

@@ -63,7 +63,7 @@ def test_streaming_equals_direct(name):
     for i, (xb, yb, zb) in enumerate(zip(x.split(41), y.split(41), z.split(41), strict=True)):
         (acc if i % 2 else other).update({"x": xb, "y": yb, "z": zb})
     acc.merge(other)  # two accumulators with different shifts, merged
-    got = acc.compute_measures([name])[name]
+    got = acc.compute([name])[name]
     reps = {"x": x, "y": y, "z": z}
     for r in reps:
         for c in reps:
@@ -84,7 +84,7 @@ def test_pwcca_both_orders_with_a_zero_canonical_correlation():
     acc = StreamingPanel(["x", "y"])
     acc.update({"x": x, "y": y})
     assert float(acc.moments.compute().canonical(0, 1)[0][-1]) < 1e-6
-    got = acc.compute_measures(["pwcca", "mean_cca"])
+    got = acc.compute(["pwcca", "mean_cca"])
     for name in ("pwcca", "mean_cca"):
         assert got[name]["x", "y"] == pytest.approx(measure(name, x, y), abs=1e-8)
         assert got[name]["y", "x"] == pytest.approx(measure(name, y, x), abs=1e-8)

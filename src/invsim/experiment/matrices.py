@@ -146,7 +146,7 @@ def panel(
         for start in range(0, n, chunk):
             acc.update({k: v[start : start + chunk] for k, v in reps.items()})
         centred = acc.moments.compute()
-        out.update(acc.compute_measures([found[m] for m in streaming], rows=rows, centred=centred))
+        out.update(acc.compute([found[m] for m in streaming], rows=rows, centred=centred))
         scatter = {k: centred.cov(i, i) for i, k in enumerate(names)}
     for name, spec in found.items():
         if spec.streams:

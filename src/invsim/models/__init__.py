@@ -1,7 +1,7 @@
 """Any classifier in: built-in small architectures, torchvision, timm, your own module.
 
 Every model returned by :func:`load_model` is in eval mode, takes images in [0, 1] and
-normalises inside a :class:`Normalize` wrapper (the wrapped network is ``.model``, so its
+normalises inside an :class:`InvsimModel` wrapper (the wrapped network is ``.model``, so its
 layer names gain a ``model.`` prefix; :func:`invsim.representation.resolve_layer`
 accepts either form).
 """
@@ -29,7 +29,7 @@ from invsim.models.checkpoints import (
 
 __all__ = [
     "CheckpointError",
-    "Normalize",
+    "InvsimModel",
     "list_models",
     "load_model",
     "read_checkpoint",
@@ -37,8 +37,10 @@ __all__ = [
 ]
 
 
-class Normalize(nn.Module):
-    """``model((x - mean) / std)``: lets every model take images in [0, 1]."""
+class InvsimModel(nn.Module):
+    """A network as invsim holds it: ``model((x - mean) / std)``, so that it takes images
+    in [0, 1], with its provenance in ``invsim_meta`` (spec, architecture, eps, checkpoint
+    hash, training record), which :func:`save_model` writes beside the weights."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -86,7 +88,7 @@ def load_model(
     image_size: int | None = None,
     strict: bool = True,
     **arch_kwargs: Any,
-) -> Normalize:
+) -> InvsimModel:
     """Build or load a classifier that takes [0, 1] images, in eval mode.
 
     ``spec``: a built-in name (``list_models()["builtin"]``), ``"tv:NAME"``,
@@ -128,7 +130,7 @@ def load_model(
     use_std = std if std is not None else (ckpt.std if ckpt and ckpt.std else dstd)
     if len(use_mean) != len(use_std):
         raise ValueError(f"mean {list(use_mean)} and std {list(use_std)} differ in length.")
-    model = Normalize(net, use_mean, use_std)
+    model = InvsimModel(net, use_mean, use_std)
     model.invsim_meta = {
         **(ckpt.meta if ckpt else {}),
         **shape,
@@ -145,7 +147,7 @@ def load_model(
 def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
     """(network, its shape metadata, default (mean, std)) for a spec or a module."""
     if isinstance(spec, nn.Module):
-        net = spec.model if isinstance(spec, Normalize) else spec
+        net = spec.model if isinstance(spec, InvsimModel) else spec
         stats = (
             ([0.5] * in_channels, [0.5] * in_channels)
             if in_channels
@@ -167,7 +169,7 @@ def _network(spec, num_classes, in_channels, image_size, arch_kwargs) -> tuple:
     return net, {"spec": str(spec), "arch": str(spec), **d}, (dmean, dstd)
 
 
-def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
+def save_model(model: InvsimModel, path: str | Path, **meta: Any) -> str:
     """Save a model as safetensors plus JSON metadata; ``load_model(path)`` restores it.
 
     The metadata carries architecture, classes, channels, image size, mean/std and any
@@ -176,8 +178,8 @@ def save_model(model: Normalize, path: str | Path, **meta: Any) -> str:
     """
     from safetensors.torch import save
 
-    if not isinstance(model, Normalize):
-        raise TypeError("save_model expects a model returned by load_model (a Normalize wrapper).")
+    if not isinstance(model, InvsimModel):
+        raise TypeError("save_model expects a model returned by load_model (an InvsimModel).")
     info = {k: v for k, v in model.invsim_meta.items() if k not in ("checkpoint", "sha256")}
     if str(info.get("arch", "")).startswith("custom:"):
         raise ValueError(

@@ -180,6 +180,6 @@ register(
         _rbf_cka,
         (0.0, 1.0),
         invariances=_CKA_INVARIANT,
-        description="RBF CKA, bandwidth = median distance (Kornblith et al.)",
+        description="RBF CKA, sigma^2 = median squared distance (Kornblith et al.)",
     )
 )

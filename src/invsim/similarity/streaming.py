@@ -323,7 +323,8 @@ class StreamingPanel(_OnMoments):
     between k named representations, from one streamed pass of cross-moments; exact.
 
     ``update({"resnet": rep_a, "vgg": rep_b, ...})`` with batches of the same examples;
-    ``compute()`` returns a symmetric :class:`SimilarityMatrix`.
+    ``compute(measures)`` returns measure name -> :class:`SimilarityMatrix` (default:
+    linear CKA), like the regimes' functions.
 
     Example:
         >>> import torch
@@ -332,15 +333,14 @@ class StreamingPanel(_OnMoments):
         >>> X = torch.randn(100, 6, generator=g)
         >>> acc = StreamingPanel(["a", "b"])
         >>> acc.update({"a": X, "b": 2 * X + 1})
-        >>> round(acc.compute()["a", "b"], 8)
+        >>> round(acc.compute()["linear_cka"]["a", "b"], 8)
         1.0
     """
 
-    def __init__(self, names: Sequence[str], *, debiased: bool = False) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"names must be unique; got {self.names}.")
-        self.debiased = debiased
         self.moments = CrossMoments(len(self.names))
 
     def update(self, batches: Mapping[str, ArrayLike]) -> None:
@@ -359,20 +359,15 @@ class StreamingPanel(_OnMoments):
         if other.names != self.names:
             raise ValueError(f"cannot merge matrices over {other.names} into {self.names}.")
 
-    def compute(self, *, debiased: bool | None = None) -> SimilarityMatrix:
-        h = self.moments.hsic_matrix(debiased=self.debiased if debiased is None else debiased)
-        values = cka_ratio_matrix(h, self.names)
-        return SimilarityMatrix(self.names, self.names, values.numpy())
-
-    def compute_measures(
+    def compute(
         self,
-        measures: Sequence[Any],
+        measures: Sequence[Any] = ("linear_cka",),
         *,
         rows: Sequence[str] | None = None,
         centred: CentredMoments | None = None,
     ) -> dict[str, SimilarityMatrix]:
-        """Every streaming measure (``Measure.streams``) from this one pass, for the
-        ``rows`` asked (default all) against every column: entry (r, c) is
+        """Every streaming measure asked for (``Measure.streams``) from this one pass, for
+        the ``rows`` asked (default all) against every column: entry (r, c) is
         ``measure(Rep_r, Rep_c)`` (an asymmetric measure is computed both ways).
         ``centred``: this pass's ``moments.compute()``, when the caller already has it."""
         from invsim.similarity.registry import get_measure
