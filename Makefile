@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := src tests benchmarks scripts conftest.py
 
-.PHONY: demo test lint bench readme-figures clean
+.PHONY: demo test docs lint bench readme-figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest src tests
+	$(MAKE) docs
+
+# the docs site (mkdocs-material + mkdocstrings) into site/, warnings as errors
+docs: $(STAMP)
+	$(BIN)/python scripts/docs_pages.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix $(LINTED)
@@ -42,4 +48,4 @@ readme-figures: $(STAMP)
 	$(BIN)/python scripts/readme_figures.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site docs/generated *.egg-info src/*.egg-info

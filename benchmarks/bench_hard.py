@@ -163,7 +163,7 @@ def schedule_rows(models, pairs, cfg: InversionConfig, paper: dict | None) -> di
 
 
 def table(results: dict) -> str:
-    """The markdown table of docs/scaling.md, from hard.json."""
+    """The markdown table of docs/guides/inversion.md, from hard.json."""
     models = list(results["accuracies"])
     head = "| schedule | " + " | ".join(f"{m}: median loss / passes / seconds" for m in models)
     lines = [head + " | time vs paper (all, worst model) | cap doubled: largest CKA change |"]

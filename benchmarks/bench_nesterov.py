@@ -7,7 +7,7 @@ the look-ahead (Nesterov) form for the run, by replacing the private step functi
 three LeNets of ``bench_hard.py`` (trained there, 64 pairs, cap 2,000), per model:
 median and 90th-percentile loss and image passes, for plain and Nesterov momentum with
 the default converging settings and with ``decay_tol`` 1%, beside the paper's schedule
-at 1,000 iterations. docs/scaling.md reads the result: the same loss-for-passes curve.
+at 1,000 iterations. docs/guides/inversion.md reads the result: the same loss-for-passes curve.
 
     python benchmarks/bench_nesterov.py      # about 5 minutes on 2 CPU cores
 """

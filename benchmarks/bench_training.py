@@ -1,6 +1,6 @@
 """Training on 2 CPU cores: time and accuracy of the built-in zoo on MNIST-5k.
 
-Not a test. Writes benchmarks/results/training.json; the README quotes it.
+Not a test. Writes benchmarks/results/training.json; the robustness guide quotes it.
 
     python benchmarks/bench_training.py                 # standard zoo + the robust model
     python benchmarks/bench_training.py --only vgg      # one architecture

@@ -137,15 +137,15 @@ def main() -> None:
         ]
     )
     readme = ROOT / "README.md"
-    text = replace(readme.read_text(), "demo-results", body)
-    text = training_table(text)
-    readme.write_text(text)
+    readme.write_text(replace(readme.read_text(), "demo-results", body))
     print("README updated")
+    ladders = ROOT / "docs" / "guides" / "robustness-and-claims.md"
+    ladders.write_text(training_table(ladders.read_text()))
     write_tol_table()
 
 
 def training_table(text: str) -> str:
-    """The README's training table, from benchmarks/results/training.json."""
+    """The training table of the robustness guide, from benchmarks/results/training.json."""
     training = ROOT / "benchmarks" / "results" / "training.json"
     if training.exists():
         t = json.loads(training.read_text())
@@ -170,7 +170,7 @@ def training_table(text: str) -> str:
 
 
 def write_tol_table() -> None:
-    """docs/scaling.md's early-stopping table, from benchmarks/results/inversion.json."""
+    """The scaling guide's early-stopping table, from benchmarks/results/inversion.json."""
     path = ROOT / "benchmarks" / "results" / "inversion.json"
     if not path.exists():
         return
@@ -191,9 +191,9 @@ def write_tol_table() -> None:
             f"{t['max_iterations']} | {t['median_loss']:.4f} | {t['within_1_point']} | "
             f"{t['within_1pct_relative']} |"
         )
-    doc = ROOT / "docs" / "scaling.md"
+    doc = ROOT / "docs" / "guides" / "scaling-out.md"
     doc.write_text(replace(doc.read_text(), "tol-results", "\n".join(lines)))
-    print("docs/scaling.md updated")
+    print("docs/guides/scaling-out.md updated")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ similarity -> experiment -> report. The names below are the public API; they are
 imported on first use (PEP 562), so ``import invsim`` and ``invsim --help`` stay cheap
 and do not import torch.
 
-Example:
+Examples:
     >>> import invsim
     >>> from invsim import linear_cka, InversionConfig
     >>> InversionConfig().iterations, "linear_cka" in invsim.__all__

@@ -1,6 +1,6 @@
 """Small file helpers shared by every stage that writes (torch-free).
 
-Example:
+Examples:
     >>> import tempfile, pathlib
     >>> from invsim._io import atomic_write
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.json"

@@ -31,7 +31,7 @@ def pgd(
     The model is in eval mode during the attack and its mode is restored afterwards.
     The inputs are never modified; the result is detached and lies in [0, 1].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.attacks import pgd
         >>> from invsim.models import load_model

@@ -11,7 +11,7 @@ not imported.
 
 Adding a source is one :func:`register_model_source` call:
 
-Example:
+Examples:
     >>> from invsim.catalog import MODEL_SOURCES, list_models, source_of
     >>> found = list_models()
     >>> "resnet" in found["builtin"], "tv:resnet18" in found["torchvision"]

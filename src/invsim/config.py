@@ -9,7 +9,7 @@ YAML schema and the CLI options all come from.
   ``ExperimentConfig.model_json_schema()`` (``invsim schema``) is a JSON schema for
   editors.
 
-Example:
+Examples:
     >>> from invsim.config import InversionConfig, validate
     >>> cfg = validate({"out": "runs/x", "data": {"dataset": "mnist5k"},
     ...                 "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}}]})
@@ -48,7 +48,7 @@ PENULTIMATE = "penultimate"
 LOGITS = "logits"  # the model's output, for functional measures
 REGIMES = ("natural", "inverted", "stir")
 # the momentum each schedule takes when ``InversionConfig.momentum`` is None: the paper's,
-# and the converging schedule's (chosen by measurement, docs/scaling.md)
+# and the converging schedule's (chosen by measurement, docs/guides/inversion.md)
 MOMENTUM = {"paper": 0.9, "converge": 0.97}
 
 

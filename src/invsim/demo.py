@@ -37,7 +37,7 @@ def _ladders(zoo: list, robust_steps: int) -> list[dict[str, Any]]:
 # The demo's inversion: the converging schedule with momentum steps and its 0.005 decay
 # threshold, which reach the paper's loss on the demo zoo (standard and mildly robust
 # models) at under half its passes; the default hybrid costs more wall time there on a CPU
-# (docs/scaling.md). Channels-last and folded batch-norms: the same steps, faster.
+# (docs/guides/inversion.md). Channels-last and folded batch-norms: the same steps, faster.
 DEMO_SCHEDULE = {
     "schedule": "converge",
     "method": "momentum",
@@ -63,7 +63,7 @@ def demo_config(
             ("resnet", {"epochs": 4, "width": 8}),
         ]
         # the converging schedule, capped at 4,000 so that the half-budget check compares
-        # with a 2,000 cap (no example here runs to 4,000; docs/scaling.md). 128 pairs per
+        # with a 2,000 cap (no example here runs to 4,000; docs/guides/inversion.md). 128 pairs per
         # model keep `make demo` near 7.5 minutes here (256 took 11; the headline agrees)
         robust_steps, pairs, iterations, natural_n = 5, 128, 4000, 1000
         confound = {"epochs": 4, "pairs": 300, "iterations": 500, "arch": "mlp"}

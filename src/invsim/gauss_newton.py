@@ -16,7 +16,7 @@ relative to the scale of ``J J^T`` and means the same for every model and exampl
 Everything is per example: each row of the batch has its own residual, damping and CG
 scalars, so a row's step does not depend on the other rows.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.gauss_newton import gauss_newton_step
     >>> W = torch.randn(3, 8, dtype=torch.float64)

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # the convergence criterion: an example (and, by its median, a data set) whose relative
-# representation loss is at most this has reached its target (docs/trust.md)
+# representation loss is at most this has reached its target (docs/guides/intervals-and-nulls.md)
 CONVERGED_LOSS = 0.1
 
 
@@ -531,7 +531,7 @@ def invert_images(
     stays there); images are moved batch by batch and results come back on the CPU. The
     computation runs in the model's dtype (float32 normally; float64 for exact checks).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.config import InversionConfig
         >>> from invsim.models import load_model

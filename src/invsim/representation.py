@@ -158,7 +158,7 @@ def select_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     ``?`` stay within one dotted part: ``layer*`` is layer1..layer4, not their blocks). An item
     that selects nothing is an error naming close matches. Nothing runs.
 
-    Example:
+    Examples:
         >>> from invsim.models import load_model
         >>> from invsim.representation import select_layers
         >>> select_layers(load_model("tv:resnet18"), ["layer*", "penultimate"])
@@ -254,7 +254,7 @@ def resolve_layer(
     built from ``model.invsim_meta``) and caches the answer per model, layer and input
     shape. A module that runs more than once per forward is reported.
 
-    Example:
+    Examples:
         >>> from invsim.models import load_model
         >>> from invsim.representation import resolve_layer
         >>> ref = resolve_layer(load_model("resnet"))
@@ -358,7 +358,7 @@ def capture_layers(
     also on an exception; the caller sets eval mode and grad mode. ``dtype`` makes the
     copy in that dtype (float64 for exact sums: one copy, not two).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.models import load_model
         >>> from invsim.representation import capture_layers
@@ -459,7 +459,7 @@ def representation(
     train mode is put in eval mode for the call, with a warning. ``fake_relu`` passes
     gradients through the last ReLU before the layer unchanged (robustness library).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.models import load_model
         >>> from invsim.representation import representation
@@ -547,7 +547,7 @@ def extract(
     Dataset of (image, label) or a DataLoader), computed in batches under
     ``torch.inference_mode``. The progress bar is off when stderr is not a terminal.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.models import load_model
         >>> from invsim.representation import extract

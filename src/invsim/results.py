@@ -22,7 +22,7 @@ Its JSON form is ``results.json``:
   :class:`LayerSimilarity` (layer names on both axes);
 - one key per added stage (:func:`invsim.experiment.stages.add_stage`), in ``extra``.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from invsim.results import Results, SimilarityMatrix
     >>> m = SimilarityMatrix(["a", "b"], ["a", "b"], np.eye(2), measure="linear_cka")

@@ -2,7 +2,7 @@
 
 All functions work per example on a batch (N, ...) and never modify their inputs.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.steps import normalize_l2, project
     >>> g = torch.tensor([[3.0, 4.0]])

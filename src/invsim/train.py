@@ -106,7 +106,7 @@ def train_model(
     ``eval_n`` test images). With ``out``, saves a checkpoint that ``load_model(out)``
     restores with its metadata.
 
-    Example:
+    Examples:
         >>> from invsim.config import AdversarialConfig, TrainConfig
         >>> from invsim.data import load_dataset
         >>> from invsim.train import train_model

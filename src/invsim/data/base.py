@@ -1,6 +1,6 @@
 """The in-memory data set every stage understands, and the split rules (torch only).
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.data.base import TensorImageDataset
     >>> ds = TensorImageDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))

@@ -10,7 +10,7 @@ checks both: a stale, truncated or altered file is rebuilt with a warning naming
 never trusted. A directory that cannot be written means parsing each time, with one
 warning. Within a process every split of a set shares one parse (``functools.cache``).
 
-Example:
+Examples:
     >>> import numpy as np, tempfile, os
     >>> from unittest import mock
     >>> from invsim.data.cache import cached_arrays

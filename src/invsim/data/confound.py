@@ -22,7 +22,7 @@ The defaults (jitter 0, noise 0.05, contrast 0.8-1.0) keep it small. MLPs are th
 setting for this experiment: their first layer is symmetric in distribution to pixel
 permutations, so an only-A and an only-B network differ only in the feature they use.
 
-Example:
+Examples:
     >>> from invsim.data.confound import make_confound
     >>> ds = make_confound("only_a", n=50, split="test")
     >>> len(ds), ds[0][0].shape, float(ds.images.min()) >= 0

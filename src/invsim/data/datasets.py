@@ -345,7 +345,7 @@ def load_dataset(
     ``tv:NAME:/root`` (a torchvision set already on disk), a ``.npz`` file with ``x`` and
     ``y``, or an image folder ``class/xxx.png`` (``size``/``crop`` resize and crop).
 
-    Example:
+    Examples:
         >>> from invsim.data import load_dataset
         >>> ds = load_dataset("mnist5k", split="test")
         >>> len(ds), ds[0][0].shape, ds.id

@@ -24,7 +24,7 @@ def sample_pairs(labels: Any, n_pairs: int, *, rng_seed: int = 0) -> tuple[np.nd
     ``n_pairs`` exceeds the data). Each seed is drawn uniformly among the examples whose
     label differs from its target's. Deterministic for a given ``seed``.
 
-    Example:
+    Examples:
         >>> from invsim.data.pairs import sample_pairs
         >>> labels = [0, 0, 1, 1, 2, 2]
         >>> s, t = sample_pairs(labels, 4, rng_seed=0)

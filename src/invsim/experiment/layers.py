@@ -19,7 +19,7 @@ every world-th pass and the sums are all-reduced: the same numbers as one proces
 ``estimator="minibatch"`` (Nguyen et al. 2021: unbiased HSIC per batch, averaged) is a
 different quantity, one pass, for very large n; never chosen silently.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim import layer_similarity
     >>> from invsim.models import load_model
@@ -95,7 +95,7 @@ def plan_passes(
     process, the models' activations). ``block`` forces the examples held per pass
     (rounded down to a multiple of the batch size). Raises when one batch does not fit.
 
-    Example:
+    Examples:
         >>> s = plan_passes([200_704, 512], 10_000, batch_size=100, budget=4e9)
         >>> s.block, s.passes
         (2300, 5)
@@ -330,7 +330,7 @@ def layer_similarity(
     per pass instead (more passes, the same values). ``ci``: the level of each cell's
     interval for the population CKA (exact estimator, n >= ``MIN_INTERVAL_N``; None: none):
     centred on debiased CKA, the grouped jackknife's standard error over ``groups``
-    random groups of examples and a t quantile (docs/layers.md: its coverage by
+    random groups of examples and a t quantile (docs/guides/layers.md: its coverage by
     simulation); linear CKA's cells also get the exact permutation-null mean. ``seed``
     orders the examples at random for the groups (the values do not depend on it; None:
     the data's order). ``product_dtype=torch.float32``

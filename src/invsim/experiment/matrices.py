@@ -274,7 +274,7 @@ def natural_similarity(
     of ``dataset`` (None: all of them), the same images for every pair. ``rng_seed``
     draws the calibration's permutations and groups.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.data import TensorImageDataset
         >>> from invsim.experiment import natural_similarity

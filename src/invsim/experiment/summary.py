@@ -1,7 +1,7 @@
 """What a run reports about its matrices: summaries, the robustness trend, inversion
 diagnostics, the confound headline, the one-paragraph headline, and CSV output.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from invsim.similarity import SimilarityMatrix
     >>> from invsim.experiment import summarize

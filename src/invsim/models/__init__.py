@@ -98,7 +98,7 @@ def load_model(
     metadata), else the spec's defaults. The checkpoint's sha256 and the spec are kept in
     ``model.invsim_meta``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim.models import load_model
         >>> m = load_model("lenet", num_classes=10, in_channels=1)

@@ -10,7 +10,7 @@ batch-norm whose one input is a convolution that nothing else reads is folded. M
 named in ``keep`` (the inverted layer) stay whole, so their outputs are what they were.
 A model that ``torch.fx`` cannot trace gives ``None``: the caller runs it unfolded.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.models import load_model
     >>> from invsim.models.folding import count_batchnorms, fold_batchnorm

@@ -24,7 +24,7 @@ several states; its ``nn.Module`` base and all-gather sync would also cost a cop
 every d x d state per process. The contract above keeps torchmetrics' shape (declared
 states, one sum reduction, update / merge / compute / reset) with an in-place all-reduce.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim import MinibatchCKA
     >>> a, b = MinibatchCKA(), MinibatchCKA()

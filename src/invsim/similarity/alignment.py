@@ -13,7 +13,7 @@ variance exceeds ``RANK_TOL`` times the largest; no ridge) and SVCCA's 99%-varia
   accounts for (Morcos et al. 2018); asymmetric (the weights come from X).
 - ``linreg_r2``: R² of predicting Y from X by least squares; asymmetric.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.alignment import mean_cca, procrustes
     >>> X = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,7 @@ permutation null.
 - **Interval** (``ci_low``, ``ci_high``): for the *population* value of the measure, its
   value for these two models on the data's distribution (n -> infinity). Chosen by
   simulation where invsim runs (n at or below the widths; ``benchmarks/bench_coverage.py``
-  and docs/trust.md):
+  and docs/guides/intervals-and-nulls.md):
   - CKA (measures whose ``interval`` is ``"cka_jackknife"``: ``linear_cka``,
     ``debiased_cka``): centred on *debiased* CKA, whose HSICs are unbiased, with the
     delete-one jackknife's standard error of debiased CKA and a Student t quantile
@@ -36,7 +36,7 @@ permutation null.
     ``p_value`` = (1 + #{null >= value}) / (1 + n_perm) (<= where lower is more
     similar).
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity import calibrate
     >>> g = torch.Generator().manual_seed(0)
@@ -125,7 +125,7 @@ def interval_method(
     return None, (
         f"{spec.name} has no estimator whose small-sample bias is removed at n={n} and widths "
         f"{widths[0]}/{widths[1]}, and no interval was shown to cover its population value "
-        "(a jackknife covered Procrustes' 7-96% of the time; docs/trust.md). Its null and "
+        "(a jackknife covered Procrustes' 7-96% of the time; docs/guides/intervals-and-nulls.md). Its null and "
         "p-value are reported."
     )
 

@@ -3,7 +3,7 @@
 The functional, streaming, null and calibration code all use these; none defines its
 own. Every value is float64.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.core import centre_gram, cka_ratio, gram_linear, hsic
     >>> x = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -93,7 +93,7 @@ def centre_gram(gram: torch.Tensor | np.ndarray, *, debiased: bool = False) -> t
     of the zero-diagonal matrix. Features are centred by :func:`centred`; the linear Gram
     matrix of centred features is already double-centred.
 
-    Example:
+    Examples:
         >>> import torch
         >>> k = centre_gram(torch.rand(6, 6, dtype=torch.float64))
         >>> bool(k.sum(dim=0).abs().max() < 1e-12)
@@ -125,7 +125,7 @@ def hsic_from_sums(p, rows, total_k, total_l, n: int, *, debiased: bool):
     (features, Gram matrices, tiles, kernels, the jackknife) calls this. The arguments
     may be floats or broadcastable tensors (a matrix of view pairs at once).
 
-    Example:
+    Examples:
         >>> round(hsic_from_sums(8.0, 0.0, 0.0, 0.0, 5, debiased=False), 6)
         0.5
     """

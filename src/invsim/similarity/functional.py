@@ -50,7 +50,7 @@ def linear_cka(
     ``method="auto"`` picks the feature-space form (d x d products, cost ~ n d^2) or the
     Gram form (n x n, cost ~ n^2 d) by whichever is cheaper; both give the same value.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim import linear_cka
         >>> X = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
@@ -121,7 +121,7 @@ def kernel_cka(
     blockwise in O(block x n) memory (:func:`invsim.similarity.kernel.rbf_cka`); it
     equals the value from the n x n Gram matrices (``gram_rbf``) to rounding.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from invsim import kernel_cka
         >>> rng = np.random.default_rng(0)

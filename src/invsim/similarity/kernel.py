@@ -12,7 +12,7 @@ blocks of rows of the distance matrix, recomputed on each pass:
   unbiased estimator) their diagonals. ``tr(K H L H) = sum K*L - 2/n k.l + (1'k)(1'l)/n^2``
   with row sums ``k``, ``l``; the unbiased form is Song et al.'s, with the diagonal removed.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.kernel import rbf_cka
     >>> X = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))

@@ -22,7 +22,7 @@ Both are invariant to the shift, so they equal :func:`invsim.linear_cka` on the 
 data (to ~1e-10 in float64). The state is a sum over tiles: tiles split across passes
 and processes add up (the accumulator contract of :mod:`invsim.similarity.accumulator`).
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim import linear_cka
     >>> from invsim.similarity.layerwise import GramTiles

@@ -28,7 +28,7 @@ def each_cell(
     """``cell(r, c)`` for every row and column, called once per unordered pair when the
     measure is ``symmetric`` (the mirrored cell reuses it).
 
-    Example:
+    Examples:
         >>> calls = []
         >>> each_cell("ab", "ab", lambda r, c: calls.append(r + c) or r + c, symmetric=True)
         [['aa', 'ab'], ['ab', 'bb']]
@@ -57,7 +57,7 @@ def cka_matrix(
     model's centred representation, Gram matrix and self-HSIC are computed once, not
     once per pair. Returns a symmetric :class:`SimilarityMatrix`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim import cka_matrix
         >>> X = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@
 
 An example is never its own neighbour. Ties are broken by index.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.neighbors import knn_jaccard, mutual_knn
     >>> X = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,7 @@ matrix of nulls costs a few O(n^2) passes per model and one small product per ce
   variance and skewness (the approximation Josse, Pages & Husson 2008 validated for the
   RV coefficient; tested here against enumeration and Monte-Carlo permutations).
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.core import centred, gram_linear
     >>> from invsim.similarity.null import null_moments, pattern_sums

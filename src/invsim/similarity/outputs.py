@@ -7,7 +7,7 @@ their logits (n, classes).
 - ``js_divergence``: the mean Jensen-Shannon divergence (natural log, in [0, ln 2]) of
   the softmax distributions; lower is more similar.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.outputs import agreement, cohens_kappa
     >>> a = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])

@@ -15,7 +15,7 @@ E[relu(u) relu(v)] = s_u s_v (sin t + (pi - t) cos t) / (2 pi) with cos t their
 correlation), so population linear CKA ``||S_xy||^2 / (||S_xx|| ||S_yy||)`` and
 Procrustes ``||S_xy||_* / sqrt(tr S_xx tr S_yy)`` need no sampling.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.populations import Population
     >>> pop = Population(widths=(84, 512), shared=0.5, noise=0.5, rng_seed=0)

@@ -11,7 +11,7 @@ whether it streams from the one-pass cross-moments (``from_moments``).
 Adding a measure is one module in ``invsim/similarity/`` that calls :func:`register`,
 plus its tests; the experiment, CLI and report pick it up by name.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from invsim.similarity import MEASURES, measure
     >>> X = np.random.default_rng(0).normal(size=(100, 5))
@@ -106,7 +106,7 @@ class Measure:
         """This measure with ``options`` bound (``k=20`` for ``mutual_knn``); an option
         its function does not take is an error naming the ones it does.
 
-        Example:
+        Examples:
             >>> from invsim.similarity import get_measure
             >>> get_measure("mutual_knn").with_options(k=20).options
             {'k': 20}
@@ -173,7 +173,7 @@ def parse_measure(spec: MeasureLike) -> tuple[str, dict[str, Any]]:
     """A measure's name and options from ``"mutual_knn"``, ``"mutual_knn:k=20,metric=l2"``
     (the CLI's form), ``{"name": "mutual_knn", "k": 20}`` (YAML's) or a :class:`Measure`.
 
-    Example:
+    Examples:
         >>> parse_measure("mutual_knn:k=20")
         ('mutual_knn', {'k': 20})
     """

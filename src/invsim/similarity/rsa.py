@@ -3,7 +3,7 @@ representational dissimilarity matrices (Euclidean distances between examples, u
 triangle). Memory is O(n^2): n(n-1)/2 distances per representation (n = 10,000 needs
 about 1.2 GB); subsample examples beyond that.
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.similarity.rsa import rsa
     >>> X = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))

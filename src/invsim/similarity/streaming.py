@@ -285,7 +285,7 @@ class LinearCKA(_OnMoments):
     ``CrossMoments.FLUSH_ROWS`` rows and then into float64 sums: faster, and accurate to
     ~1e-6 (speed and error: benchmarks/bench_cka.py, results in benchmarks/results/).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim import LinearCKA, linear_cka
         >>> g = torch.Generator().manual_seed(0)
@@ -326,7 +326,7 @@ class StreamingPanel(_OnMoments):
     ``compute(measures)`` returns measure name -> :class:`SimilarityMatrix` (default:
     linear CKA), like the regimes' functions.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim import StreamingPanel
         >>> g = torch.Generator().manual_seed(0)
@@ -409,7 +409,7 @@ class MinibatchCKA(Accumulator):
     same examples at once (:meth:`update_views`, :meth:`hsic_matrix`); layer-by-layer
     similarity uses it for every layer of every model.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from invsim import MinibatchCKA
         >>> X = torch.randn(256, 10, generator=torch.Generator().manual_seed(0))

@@ -54,7 +54,7 @@ def invert_dataset(
     ``part=(i, k)`` does only the shards s with s % k == i (job arrays without a process
     group); the data set is returned once every shard exists, else ``None``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from invsim.data import TensorImageDataset
         >>> from invsim.models import load_model

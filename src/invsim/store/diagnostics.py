@@ -1,13 +1,13 @@
 """How far to trust an inverted data set: its diagnostics, each example's stopping
 reason, and the one rule that says whether its inversions converged
-(``CONVERGED_LOSS``, defined once in :mod:`invsim.inversion`; docs/trust.md says why).
+(``CONVERGED_LOSS``, defined once in :mod:`invsim.inversion`; docs/guides/intervals-and-nulls.md says why).
 
 An inverted data set carries its diagnostics: :func:`invsim.store.invert_dataset`
 computes them when it writes the store and keeps them in ``dataset.json``;
 ``InvertedDataset.diagnostics`` reads them (a store written before they were kept gets
 them computed on first use, without the target accuracy, which needs the model).
 
-Example:
+Examples:
     >>> import torch
     >>> from invsim.store.diagnostics import CONVERGED_LOSS, converged, stop_reasons
     >>> converged({"median_loss": CONVERGED_LOSS / 2}), converged({"median_loss": 0.5})

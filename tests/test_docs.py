@@ -1,0 +1,40 @@
+"""Every python block of README.md and docs/ runs: the blocks of one page in order, in one
+namespace, in a scratch directory. A block whose first line is ``# needs: ...`` (a GPU,
+the user's own files) is shown but not run."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted(
+    p for p in (ROOT / "docs").rglob("*.md") if "generated" not in p.parts
+)
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks(page: Path) -> list[str]:
+    return [b for b in BLOCK.findall(page.read_text()) if not b.startswith("# needs:")]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: p.name)
+def test_python_blocks_of_a_page_run_in_order(page, tmp_path, capsys):
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for i, block in enumerate(blocks(page)):
+            exec(compile(block, f"{page.relative_to(ROOT)}[python block {i}]", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert capsys.readouterr().out.strip(), "a page's code shows its user something"
+
+
+def test_the_collector_finds_the_pages_code():
+    found = {p.name: len(blocks(p)) for p in PAGES}
+    assert found["README.md"] >= 1 and found["getting-started.md"] >= 2
+    assert sum(found.values()) >= 8
