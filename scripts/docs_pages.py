@@ -74,10 +74,7 @@ def _type_name(annotation: Any) -> str:
 def _default(field: Any) -> str:
     if field.is_required():
         return "required"
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if hasattr(value, "model_dump"):
         return "see its section"
     return f"`{json.dumps(value, default=str)}`"

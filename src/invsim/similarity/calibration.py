@@ -125,8 +125,8 @@ def interval_method(
     return None, (
         f"{spec.name} has no estimator whose small-sample bias is removed at n={n} and widths "
         f"{widths[0]}/{widths[1]}, and no interval was shown to cover its population value "
-        "(a jackknife covered Procrustes' 7-96% of the time; docs/guides/intervals-and-nulls.md). Its null and "
-        "p-value are reported."
+        "(a jackknife covered Procrustes' 7-96% of the time; "
+        "docs/guides/intervals-and-nulls.md). Its null and p-value are reported."
     )
 
 

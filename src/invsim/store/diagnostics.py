@@ -1,6 +1,7 @@
 """How far to trust an inverted data set: its diagnostics, each example's stopping
 reason, and the one rule that says whether its inversions converged
-(``CONVERGED_LOSS``, defined once in :mod:`invsim.inversion`; docs/guides/intervals-and-nulls.md says why).
+(``CONVERGED_LOSS``, defined once in :mod:`invsim.inversion`;
+docs/guides/intervals-and-nulls.md says why).
 
 An inverted data set carries its diagnostics: :func:`invsim.store.invert_dataset`
 computes them when it writes the store and keeps them in ``dataset.json``;
