@@ -496,3 +496,25 @@ def test_a_models_own_layer_is_honoured(tmp_path):
     assert head[0].startswith("images,row_model,row_layer,column_model,column_layer")
     assert head[1].startswith("early,early,model.0,early,model.0,linear_cka,1,")
     assert head[0].endswith("value,ci_low,ci_high,ci_centre,null_mean")
+
+
+def test_dcka_deconfounds_against_each_regimes_own_images(tmp_path, zoo, data):
+    """natural: the natural images; inverted: the row model's inverted images; STIR has
+    no common inputs and refuses it by name."""
+    from invsim.similarity import measure
+
+    models = {k: zoo[k] for k in ("lenet", "mlp")}
+    nat = natural_similarity(models, data, n=60, measures=["linear_cka", "dcka"])["dcka"]
+    x = data.images[:60]
+    reps = {k: extract(m, x) for k, m in models.items()}
+    want = measure("dcka", reps["lenet"], reps["mlp"], inputs=x)
+    assert nat["lenet", "mlp"] == pytest.approx(want, abs=1e-9)
+    assert nat.options == {}  # the images are data, not a recorded option
+    inv = {"mlp": invert_dataset(models["mlp"], data, 16, tmp_path / "mlp", iterations=20,
+                                 shard_size=16, progress=False)}  # fmt: skip
+    got = inverted_similarity(models, inv, measures="dcka")["dcka"]
+    xi = inv["mlp"].images
+    want = measure("dcka", extract(models["mlp"], xi), extract(models["lenet"], xi), inputs=xi)
+    assert got["mlp", "lenet"] == pytest.approx(want, abs=1e-9)
+    with pytest.raises(ValueError, match="STIR compares"):
+        stir_similarity(models, data, tmp_path / "stir", n=8, measures=["dcka"])

@@ -145,7 +145,29 @@ def ref_js_divergence(a, b):
     return np.mean(jensenshannon(softmax(a, axis=1), softmax(b, axis=1), axis=1) ** 2)
 
 
+# the examples' inputs dcka deconfounds against: related to _pair's x
+INPUTS = _pair()[0][:, :5] + 0.8 * np.random.default_rng(7).normal(size=(90, 5))
+
+
+def ref_dcka(x, y, z=INPUTS):
+    """Cui et al.'s dCKA: OLS of each vec(Gram) on [1, vec(K_Z)] (numpy's lstsq), the
+    residual matrices double-centred with H, then their CKA."""
+    n = len(x)
+    kz = z @ z.T
+    design = np.column_stack([np.ones(n * n), kz.ravel()])
+    h = np.eye(n) - np.ones((n, n)) / n
+
+    def residual(a):
+        k = (a @ a.T).ravel()
+        coef, *_ = np.linalg.lstsq(design, k, rcond=None)
+        return h @ (k - design @ coef).reshape(n, n) @ h
+
+    rx, ry = residual(x), residual(y)
+    return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+
+
 REFERENCES = {
+    "dcka": ref_dcka,
     "linear_cka": ref_linear_cka,
     "debiased_cka": ref_debiased_cka,
     "rbf_cka": ref_rbf_cka,
@@ -182,7 +204,8 @@ def test_measure_equals_its_reference_in_both_directions(name):
     for a, b in ((x, y), (y, x)):
         want = REFERENCES[name](a, b)
         assert lo + 0.02 < want < hi - 0.02, (name, want)  # an intermediate value
-        got = measure(name, torch.from_numpy(a), torch.from_numpy(b))
+        extra = {"inputs": INPUTS} if MEASURES[name].deconfounds else {}
+        got = measure(name, torch.from_numpy(a), torch.from_numpy(b), **extra)
         assert got == pytest.approx(want, abs=1e-9), (name, got, want)
     if not MEASURES[name].symmetric:  # the two directions really differ
         assert abs(REFERENCES[name](x, y) - REFERENCES[name](y, x)) > 0.01

@@ -130,13 +130,24 @@ def panel(
     chunk: int = 1024,
     calibration: CalibrationConfig | None = None,
     rng_seed: int = 0,
+    inputs: torch.Tensor | None = None,
 ) -> dict[str, SimilarityMatrix]:
     """Every measure between the representations ``reps`` (name -> (n, d), the same
     examples), for the ``rows`` asked (default: all) against every column. Functional
-    measures read ``logits`` (name -> (n, classes)) instead. With ``calibration``, the
+    measures read ``logits`` (name -> (n, classes)) instead; a deconfounding measure
+    (``dcka``) reads ``inputs``, the examples' images. With ``calibration``, the
     measures it names get per-cell ``ci_low``, ``ci_high``, ``null_mean``, ``p_value``."""
     names, rows = list(reps), list(rows or reps)
     found = {m.name: m for m in map(get_measure, measures)}
+    for name, spec in found.items():
+        if spec.deconfounds:
+            if inputs is None:
+                raise ValueError(
+                    f"measure {name!r} deconfounds against the examples' inputs, which this "
+                    "computation does not have (STIR compares two different image sets); "
+                    f"leave {name!r} out here."
+                )
+            found[name] = spec.against(inputs)
     out: dict[str, SimilarityMatrix] = {}
     streaming = [m for m, spec in found.items() if spec.streams]
     scatter: dict[str, torch.Tensor] = {}  # each view's centred X^T X, from the pass
@@ -295,7 +306,9 @@ def natural_similarity(
     logit = None
     if _needs_logits(wanted):
         logit = {k: cache.get(m, images, data_id, layer=LOGITS, **kw) for k, m in models.items()}
-    return panel(reps, wanted, logits=logit, calibration=calibration, rng_seed=rng_seed)
+    return panel(
+        reps, wanted, logits=logit, calibration=calibration, rng_seed=rng_seed, inputs=images
+    )
 
 
 def _first(inv: InvertedDataset, n: int | None) -> tuple[torch.Tensor, str]:
@@ -345,7 +358,13 @@ def inverted_similarity(
         if _needs_logits(wanted):
             logit = {c: cache.get(models[c], images, data_id, layer=LOGITS, **kw) for c in cols}
         found = panel(
-            reps, wanted, logits=logit, rows=[r], calibration=calibration, rng_seed=rng_seed + i
+            reps,
+            wanted,
+            logits=logit,
+            rows=[r],
+            calibration=calibration,
+            rng_seed=rng_seed + i,
+            inputs=images,
         )
         cells.put(found, i, slice(None), slice(None))
     result = cells.matrices(rows, cols, wanted)
@@ -457,6 +476,12 @@ def stir_similarity(
     cfg = (inversion or InversionConfig()).replace(**settings)
     layer = cfg.layer if layer is None else layer
     names, wanted = list(models), _resolve(measures)
+    refused = [m.name for m in wanted if m.deconfounds]
+    if refused:
+        raise ValueError(
+            f"STIR compares a model on two different image sets (X and X'), so there are no "
+            f"common inputs for {refused} to deconfound against; leave them out of STIR."
+        )
     keys = {"rep": None, **({"logits": LOGITS} if _needs_logits(wanted) else {})}
     cells = _Cells.empty(wanted, (len(names), len(names)))
     stored: dict[str, InvertedDataset] = {}

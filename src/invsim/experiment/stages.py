@@ -56,7 +56,7 @@ from invsim.experiment.summary import (
 from invsim.models import load_model
 from invsim.report import write_outputs
 from invsim.results import Results
-from invsim.similarity import SimilarityMatrix
+from invsim.similarity import SimilarityMatrix, get_measure
 from invsim.store import InvertedDataset, invert_dataset
 from invsim.train import train_model
 
@@ -302,6 +302,7 @@ def matrices_stage(run: Run) -> Panels:
         st, settings = cfg.stir, cfg.inversion.settings()
         if st.iterations is not None:
             settings = settings.replace(iterations=st.iterations)
+        stir_kw = {**kw, "measures": [m for m in cfg.measures if not get_measure(m).deconfounds]}
         out["stir"] = stir_similarity(
             zoo.models,
             data,
@@ -311,7 +312,7 @@ def matrices_stage(run: Run) -> Panels:
             seed_images=st.seed_images,
             inversion=settings,
             shard_size=cfg.inversion.shard_size,
-            **kw,
+            **stir_kw,
         )
         stored = {m: InvertedDataset(run.out / "stir" / m) for m in zoo.models}
         run.made_seconds["matrices"] = _stored_seconds(stored)

@@ -6,7 +6,13 @@ Y)`` is the functional form. Importing this package registers every built-in mea
 """
 
 from invsim.results import SimilarityMatrix
-from invsim.similarity import alignment, neighbors, outputs, rsa  # noqa: F401  (registers)
+from invsim.similarity import (  # noqa: F401  (registers)
+    alignment,
+    deconfounded,
+    neighbors,
+    outputs,
+    rsa,
+)
 from invsim.similarity.calibration import Calibrated, calibrate
 from invsim.similarity.functional import (
     centre_gram,

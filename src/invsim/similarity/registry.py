@@ -67,6 +67,9 @@ class Measure:
     ``options``: the keyword options this instance is bound to (:meth:`with_options`);
     empty for a registered measure at its defaults.
     ``debiased``: the name of this measure's debiased twin, if it has one.
+    ``deconfounds``: ``fn`` also takes ``inputs=Z``, the examples' inputs (or another
+    representation) it removes from the comparison (``dcka``); a run passes each
+    regime's images (:meth:`against`).
     """
 
     name: str
@@ -82,6 +85,7 @@ class Measure:
     interval: str | None = None
     exact_null: bool = False
     debiased: str | None = None
+    deconfounds: bool = False
 
     @property
     def streams(self) -> bool:
@@ -98,9 +102,18 @@ class Measure:
             raise ValueError(f"inputs must be 'representation' or 'logits'; got {self.inputs!r}.")
 
     def option_names(self) -> list[str]:
-        """The keyword options ``fn`` takes after X and Y."""
+        """The keyword options ``fn`` takes after X and Y (a deconfounding measure's
+        ``inputs`` is data, not an option)."""
         params = list(inspect.signature(self.fn).parameters.values())[2:]
-        return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in params if p.kind in kinds and p.name != "inputs"]
+
+    def against(self, inputs: Any) -> Measure:
+        """This deconfounding measure with the examples' ``inputs`` bound (the data, not an
+        option: it is not recorded in ``options``); any other measure unchanged."""
+        if not self.deconfounds:
+            return self
+        return dataclasses.replace(self, fn=functools.partial(self.fn, inputs=inputs))
 
     def with_options(self, **options: Any) -> Measure:
         """This measure with ``options`` bound (``k=20`` for ``mutual_knn``); an option
@@ -141,6 +154,7 @@ class Measure:
             "description": self.description,
             "interval": self.interval,
             "exact_null": self.exact_null,
+            "deconfounds": self.deconfounds,
             "options": dict(self.options),
         }
 
