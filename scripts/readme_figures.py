@@ -102,11 +102,8 @@ def main() -> None:
             f"| {name}{arrow} | {m['natural_offdiag_mean']:.3f} | "
             f"{m['inverted_offdiag_mean']:.3f} | {'' if rho is None else f'{rho:.2f}'} |"
         )
-    claims = []
-    for key, c in results.get("statistics", {}).items():
-        p_value = "" if c.get("p_value") is None else f", p = {c['p_value']:.3f}"
-        interval = "" if c["ci_low"] is None else f" [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
-        claims.append(f"- {key.replace('_', ' ')}: {c['value']:.3f}{interval}{p_value}")
+    claims = claims_table(results.get("statistics") or {})
+    levels = ", ".join(f"{e:g}" for e in sorted({m["eps"] for m in results["models"].values()}))
     dev = results["provenance"]["deviations_from_paper"]
     body = "\n".join(
         [
@@ -118,8 +115,8 @@ def main() -> None:
             "",
             *rows,
             "",
-            "The paper's question under every measure of the demo (robustness ladder eps 0 "
-            "and 1 per architecture):",
+            "The paper's question under every measure of the demo (robustness ladder eps "
+            f"{levels} per architecture):",
             "",
             *panel,
             "",
@@ -142,6 +139,25 @@ def main() -> None:
     ladders = ROOT / "docs" / "guides" / "robustness-and-claims.md"
     ladders.write_text(training_table(ladders.read_text()))
     write_tol_table()
+
+
+def claims_table(statistics: dict) -> list[str]:
+    """The paper's claims (rows) under every measure (columns): value [interval], p."""
+    measures = list(statistics)
+    claims = list(dict.fromkeys(k for by in statistics.values() for k in by))
+    lines = ["| claim | " + " | ".join(measures) + " |", "|---|" + "---|" * len(measures)]
+    for claim in claims:
+        cells = []
+        for m in measures:
+            c = statistics[m].get(claim)
+            if c is None:
+                cells.append("")
+                continue
+            interval = "" if c["ci_low"] is None else f" [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+            p_value = "" if c.get("p_value") is None else f", p={c['p_value']:.3f}"
+            cells.append(f"{c['value']:.3f}{interval}{p_value}")
+        lines.append(f"| {claim.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def training_table(text: str) -> str:

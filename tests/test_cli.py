@@ -23,10 +23,20 @@ from invsim.similarity import linear_cka, measure
 from invsim.store import InvertedDataset
 
 
-def invsim(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "invsim", *args], capture_output=True, text=True, timeout=600
-    )
+def invsim(*args: str, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI: in this process through click (as the entry point does, with its exit
+    codes and both streams), or with ``process`` as ``python -m invsim``."""
+    if process:
+        proc = subprocess.run(
+            [sys.executable, "-m", "invsim", *args], capture_output=True, text=True, timeout=600
+        )
+    else:
+        from click.testing import CliRunner
+
+        from invsim.cli import main
+
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        proc = subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"invsim {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -35,7 +45,7 @@ def invsim(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = invsim("demo", "--quick", "--out", str(out))
+    proc = invsim("demo", "--quick", "--out", str(out), process=True)  # one real process
     return out, proc
 
 
@@ -87,10 +97,17 @@ def test_matrix_properties(quick_run):
 
 def test_confound_experiment_quick(quick_run):
     out, _ = quick_run
-    c = json.loads((out / "results.json").read_text())["confound"]["headline"]
-    assert c["natural_a_b"] >= 0.6
-    assert c["inverted_a_b_on_a"] <= 0.2 and c["inverted_a_b_on_b"] <= 0.2
-    assert c["inverted_a_a2_on_a"] >= 0.7
+    confound = json.loads((out / "results.json").read_text())["confound"]
+    c = confound["headline"]
+    assert c["natural_linear_cka_a_b"] >= 0.6
+    assert c["inverted_linear_cka_a_b_on_a"] <= 0.2 and c["inverted_linear_cka_a_b_on_b"] <= 0.2
+    assert c["inverted_linear_cka_a_a2_on_a"] >= 0.7
+    # four numbers per comparison, dCKA beside CKA, and the verdict read from them
+    assert {f"{r}_dcka_a_a2{s}" for r, s in (("natural", ""), ("inverted", "_on_a"))} <= set(c)
+    assert confound["removes_confound"]["inversion"] is True
+    assert confound["removes_confound"]["dcka"] == (
+        c["natural_dcka_a_b"] <= 0.3 and c["natural_dcka_a_a2"] - c["natural_dcka_a_b"] >= 0.3
+    )
 
 
 def test_second_run_uses_the_cache(quick_run, monkeypatch):

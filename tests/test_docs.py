@@ -23,14 +23,25 @@ def blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: p.name)
 def test_python_blocks_of_a_page_run_in_order(page, tmp_path, capsys):
+    from invsim.catalog import MODEL_SOURCES
+    from invsim.data.datasets import DATASETS
+    from invsim.experiment import STAGES
+    from invsim.similarity import MEASURES
+
+    registries = [MEASURES, MODEL_SOURCES, DATASETS]
+    saved = [dict(r) for r in registries], list(STAGES)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         for i, block in enumerate(blocks(page)):
             exec(compile(block, f"{page.relative_to(ROOT)}[python block {i}]", "exec"), namespace)
-    finally:
+    finally:  # a page's own measures, sources and stages do not outlive it
         os.chdir(cwd)
+        for registry, before in zip(registries, saved[0], strict=True):
+            registry.clear()
+            registry.update(before)
+        STAGES[:] = saved[1]
     assert capsys.readouterr().out.strip(), "a page's code shows its user something"
 
 

@@ -46,8 +46,10 @@ from invsim.experiment.matrices import (
     stir_similarity,
 )
 from invsim.experiment.summary import (
+    CONFOUND_MEASURES,
     claim_statistics,
     confound_headline,
+    confound_verdict,
     panel_summary,
     robustness_summary,
     summarize,
@@ -417,10 +419,16 @@ def drift_stage(run: Run) -> dict[str, Any] | None:
 
 
 def statistics_stage(run: Run) -> dict[str, Any]:
-    """The claims' statistics: the asymmetry and the robustness trends, with intervals."""
-    zoo = run["models"]
-    natural, inverted = _primary(run, "natural"), _primary(run, "inverted")
-    return claim_statistics(natural, inverted, zoo.eps, arch=zoo.arch, rng_seed=run.cfg.rng_seed)
+    """The claims' statistics under every measure (measure -> claim -> value, interval,
+    p-value): the asymmetry, natural minus inverted and the robustness trends."""
+    zoo, panels = run["models"], run["matrices"]
+    natural, inverted = panels.get("natural", {}), panels.get("inverted", {})
+    return {
+        m: claim_statistics(
+            natural.get(m), inverted.get(m), zoo.eps, arch=zoo.arch, rng_seed=run.cfg.rng_seed
+        )
+        for m in dict.fromkeys([*natural, *inverted])
+    }
 
 
 def confound_stage(run: Run) -> dict[str, Any] | None:
@@ -431,12 +439,13 @@ def confound_stage(run: Run) -> dict[str, Any] | None:
     run.log("confound experiment")
     c = run_experiment(confound_config(cfg), quiet=True, report=False)
     run.made_seconds["confound"] = c.provenance.get("from_scratch_seconds", 0.0)
-    natural, inverted = c.matrix("natural"), c.matrix("inverted")
     labelled = c.to_dict()["matrices"]
+    headline = confound_headline(c.matrices)
     return {
         "natural": labelled["natural"],
         "inverted": labelled["inverted"],
-        "headline": confound_headline(natural, inverted),
+        "headline": headline,
+        "removes_confound": confound_verdict(headline),
         "inversion_loss": {k: v["median_loss"] for k, v in c.diagnostics.items()},
         "settings": cfg.confound.model_dump(),
     }
@@ -543,6 +552,7 @@ def confound_config(cfg: ExperimentConfig) -> ExperimentConfig:
             "rng_seed": rng_seed,
             "device": cfg.device,
             "regimes": ["natural", "inverted"],
+            "measures": list(CONFOUND_MEASURES),
             "data": {
                 "dataset": "confound",
                 "options": {"variant": "both", "rng_seed": rng_seed},

@@ -34,6 +34,8 @@ __all__ = [
     "cross_architecture_similarity",
     "robustness_within",
     "confound_headline",
+    "confound_lines",
+    "confound_verdict",
     "diagnostics_line",
     "warnings_of",
     "panel_summary",
@@ -121,15 +123,63 @@ def warnings_of(results: Results) -> list[dict[str, Any]]:
     return out
 
 
-def confound_headline(natural: SimilarityMatrix, inverted: SimilarityMatrix) -> dict[str, float]:
-    """The confound experiment's five numbers (models only_a, only_a_seed2, only_b)."""
+# the confound experiment's two comparisons (models only_a, only_a_seed2, only_b) and the
+# two remedies it puts side by side: inversion (natural -> inverted) and dCKA (CKA -> dCKA)
+CONFOUND_PAIRS = {"a_b": ("only_a", "only_b"), "a_a2": ("only_a", "only_a_seed2")}
+CONFOUND_MEASURES = ("linear_cka", "dcka")
+# a remedy removes the co-occurrence confound when only-A vs only-B falls to at most this
+# while the two only-A models stay at least this much above it
+REMOVED_AT, CONTROL_GAP = 0.3, 0.3
+
+
+def confound_headline(panels: Mapping[str, Mapping[str, SimilarityMatrix]]) -> dict[str, float]:
+    """The confound experiment's numbers from its ``panels`` (regime -> measure -> matrix):
+    for only-A vs only-B (``a_b``) and the two-only-A control (``a_a2``), natural and
+    inverted (on only-A's inverted data, ``on_a``), linear CKA and dCKA; and only-A vs
+    only-B on only-B's inverted data (``a_b_on_b``)."""
+    out = {}
+    for m in CONFOUND_MEASURES:
+        natural, inverted = panels["natural"][m], panels["inverted"][m]
+        for key, (a, b) in CONFOUND_PAIRS.items():
+            out[f"natural_{m}_{key}"] = natural[a, b]
+            out[f"inverted_{m}_{key}_on_a"] = inverted[a, b]
+        out[f"inverted_{m}_a_b_on_b"] = inverted["only_b", "only_a"]
+    return out
+
+
+def confound_verdict(h: Mapping[str, float]) -> dict[str, bool]:
+    """Which remedy removes the co-occurrence confound (see ``REMOVED_AT``): inversion
+    (inverted linear CKA), dCKA (on natural images), and both together."""
+
+    def removes(a_b: float, a_a2: float) -> bool:
+        return a_b <= REMOVED_AT and a_a2 - a_b >= CONTROL_GAP
+
     return {
-        "natural_a_b": natural["only_a", "only_b"],
-        "natural_a_a2": natural["only_a", "only_a_seed2"],
-        "inverted_a_b_on_a": inverted["only_a", "only_b"],
-        "inverted_a_b_on_b": inverted["only_b", "only_a"],
-        "inverted_a_a2_on_a": inverted["only_a", "only_a_seed2"],
+        "inversion": removes(h["inverted_linear_cka_a_b_on_a"], h["inverted_linear_cka_a_a2_on_a"]),
+        "dcka": removes(h["natural_dcka_a_b"], h["natural_dcka_a_a2"]),
+        "both": removes(h["inverted_dcka_a_b_on_a"], h["inverted_dcka_a_a2_on_a"]),
     }
+
+
+def confound_lines(h: Mapping[str, float]) -> list[str]:
+    """The confound experiment for a terminal or a README: the four numbers per
+    comparison and which remedy removes the confound."""
+    verdict = confound_verdict(h)
+    lines = ["confound: natural CKA / natural dCKA / inverted CKA / inverted dCKA"]
+    for key, label in (("a_b", "only-A vs only-B"), ("a_a2", "two only-A models")):
+        cells = [
+            h[f"natural_linear_cka_{key}"],
+            h[f"natural_dcka_{key}"],
+            h[f"inverted_linear_cka_{key}_on_a"],
+            h[f"inverted_dcka_{key}_on_a"],
+        ]
+        lines.append(f"  {label}: " + " / ".join(f"{v:.3f}" for v in cells))
+    said = {True: "removes", False: "does not remove"}
+    lines.append(
+        f"  inversion {said[verdict['inversion']]} the co-occurrence confound; dCKA on "
+        f"natural images {said[verdict['dcka']]} it"
+    )
+    return lines
 
 
 def panel_summary(
@@ -162,7 +212,8 @@ def headline(results: Results) -> str:
             f"(asymmetry {s['inverted'].get('asymmetry', float('nan')):.3f})"
         )
     rob = (results.robustness or {}).get("inverted")
-    trend = (results.statistics or {}).get("robustness_spearman")
+    claims = (results.statistics or {}).get(results.primary or "", {})
+    trend = claims.get("robustness_spearman")
     if trend and trend["ci_low"] is not None:
         lines.append(
             f"inverted similarity vs robustness: Spearman {trend['value']:.2f} "
@@ -170,7 +221,7 @@ def headline(results: Results) -> str:
         )
     elif rob and rob["spearman"] is not None:
         lines.append(f"inverted similarity vs robustness: Spearman {rob['spearman']:.2f}")
-    within = (results.statistics or {}).get("robustness_within")
+    within = claims.get("robustness_within")
     if within:
         lines.append(
             f"within architectures, vs other architectures: mean Spearman {within['value']:.2f} "
@@ -180,11 +231,7 @@ def headline(results: Results) -> str:
         )
     c = (results.confound or {}).get("headline")
     if c:
-        lines.append(
-            f"confound: only-A vs only-B natural {c['natural_a_b']:.3f}, inverted "
-            f"{c['inverted_a_b_on_a']:.3f} (A's data) / {c['inverted_a_b_on_b']:.3f} (B's data); "
-            f"two only-A models inverted {c['inverted_a_a2_on_a']:.3f}"
-        )
+        lines += confound_lines(c)
     losses = [q["median_loss"] for q in results.diagnostics.values()]
     if losses:
         lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")

@@ -163,12 +163,16 @@ def _claims(stats: dict) -> list[str]:
         rows = [
             [
                 label.get(k, k),
+                measure,
                 *(
                     ("" if v.get(f) is None else v[f])
                     for f in ("value", "ci_low", "ci_high", "p_value")
                 ),
             ]
-            for k, v in stats.items()
+            for k in dict.fromkeys(k for by in stats.values() for k in by)
+            for measure, by in stats.items()
+            if k in by
+            for v in (by[k],)
         ]
         parts.append(
             "<h2>The paper's claims, with their uncertainty</h2><p>95% percentile intervals "
@@ -176,7 +180,8 @@ def _claims(stats: dict) -> list[str]:
             "permuting eps within architectures (the paper's claim: a more robust model "
             "of an architecture is closer to the <em>other</em> architectures), over all "
             "models (the older statistic, for comparison), or flipping the signs of paired "
-            "differences.</p>" + _table(rows, ["claim", "value", "ci low", "ci high", "p-value"])
+            "differences. Every claim under every measure of the run.</p>"
+            + _table(rows, ["claim", "measure", "value", "ci low", "ci high", "p-value"])
         )
     return parts
 
@@ -358,10 +363,29 @@ def _confound(out: Path, results: Results) -> list[str]:
         {k: SimilarityMatrix.from_dict(c[k]) for k in ("natural", "inverted")},
         out / "figures" / "confound-heatmaps.png",
     )
-    rows = [[k.replace("_", " "), v] for k, v in c["headline"].items()]
+    h, removes = c["headline"], c.get("removes_confound", {})
+    rows = [
+        [
+            label,
+            h[f"natural_linear_cka_{key}"],
+            h[f"natural_dcka_{key}"],
+            h[f"inverted_linear_cka_{key}_on_a"],
+            h[f"inverted_dcka_{key}_on_a"],
+        ]
+        for key, label in (("a_b", "only-A vs only-B"), ("a_a2", "two only-A models"))
+    ]
+    heads = ["", "natural CKA", "natural dCKA", "inverted CKA", "inverted dCKA"]
+    said = {True: "removes", False: "does not remove"}
+    verdict = (
+        f"Inversion {said[bool(removes.get('inversion'))]} the co-occurrence confound; dCKA on "
+        f"natural images {said[bool(removes.get('dcka'))]} it (inverted data: only-A's)."
+    )
     return [
-        f"<h2>The confound experiment</h2><p>{EXPLAIN['confound']}</p>{_img(ex)}"
-        + _table(rows, ["quantity", "linear CKA"])
+        f"<h2>The confound experiment</h2><p>{EXPLAIN['confound']} dCKA (Cui et al. 2022) "
+        "is the other remedy: it regresses each Gram matrix on the images' own Gram matrix "
+        f"before comparing.</p>{_img(ex)}"
+        + _table(rows, heads)
+        + f'<p class="verdict">{verdict}</p>'
         + _img(hm)
     ]
 
