@@ -10,14 +10,17 @@
 
 :class:`Results` is the one object that the pipeline returns and that
 :func:`~invsim.report.write_outputs`, the report, ``invsim report`` and ``invsim similarity``
-consume.
-Its JSON form is ``results.json``:
+consume. Its JSON form is ``results.json``:
 
 - ``matrices[regime]``: the primary measure's (the first listed) matrix;
 - ``measures[measure][regime]``: every measure's matrix, with its intervals and nulls;
 - ``summary``, ``robustness``: the primary measure's summaries; ``panel``: per measure;
-- ``diagnostics``: each row model's inversion diagnostics; ``drift``, ``statistics``,
-  ``warnings``, ``confound``, ``models``, ``provenance``;
+- ``statistics[measure][claim]``: the paper's claims under every measure, each with its
+  value, interval and p-value;
+- ``confound``: the confound experiment, its ``headline`` (natural / inverted x CKA /
+  dCKA for each comparison) and ``removes_confound`` (which remedy removes it);
+- ``diagnostics``: each row model's inversion diagnostics; ``drift``, ``warnings``,
+  ``models``, ``provenance``;
 - ``layers``: the layer-by-layer view, ``natural`` and ``inverted[row]``, each a
   :class:`LayerSimilarity` (layer names on both axes);
 - one key per added stage (:func:`invsim.experiment.stages.add_stage`), in ``extra``.
