@@ -227,7 +227,10 @@ def minibatch_hsic(
     batch (well conditioned; ~1e-7)."""
     m = views[0].shape[0]
     if m <= 3:
-        raise ValueError(f"minibatch CKA needs batches of n >= 4; got a batch of n={m}.")
+        raise ValueError(
+            f"minibatch CKA uses the unbiased HSIC, which needs batches of n >= 4; got a "
+            f"batch of n={m}. Use larger batches or drop the last one (drop_last=True)."
+        )
     grams = []
     for v in views:
         if product_dtype == torch.float64:

@@ -447,13 +447,7 @@ class MinibatchCKA(Accumulator):
 
     def update_views(self, views: Sequence[torch.Tensor]) -> None:
         """Add one batch of every view, each (m, d_v) for the same m examples."""
-        m = views[0].shape[0]
-        if m <= 3:
-            raise ValueError(
-                f"minibatch CKA uses the unbiased HSIC, which needs batches of n >= 4; got a "
-                f"batch of n={m}. Use larger batches or drop the last one (drop_last=True)."
-            )
-        w = 1.0 if self.weighting == "batch" else float(m)
+        w = 1.0 if self.weighting == "batch" else float(views[0].shape[0])
         self.hsic += w * minibatch_hsic(views, product_dtype=self.product_dtype)
         self.batches += 1
 
