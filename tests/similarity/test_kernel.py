@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from invsim.similarity import kernel
-from invsim.similarity.functional import _cka_from_grams, gram_rbf
+from invsim.similarity.core import gram_rbf
+from invsim.similarity.functional import _cka_from_grams
 
 
 def _full_sq_distances(x: torch.Tensor) -> np.ndarray:

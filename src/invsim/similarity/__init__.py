@@ -14,14 +14,8 @@ from invsim.similarity import (  # noqa: F401  (registers)
     rsa,
 )
 from invsim.similarity.calibration import Calibrated, calibrate
-from invsim.similarity.functional import (
-    centre_gram,
-    gram_linear,
-    gram_rbf,
-    hsic,
-    kernel_cka,
-    linear_cka,
-)
+from invsim.similarity.core import centre_gram, gram_linear, gram_rbf, hsic
+from invsim.similarity.functional import kernel_cka, linear_cka
 from invsim.similarity.matrix import cka_matrix
 from invsim.similarity.registry import (
     INVARIANCES,
