@@ -123,6 +123,14 @@ def write_shard(
     atomic_write(out / "shards" / f"{name}.json", json_bytes(record))
 
 
+def store_seconds(root: str | Path) -> float | None:
+    """What a finished store's inversions took (:func:`shard_seconds`), read from its
+    manifest and the shards' records without opening the shards."""
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    return shard_seconds(root, len(manifest["shards"]))
+
+
 def shard_seconds(out: Path, n_shards: int) -> float | None:
     """The inversions' time summed over the shards, or None when a shard did not record
     it (stores written before invsim kept it) or its record is unreadable: the time is
