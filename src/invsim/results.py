@@ -50,6 +50,7 @@ __all__ = [
     "LayerSimilarity",
     "Results",
     "SimilarityMatrix",
+    "confound_table",
     "depth_profile",
     "write_layers_csv",
     "write_matrix_csv",
@@ -510,3 +511,24 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return "NaN"
     return value
+
+
+CONFOUND_COLUMNS = ("natural CKA", "natural dCKA", "inverted CKA", "inverted dCKA")
+
+
+def confound_table(headline: Mapping[str, float]) -> list[tuple[str, list[float]]]:
+    """The confound experiment's headline (``results.confound["headline"]``) as its table:
+    for only-A vs only-B and the two only-A models, the four numbers of
+    ``CONFOUND_COLUMNS`` (inverted: on only-A's inverted data)."""
+    return [
+        (
+            label,
+            [
+                headline[f"natural_linear_cka_{key}"],
+                headline[f"natural_dcka_{key}"],
+                headline[f"inverted_linear_cka_{key}_on_a"],
+                headline[f"inverted_dcka_{key}_on_a"],
+            ],
+        )
+        for key, label in (("a_b", "only-A vs only-B"), ("a_a2", "two only-A models"))
+    ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from invsim.results import Results
+from invsim.results import CONFOUND_COLUMNS, Results, confound_table
 from invsim.similarity import SimilarityMatrix
 from invsim.store.diagnostics import (
     CONVERGED_LOSS,
@@ -165,14 +165,8 @@ def confound_lines(h: Mapping[str, float]) -> list[str]:
     """The confound experiment for a terminal or a README: the four numbers per
     comparison and which remedy removes the confound."""
     verdict = confound_verdict(h)
-    lines = ["confound: natural CKA / natural dCKA / inverted CKA / inverted dCKA"]
-    for key, label in (("a_b", "only-A vs only-B"), ("a_a2", "two only-A models")):
-        cells = [
-            h[f"natural_linear_cka_{key}"],
-            h[f"natural_dcka_{key}"],
-            h[f"inverted_linear_cka_{key}_on_a"],
-            h[f"inverted_dcka_{key}_on_a"],
-        ]
+    lines = ["confound: " + " / ".join(CONFOUND_COLUMNS)]
+    for label, cells in confound_table(h):
         lines.append(f"  {label}: " + " / ".join(f"{v:.3f}" for v in cells))
     said = {True: "removes", False: "does not remove"}
     lines.append(

@@ -22,7 +22,7 @@ from invsim.report.figures import (
     measure_panel,
     robustness_plot,
 )
-from invsim.results import Results
+from invsim.results import CONFOUND_COLUMNS, Results, confound_table
 from invsim.similarity import SimilarityMatrix
 from invsim.store.diagnostics import CONVERGED_LOSS, converged
 
@@ -364,17 +364,8 @@ def _confound(out: Path, results: Results) -> list[str]:
         out / "figures" / "confound-heatmaps.png",
     )
     h, removes = c["headline"], c.get("removes_confound", {})
-    rows = [
-        [
-            label,
-            h[f"natural_linear_cka_{key}"],
-            h[f"natural_dcka_{key}"],
-            h[f"inverted_linear_cka_{key}_on_a"],
-            h[f"inverted_dcka_{key}_on_a"],
-        ]
-        for key, label in (("a_b", "only-A vs only-B"), ("a_a2", "two only-A models"))
-    ]
-    heads = ["", "natural CKA", "natural dCKA", "inverted CKA", "inverted dCKA"]
+    rows = [[label, *cells] for label, cells in confound_table(h)]
+    heads = ["", *CONFOUND_COLUMNS]
     said = {True: "removes", False: "does not remove"}
     verdict = (
         f"Inversion {said[bool(removes.get('inversion'))]} the co-occurrence confound; dCKA on "
