@@ -19,8 +19,8 @@ does, or read from ``--demo-dir``), 256 seed/target pairs of MNIST-5k per model.
 
 ``--rules``: the converging schedule's settings (``RULES``) side by side on the zoo, each
 capped at 4,000 with a snapshot at 2,000, into ``convergence-rules.json``. ``--methods``:
-its methods (``METHODS``: the hybrid default, the demo's momentum steps) beside the
-paper's 2,000 iterations, into ``convergence-methods.json``.
+its methods (``METHODS``: the L-BFGS default and a faster stop, the demo's momentum
+steps) beside the paper's 2,000 iterations, into ``convergence-methods.json``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def rules_run(models, seeds, targets, settings: dict, channels_last: bool) -> di
 
 METHODS = {  # the converging schedule's steps compared on the zoo (--methods)
     "paper (2,000 iterations)": None,
-    "converge (hybrid, the default)": {},
+    "converge (lbfgs, the default)": {},
+    "converge (lbfgs, horizon 100, stop_tol 0.05)": {"horizon": 100, "stop_tol": 0.05},
     "converge (momentum, decay_tol 0.005: the demo's)": {"method": "momentum",
                                                          "decay_tol": 0.005},
 }  # fmt: skip

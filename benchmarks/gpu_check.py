@@ -2,13 +2,15 @@
 
 1. Correctness on CUDA: `invert_images` on the GPU agrees with the CPU run, bf16 autocast
    (`amp=True`) runs and lowers the loss, Gauss-Newton steps (forward-mode JVPs) agree
-   with the CPU's and run under bf16 autocast, `LinearCKA` on CUDA tensors equals the CPU value.
+   with the CPU's and run under bf16 autocast, so do L-BFGS steps (the converging
+   schedule's default), `LinearCKA` on CUDA tensors equals the CPU value.
 2. Speed: one ResNet-50 inversion batch at 224x224 (torchvision, 1000 classes): iterations
    per second in fp32, with bf16 autocast and in channels-last layout, at batch 32 (the
    paper's) and 128, against a bare forward+backward loop; peak memory per batch.
 3. Schedules: the same pairs inverted with the paper's schedule and with
-   `schedule="converge"` (its hybrid Gauss-Newton/momentum default, and momentum steps
-   only; continuous batching: finished examples leave the batch), all capped at `--cap`:
+   `schedule="converge"` (its L-BFGS default, the hybrid Gauss-Newton/momentum steps, and
+   momentum steps only; continuous batching: finished examples leave the batch), all
+   capped at `--cap`:
    image evaluations, seconds, and evaluations per second,
    which shows whether refilling slots costs throughput on the device.
 
@@ -44,8 +46,13 @@ def correctness(device: str) -> dict:
     gn = {"schedule": "converge", "method": "gauss-newton", "iterations": 44, "progress": False}
     gn_gpu = invert_images(model, seeds, targets, device=device, **gn)
     gn_amp = invert_images(model, seeds, targets, device=device, amp=True, **gn)
+    # L-BFGS steps, the converging schedule's default, in fp32 and in bf16 autocast
+    qn = {"schedule": "converge", "iterations": 60, "progress": False}
+    qn_gpu = invert_images(model, seeds, targets, device=device, **qn)
+    qn_amp = invert_images(model, seeds, targets, device=device, amp=True, **qn)
     model.to("cpu")
     gn_cpu = invert_images(model, seeds, targets, **gn)
+    qn_cpu = invert_images(model, seeds, targets, **qn)
     x = torch.randn(4000, 64, generator=g) + 100
     y = x[:, :32] @ torch.randn(32, 32, generator=g) + torch.randn(4000, 32, generator=g)
     acc = LinearCKA()
@@ -59,6 +66,8 @@ def correctness(device: str) -> dict:
         "linear_cka_cuda_minus_cpu": acc.compute() - linear_cka(x, y),
         "gauss_newton_loss_gpu_vs_cpu": [float(gn_gpu.loss.median()), float(gn_cpu.loss.median())],
         "gauss_newton_amp_loss": [float(gn_amp.loss.median()), float(gn_amp.initial_loss.median())],
+        "lbfgs_loss_gpu_vs_cpu": [float(qn_gpu.loss.median()), float(qn_cpu.loss.median())],
+        "lbfgs_amp_loss": [float(qn_amp.loss.median()), float(qn_amp.initial_loss.median())],
     }
 
 
@@ -133,6 +142,7 @@ def schedules(device: str, setup: dict) -> dict:
     seeds, targets = _images(setup["pairs"], setup["size"], 2)
     out = {"pairs": setup["pairs"], "batch": setup["batch"], "cap": setup["cap"]}
     runs = {"paper": {}, "converge": {"schedule": "converge"},
+            "converge-hybrid": {"schedule": "converge", "method": "hybrid"},
             "converge-momentum": {"schedule": "converge", "method": "momentum"}}  # fmt: skip
     for schedule, settings in runs.items():
         sync(device)

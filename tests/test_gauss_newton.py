@@ -78,7 +78,7 @@ def test_pixels_at_the_box_that_the_gradient_pushes_out_are_held():
     assert bool((step.dx[~held] != 0).any())
 
 
-@pytest.mark.parametrize("method", ["gauss-newton", "hybrid"])
+@pytest.mark.parametrize("method", ["gauss-newton", "hybrid", "lbfgs"])
 def test_constraints_hold_and_the_model_stays_in_eval_mode(method):
     torch.manual_seed(0)
     model = load_model("lenet").double().train()
@@ -182,9 +182,10 @@ def test_momentum_warm_up_makes_the_first_step_full_length():
 
 
 def test_the_method_is_part_of_the_record_and_checked():
-    fast = InversionConfig(schedule="converge")
+    fast = InversionConfig(schedule="converge", method="hybrid")
     rec = acting_settings(fast)
     assert rec["method"] == "hybrid" and rec["cg_iterations"] == 10 and "switch_tol" in rec
+    assert "memory" not in rec and "loss_tol" not in rec
     mom = acting_settings(fast.replace(method="momentum"))
     assert mom["method"] == "momentum" and "cg_iterations" not in mom
     assert "method" not in acting_settings(InversionConfig())  # the paper's record unchanged

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     result = json.loads(out.read_text())
     assert abs(result["correctness"]["linear_cka_cuda_minus_cpu"]) < 1e-9
+    on_device, on_cpu = result["correctness"]["lbfgs_loss_gpu_vs_cpu"]  # here: both the CPU
+    assert on_device == pytest.approx(on_cpu, rel=1e-5)
     kinds = {(r["amp_bf16"], r["channels_last"]) for r in result["speed"]}
     assert kinds == {(False, False), (True, False), (False, True)}
     assert all(r["iterations_per_s"] > 0 for r in result["speed"])

@@ -207,8 +207,11 @@ def test_fake_relu_changes_the_path_not_the_forward(trained_lenet, mnist_pairs):
         # some examples switch to Gauss-Newton steps, at different steps, and stop
         {"schedule": "converge", "method": "hybrid", "horizon": 48, "switch_tol": 0.2,
          "stop_tol": 0.1, "cg_iterations": 3, "decay_tol": 0.1, "decay_patience": 3},
+        # L-BFGS steps: examples reach loss_tol or stall at different steps
+        {"schedule": "converge", "method": "lbfgs", "loss_tol": 0.25, "horizon": 10,
+         "stop_tol": 0.2},
     ],
-    ids=["tol", "converge", "hybrid"],
+    ids=["tol", "converge", "hybrid", "lbfgs"],
 )  # fmt: skip
 def test_continuous_batching_refills_slots_and_equals_one_at_a_time(mnist_test, rule):
     # float64, so that per-example results can be compared exactly across batch shapes

@@ -73,11 +73,19 @@ CONVERGE = {
 
 
 # Gauss-Newton steps, then momentum steps, switching and stopping at different passes
-HYBRID = {**KW, "iterations": 60, "schedule": "converge", "horizon": 48, "switch_tol": 0.2,
-          "stop_tol": 0.1, "cg_iterations": 3, "decay_tol": 0.1, "decay_patience": 3}  # fmt: skip
+HYBRID = {**KW, "iterations": 60, "schedule": "converge", "method": "hybrid", "horizon": 48,
+          "switch_tol": 0.2, "stop_tol": 0.1, "cg_iterations": 3, "decay_tol": 0.1,
+          "decay_patience": 3}  # fmt: skip
 
 
-@pytest.mark.parametrize("settings", [KW, CONVERGE, HYBRID], ids=["paper", "converge", "hybrid"])
+# L-BFGS steps (the default), stopping at their loss_tol or by the horizon rule
+LBFGS = {**KW, "iterations": 60, "schedule": "converge", "loss_tol": 0.3, "horizon": 10,
+         "stop_tol": 0.1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings", [KW, CONVERGE, HYBRID, LBFGS], ids=["paper", "converge", "hybrid", "lbfgs"]
+)
 def test_resume_after_kill_is_byte_identical(
     tmp_path, model, small_data, monkeypatch, settings, store_files
 ):

@@ -126,11 +126,19 @@ class InversionConfig(_Settings):
         "min_step_size, the older rule).",
     )
     stop_tol: float = Field(0.01, ge=0, description="converge: relative gain over a horizon.")
-    method: Literal["momentum", "gauss-newton", "hybrid"] = Field(
-        "hybrid",
-        description="converge: the steps. momentum: first-order steps only; gauss-newton: "
-        "damped Gauss-Newton steps only; hybrid: Gauss-Newton steps, and an example whose "
-        "Gauss-Newton steps stall goes on with momentum steps.",
+    method: Literal["lbfgs", "momentum", "gauss-newton", "hybrid"] = Field(
+        "lbfgs",
+        description="converge: the steps. lbfgs: per-example L-BFGS quasi-Newton steps; "
+        "momentum: normalised momentum steps; gauss-newton: damped Gauss-Newton steps; "
+        "hybrid: Gauss-Newton steps, and an example whose Gauss-Newton steps stall goes on "
+        "with momentum steps.",
+    )
+    memory: int = Field(10, ge=1, description="lbfgs: curvature pairs kept per example.")
+    loss_tol: float = Field(
+        1e-3,
+        gt=0,
+        description="lbfgs: an example stops once its best loss is at most this (the relative "
+        "representation loss; CONVERGED_LOSS is 0.1).",
     )
     switch_tol: float = Field(
         0.1,

@@ -12,6 +12,10 @@ for 2000 iterations with step 1/8 and eps 1000, keeping per example the iterate 
 loss seen (the seed, every iterate and the last; a strictly lower loss replaces). The
 settings are :class:`invsim.config.InversionConfig`.
 
+``schedule="converge"`` (:class:`~invsim.config.InversionConfig`) keeps the loss and sets
+each example's steps and stopping itself: per-example L-BFGS steps by default
+(:mod:`invsim.lbfgs`; momentum, Gauss-Newton and hybrid steps as options).
+
 Every example's update depends only on itself (the per-example normalisation removes the
 batch-mean's 1/B), so results do not depend on ``batch_size``. The loop batches
 *continuously*: an example that has finished leaves the batch at once and the next
@@ -33,7 +37,8 @@ from torch import nn
 
 from invsim._io import progress_bar
 from invsim.config import InversionConfig
-from invsim.gauss_newton import GaussNewtonStep, gauss_newton_step
+from invsim.gauss_newton import GaussNewtonStep, free_pixels, gauss_newton_step
+from invsim.lbfgs import History, curvature_ok, direction
 from invsim.models.folding import fold_batchnorm
 from invsim.representation import PENULTIMATE, LayerRef, eval_mode, reader, resolve_layer
 from invsim.steps import _TINY, l2_norm, project
@@ -137,20 +142,23 @@ class _Slots:
     steps: torch.Tensor  # momentum steps taken (the warm-up correction's t)
     damping: torch.Tensor  # Gauss-Newton: relative damping
     cost: torch.Tensor  # passes of the last step (1 for a momentum step)
+    best_grad: torch.Tensor  # lbfgs: the gradient of loss^2 / 2 at best_x (else (k, 0))
+    history: History  # lbfgs: the curvature pairs (no slots for the other methods)
 
     def select(self, keep: torch.Tensor) -> _Slots:
         return _Slots(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
 
     def cat(self, other: _Slots) -> _Slots:
         return _Slots(
-            **{
-                f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)])
-                for f in fields(self)
-            }
+            **{f.name: _cat(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
         )
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def _cat(a: Any, b: Any) -> Any:
+    return a.cat(b) if isinstance(a, History) else torch.cat([a, b])
 
 
 @dataclass
@@ -175,6 +183,8 @@ def _admit(idx: range, job: _Job, rep: Callable[[torch.Tensor], torch.Tensor]) -
         target_rep = rep(targets[idx.start : idx.stop].to(dev, dtype))
     k = len(seed)
     inf = torch.full((k,), float("inf"), device=dev, dtype=dtype)
+    quasi_newton = cfg.step_method == "lbfgs"
+    width, memory = (seed[0].numel(), cfg.memory) if quasi_newton else (0, 0)
     return _Slots(
         index=torch.arange(idx.start, idx.stop),
         seed=seed,
@@ -187,7 +197,7 @@ def _admit(idx: range, job: _Job, rep: Callable[[torch.Tensor], torch.Tensor]) -
         it=torch.zeros(k, dtype=torch.int64, device=dev),
         limit=torch.full((k,), cfg.iterations, dtype=torch.int64, device=dev),
         checkpoint=inf.clone(),
-        lr=torch.full((k,), cfg.step_size, device=dev, dtype=dtype),
+        lr=torch.full((k,), 1.0 if quasi_newton else cfg.step_size, device=dev, dtype=dtype),
         reference=inf.clone(),
         stall=torch.zeros(k, dtype=torch.int64, device=dev),
         window=inf.clone(),
@@ -197,13 +207,16 @@ def _admit(idx: range, job: _Job, rep: Callable[[torch.Tensor], torch.Tensor]) -
         steps=torch.zeros(k, dtype=torch.int64, device=dev),
         damping=torch.full((k,), cfg.damping, device=dev, dtype=dtype),
         cost=torch.zeros(k, dtype=torch.int64, device=dev),
+        best_grad=torch.zeros(k, width, device=dev, dtype=dtype),
+        history=History.empty(k, memory=memory, width=width, device=dev, dtype=dtype),
     )
 
 
 def _starts_second_order(cfg: InversionConfig) -> bool:
     """Gauss-Newton and hybrid inversions start with Gauss-Newton steps, unless the cap is
     below one step's cost (``cg_iterations + 1`` passes): then momentum steps."""
-    return cfg.step_method != "momentum" and cfg.iterations >= cfg.cg_iterations + 1
+    second_order = cfg.step_method in ("gauss-newton", "hybrid")
+    return second_order and cfg.iterations >= cfg.cg_iterations + 1
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -223,9 +236,47 @@ def _keep_best(s: _Slots, loss: torch.Tensor) -> None:
     s.best_x = torch.where(_rows(better, s.x), s.x, s.best_x)
 
 
+def _curvature(s: _Slots, ev: _Evaluation) -> None:
+    """L-BFGS, before :func:`_keep_best`: a row whose evaluated point has a lower loss
+    than its best is accepted; its step (from the old best) and gradient change become a
+    curvature pair (where ``s.y > 0``), and its next step is a full one. A row whose point
+    is refused keeps its best and tries a quarter of the step; after 7 refusals in a row
+    (a step of 1/4^7) its history is cleared and it starts again from a gradient step."""
+    if ev.grad is None:
+        return
+    grad = (ev.grad * _rows(ev.loss, ev.grad)).flatten(1)  # the gradient of loss^2 / 2
+    accept = ev.loss < s.best_loss
+    pair = accept & torch.isfinite(s.best_loss)
+    step, change = (s.x - s.best_x).flatten(1), grad - s.best_grad
+    s.history.push(step, change, pair & curvature_ok(step, change))
+    s.best_grad = torch.where(accept[:, None], grad, s.best_grad)
+    s.lr = torch.where(accept, 1.0, s.lr * 0.25)
+    reset = s.lr < 0.25**7
+    s.history.clear(reset)
+    s.lr = torch.where(reset, 1.0, s.lr)
+
+
+def _quasi_newton(s: _Slots, cfg: InversionConfig, ball_binds: bool) -> None:
+    """One L-BFGS step from each row's best iterate: ``x = best + lr d`` with ``d`` the
+    two-loop direction of its gradient on the free pixels (a pixel at the [0, 1] box that
+    a descent step would push outward is held); a row with no curvature pair yet steps
+    ``step_size`` along its normalised gradient (the paper's first step)."""
+    grad = s.best_grad.view_as(s.x)
+    free = free_pixels(s.best_x, grad)
+    d = direction(grad * free, s.history) * free
+    first = cfg.step_size / (l2_norm(d) + _TINY)
+    d = torch.where(_rows(s.history.count == 0, d), d * first, d)
+    s.x = _constrain(s.best_x + _rows(s.lr, d) * d, s.seed, cfg, ball_binds)
+    s.cost = torch.ones_like(s.it)
+
+
 def _step(s: _Slots, ev: _Evaluation, cfg: InversionConfig, ball_binds: bool) -> None:
     """One momentum step along the per-example normalised gradient, then the projection
-    (the rows that take Gauss-Newton steps move in :func:`_gauss_newton` instead)."""
+    (the rows that take Gauss-Newton steps move in :func:`_gauss_newton` instead; with
+    ``method="lbfgs"`` every row takes an L-BFGS step, :func:`_quasi_newton`)."""
+    if cfg.step_method == "lbfgs":
+        _quasi_newton(s, cfg, ball_binds)
+        return
     # m = momentum * m + (1 - momentum) * g / ||g||, in place
     momentum, grad = cfg.step_momentum, ev.grad
     scale = (1.0 - momentum) / (l2_norm(grad) + _TINY)
@@ -301,14 +352,20 @@ def _converge(s: _Slots, cfg: InversionConfig) -> None:
     than ``stop_tol`` (relative) over the last ``horizon`` passes. With
     ``method="hybrid"``, an example starts with Gauss-Newton steps and goes on with
     momentum steps once they stall (:func:`_switch`). With ``horizon=None`` (the rule
-    before invsim 0.2), it stops as soon as the step falls below ``min_step_size``."""
+    before invsim 0.2), it stops as soon as the step falls below ``min_step_size``.
+    With ``method="lbfgs"`` the steps set their own length (:func:`_curvature`): an
+    example stops once its best loss is at most ``loss_tol``, or by the horizon rule."""
+    running = s.it < s.limit
+    if cfg.step_method == "lbfgs":
+        reached = s.best_loss <= cfg.loss_tol
+        s.limit = torch.where((reached | _horizon(s, cfg, reached)) & running, s.it, s.limit)
+        return
     gained = s.best_loss < s.reference * (1.0 - cfg.decay_tol)
     s.reference = torch.where(gained, s.best_loss, s.reference)
     s.stall = torch.where(gained, 0, s.stall + 1)
     decay = s.stall >= cfg.decay_patience
     s.lr = torch.where(decay, s.lr * 0.5, s.lr)
     s.stall = torch.where(decay, 0, s.stall)
-    running = s.it < s.limit
     if cfg.horizon is None:
         s.limit = torch.where((s.lr < cfg.min_step_size) & running, s.it, s.limit)
         return
@@ -316,10 +373,17 @@ def _converge(s: _Slots, cfg: InversionConfig) -> None:
     s.lr = torch.maximum(s.lr, torch.where(above, cfg.step_size, cfg.min_step_size))
     at_rest = ~s.gn & (s.lr <= cfg.min_step_size) & ~above
     switched = _switch(s, cfg, running) if cfg.step_method == "hybrid" else torch.zeros_like(above)
-    check = _crossed(s, cfg.horizon) & ~switched
+    s.limit = torch.where((at_rest | _horizon(s, cfg, switched)) & running, s.it, s.limit)
+
+
+def _horizon(s: _Slots, cfg: InversionConfig, skip: torch.Tensor) -> torch.Tensor:
+    """The rows (not ``skip``) whose best loss gained less than ``stop_tol`` (relative)
+    over the horizon that ended with this step; each checked row starts a new horizon."""
+    assert cfg.horizon is not None
+    check = _crossed(s, cfg.horizon) & ~skip
     stalled = check & (s.best_loss > s.window * (1.0 - cfg.stop_tol))
     s.window = torch.where(check, s.best_loss, s.window)
-    s.limit = torch.where((at_rest | stalled) & running, s.it, s.limit)
+    return stalled
 
 
 def _switch(s: _Slots, cfg: InversionConfig, running: torch.Tensor) -> torch.Tensor:
@@ -463,6 +527,8 @@ def _run(model: nn.Module, ref: Any, job: _Job, bar: Any, hooks: tuple) -> tuple
             # pairs and one more for its forward and its trial forward
             n_gn = int(ev.gn_rows.sum()) if ev.gn_rows is not None else 0
             passes += len(slots) + cfg.cg_iterations * n_gn
+            if cfg.step_method == "lbfgs":
+                _curvature(slots, ev)
             _keep_best(slots, ev.loss)
             if snapshots:
                 out.snapshot(slots, cfg.cg_iterations + 1)
@@ -507,11 +573,12 @@ def invert_images(
     :class:`~invsim.config.ConfigError` naming it.
 
     ``schedule="paper"`` (the default) is the paper's fixed schedule, exactly.
-    ``schedule="converge"`` is the recommended fast one: per-example step sizes and
-    stopping, with momentum steps, damped Gauss-Newton steps (:mod:`invsim.gauss_newton`)
-    or both (``method="hybrid"``, its default: an example whose momentum steps stall above
-    the loss criterion goes on with Gauss-Newton steps); ``iterations`` is then a cap on
-    each example's passes (a momentum step is one pass, a Gauss-Newton step
+    ``schedule="converge"`` is the recommended fast one: per-example steps and stopping,
+    with L-BFGS steps (``method="lbfgs"``, its default, :mod:`invsim.lbfgs`: an example
+    stops once its loss is at most ``loss_tol`` or its loss stops falling), momentum steps,
+    damped Gauss-Newton steps (:mod:`invsim.gauss_newton`) or both (``method="hybrid"``:
+    Gauss-Newton steps until they stall, then momentum steps); ``iterations`` is then a cap
+    on each example's passes (an L-BFGS or momentum step is one pass, a Gauss-Newton step
     ``cg_iterations + 1``). Beyond the paper, off by default: ``tol`` stops an example
     once its best loss improved by less than ``tol`` over the last ``patience`` passes;
     ``fake_relu`` passes gradients through the last ReLU (robustness library option);
@@ -544,7 +611,7 @@ def invert_images(
         (torch.Size([4, 1, 28, 28]), True)
         >>> fast = InversionConfig(schedule="converge", iterations=200)
         >>> invert_images(m, "noise", targets, fast, progress=False).config["method"]
-        'hybrid'
+        'lbfgs'
     """
     cfg = config if config is not None else InversionConfig()
     if settings:
@@ -631,7 +698,12 @@ def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
         del out["channels_last"]
     if not cfg.fold_bn:  # the same: equal up to rounding; absent from older records
         del out["fold_bn"]
-    unused = {"momentum": _SECOND_ORDER, "gauss-newton": ("switch_tol",), "hybrid": ()}
+    unused = {
+        "momentum": _SECOND_ORDER + _QUASI_NEWTON,
+        "gauss-newton": ("switch_tol",) + _QUASI_NEWTON,
+        "hybrid": _QUASI_NEWTON,
+        "lbfgs": _SECOND_ORDER + _FIRST_ORDER,
+    }
     for k in unused[cfg.step_method]:
         del out[k]
     if cfg.schedule == "paper":
@@ -640,8 +712,11 @@ def acting_settings(cfg: InversionConfig) -> dict[str, Any]:
     return out
 
 
-# the settings of the converging schedule, and of its second-order steps
+# the settings of the converging schedule, of its second-order steps, of its L-BFGS
+# steps, and those of momentum steps that L-BFGS steps do not use
 _SECOND_ORDER = ("switch_tol", "cg_iterations", "damping")
+_QUASI_NEWTON = ("memory", "loss_tol")
+_FIRST_ORDER = ("momentum", "decay_patience", "decay_tol", "min_step_size")
 _CONVERGE = (
     "schedule",
     "decay_patience",

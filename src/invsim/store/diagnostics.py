@@ -80,7 +80,7 @@ def loss_diagnostics(inverted: Any) -> dict[str, Any]:
     median = float(loss.median())
     settings = inverted.config.get("inversion") or {}
     cap = int(settings.get("iterations", 0))
-    second_order = settings.get("method", "momentum") != "momentum"
+    second_order = settings.get("method", "momentum") in ("gauss-newton", "hybrid")
     last_step = int(settings.get("cg_iterations", 0)) + 1 if second_order else 1
     reasons = stop_reasons(inverted.loss, inverted.iterations, cap=cap, last_step=last_step)
     return {
