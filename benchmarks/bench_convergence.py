@@ -160,7 +160,11 @@ def rules_run(models, seeds, targets, settings: dict, channels_last: bool) -> di
 METHODS = {  # the converging schedule's steps compared on the zoo (--methods)
     "paper (2,000 iterations)": None,
     "converge (lbfgs, the default)": {},
-    "converge (lbfgs, horizon 100, stop_tol 0.05)": {"horizon": 100, "stop_tol": 0.05},
+    "converge (lbfgs, cap 500)": {"iterations": 500},
+    "converge (lbfgs, loss_tol 0.001)": {"loss_tol": 1e-3},
+    "converge (lbfgs, loss_tol 0.001, horizon 100, stop_tol 0.05)": {
+        "loss_tol": 1e-3, "horizon": 100, "stop_tol": 0.05},
+    "converge (lbfgs, loss_tol 0.001, cap 500)": {"loss_tol": 1e-3, "iterations": 500},
     "converge (momentum, decay_tol 0.005: the demo's)": {"method": "momentum",
                                                          "decay_tol": 0.005},
 }  # fmt: skip
@@ -168,10 +172,14 @@ METHODS_RESULTS = ROOT / "benchmarks" / "results" / "convergence-methods.json"
 
 
 def methods_run(models, seeds, targets, settings: dict | None, channels_last: bool) -> dict:
-    """The paper's 2,000 iterations, or one converging setting capped at 4,000 with a
-    snapshot at 2,000 (what a 2,000 cap returns): per model the median loss and seconds,
-    and the largest change of the inverted matrix from cap 2,000 to 4,000."""
-    images, losses, seconds = {2000: {}, 4000: {}}, {}, {}
+    """The paper's 2,000 iterations, or one converging setting capped at twice its cap
+    (``iterations``, default 2,000) with a snapshot at the cap (what the cap returns): per
+    model the median loss and seconds, and the largest change of the inverted matrix when
+    the cap doubles. The seconds are the doubled run's, scaled by its passes up to the
+    cap (a run capped there does that work)."""
+    settings = None if settings is None else dict(settings)
+    cap = 2000 if settings is None else settings.pop("iterations", 2000)
+    images, losses, seconds = {cap: {}, 2 * cap: {}}, {}, {}
     for name, model in models.items():
         t0 = time.perf_counter()
         if settings is None:
@@ -179,17 +187,19 @@ def methods_run(models, seeds, targets, settings: dict | None, channels_last: bo
                               progress=False, channels_last=channels_last)  # fmt: skip
             images[2000][name], losses[name] = r.images, float(r.loss.median())
         else:
-            r = invert_images(model, seeds, targets, iterations=4000, batch_size=256,
-                              schedule="converge", snapshots=(2000,), progress=False,
+            r = invert_images(model, seeds, targets, iterations=2 * cap, batch_size=256,
+                              schedule="converge", snapshots=(cap,), progress=False,
                               channels_last=channels_last, **settings)  # fmt: skip
-            images[4000][name], (images[2000][name], loss) = r.images, r.snapshots[2000]
+            images[2 * cap][name], (images[cap][name], loss) = r.images, r.snapshots[cap]
             losses[name] = float(loss.median())
         seconds[name] = time.perf_counter() - t0
+        if settings is not None:  # a run capped at `cap` spends the passes up to it
+            seconds[name] *= float(r.iterations.clamp(max=cap).sum()) / float(r.iterations.sum())
         print(f"  {name}: {losses[name]:.4f} in {seconds[name]:.1f} s", flush=True)
-    out = {"settings": settings, "median_loss": losses, "seconds": seconds,
+    out = {"settings": settings, "cap": cap, "median_loss": losses, "seconds": seconds,
            "total_seconds": sum(seconds.values())}  # fmt: skip
     if settings is not None:
-        change = inverted_matrix(models, images[2000]) - inverted_matrix(models, images[4000])
+        change = inverted_matrix(models, images[cap]) - inverted_matrix(models, images[2 * cap])
         out["cap_change_max"] = float(np.abs(change).max())
     return out
 
@@ -236,6 +246,9 @@ def main() -> None:
                    help="Only compare converging rules (convergence-rules.json).")  # fmt: skip
     p.add_argument("--methods", action="store_true",
                    help="Only compare the methods (convergence-methods.json).")  # fmt: skip
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="--methods: run only these (exact names) and add them to "
+                   "convergence-methods.json, against its stored paper row.")  # fmt: skip
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = demo_config(args.demo_dir)
@@ -244,10 +257,14 @@ def main() -> None:
     s, t = sample_pairs(test.labels, args.pairs, rng_seed=0)
     seeds, targets = test.images[s], test.images[t]
     if args.methods:
-        found = {}
-        for name, settings in METHODS.items():
+        found, chosen = {}, METHODS
+        if args.only:  # add to the stored rows (the paper's among them), in METHODS' order
+            found = json.loads(METHODS_RESULTS.read_text())["methods"]
+            chosen = {name: METHODS[name] for name in args.only}
+        for name, settings in chosen.items():
             print(name, flush=True)
             found[name] = methods_run(models, seeds, targets, settings, args.channels_last)
+        found = {k: found[k] for k in METHODS if k in found}
         paper = found[next(iter(METHODS))]
         for row in found.values():
             row["seconds_ratio"] = row["total_seconds"] / paper["total_seconds"]

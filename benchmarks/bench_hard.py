@@ -73,8 +73,11 @@ FAST = PAPER.replace(schedule="converge")
 SCHEDULES = {
     "paper": PAPER,
     "converge (lbfgs, the default)": FAST,
-    "converge (lbfgs, horizon 100, stop_tol 0.05)": FAST.replace(horizon=100, stop_tol=0.05),
-    "converge (lbfgs, loss_tol 0.0005)": FAST.replace(loss_tol=5e-4),
+    "converge (lbfgs, cap 500)": FAST.replace(iterations=500),
+    "converge (lbfgs, loss_tol 0.001)": FAST.replace(loss_tol=1e-3),
+    "converge (lbfgs, loss_tol 0.001, horizon 100, stop_tol 0.05)": FAST.replace(
+        loss_tol=1e-3, horizon=100, stop_tol=0.05
+    ),
     "converge (hybrid)": FAST.replace(method="hybrid"),
     "converge (momentum)": FAST.replace(method="momentum"),
     "converge (momentum, decay_tol 0.005: the demo's)": FAST.replace(
@@ -143,7 +146,8 @@ def schedule_rows(models, pairs, cfg: InversionConfig, paper: dict | None) -> di
             row, images["long"][name] = one(model, pairs, cfg, snapshots=CURVE)
             images["short"][name] = None
         else:
-            row, images["short"][name] = one(model, pairs, cfg, snapshots=CURVE)
+            curve = [b for b in CURVE if b < cfg.iterations]
+            row, images["short"][name] = one(model, pairs, cfg, snapshots=curve)
             row["doubled"], images["long"][name] = one(
                 model, pairs, cfg.replace(iterations=2 * cfg.iterations)
             )
@@ -189,14 +193,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_table(results: dict) -> str:
+    """The loss-for-passes curve: per schedule and model, the median loss that a cap of
+    B passes returns (its snapshots), the paper's included."""
+    models = list(results["accuracies"])
+    caps = [*map(str, CURVE), "2000"]
+    lines = ["| schedule | model | " + " | ".join(f"cap {int(b):,}" for b in caps) + " |"]
+    lines.append("|---" * (len(caps) + 2) + "|")
+    for name, sched in results["schedules"].items():
+        if "cap" in name:
+            continue
+        for m in models:
+            r = sched["models"][m]
+            at = {**r["snapshots"], "2000": r["median_loss"]}
+            cells = [f"{at[b]:.4f}" if b in at else "" for b in caps]
+            lines.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--models-dir", default=str(ROOT / "runs" / "hard-models"))
     ap.add_argument("--table", action="store_true", help="Print hard.json as a table.")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="Run only these schedules (exact names) and add them to hard.json, "
+                    "against its stored paper row.")  # fmt: skip
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(RESULTS.read_text())))
+        results = json.loads(RESULTS.read_text())
+        print(table(results) + "\n\n" + curve_table(results))
         return
     torch.manual_seed(0)
     models, accuracies = zoo(Path(args.models_dir))
@@ -215,8 +241,12 @@ def main() -> None:
                   "matrix_change_when_doubled": 0.01},
         "schedules": {},
     }  # fmt: skip
-    paper = None
-    for name, cfg in SCHEDULES.items():
+    paper, chosen = None, SCHEDULES
+    if args.only:  # add to the stored results, against their paper row
+        results = json.loads(RESULTS.read_text())
+        paper = results["schedules"]["paper"]
+        chosen = {name: SCHEDULES[name] for name in args.only}
+    for name, cfg in chosen.items():
         print(name, flush=True)
         results["schedules"][name] = schedule_rows(models, pairs, cfg, paper)
         paper = paper or results["schedules"][name]

@@ -59,7 +59,7 @@ BENCHMARKS = {
     ),
     "convergence-methods": (
         "bench_convergence.py --methods",
-        "Momentum, Gauss-Newton and hybrid steps on the demo zoo.",
+        "L-BFGS and momentum steps against the paper's on the demo zoo.",
     ),
     "hard": ("bench_hard.py", "Every schedule on standard and strongly robust models."),
 }

@@ -115,7 +115,13 @@ def test_no_graph_outlives_a_gauss_newton_step():
     assert len(seen) >= 5 and all(not rg and fn is None for rg, fn in seen)
 
 
-def test_in_place_relu_fold_bn_and_channels_last_keep_gauss_newton_steps():
+@pytest.mark.parametrize(
+    "steps",
+    [{"method": "gauss-newton", "iterations": 24, "cg_iterations": 3},
+     {"method": "lbfgs", "iterations": 12}],
+    ids=["gauss-newton", "lbfgs"],
+)  # fmt: skip
+def test_in_place_relu_fold_bn_and_channels_last_keep_second_order_steps(steps):
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
@@ -128,8 +134,7 @@ def test_in_place_relu_fold_bn_and_channels_last_keep_gauss_newton_steps():
     g = torch.Generator().manual_seed(3)
     seeds = torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64)
     targets = torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64)
-    kw = {"schedule": "converge", "method": "gauss-newton", "iterations": 24,
-          "cg_iterations": 3, "progress": False}  # fmt: skip
+    kw = {"schedule": "converge", "progress": False, **steps}
     plain = invert_images(model, seeds, targets, **kw)
     fast = invert_images(model, seeds, targets, fold_bn=True, channels_last=True, **kw)
     assert bool((plain.loss < plain.initial_loss).all())
@@ -164,6 +169,11 @@ def test_a_slowly_falling_loss_is_not_stopped():
     # no example stops above the criterion while its loss falls at the paper's rate
     assert conv.iterations.tolist() == [cap, cap]
     assert bool((conv.loss <= paper.loss * 1.01).all())
+    # L-BFGS steps (the default) set their own length: the long straight path is one
+    # quasi-Newton stretch, and an example stops only at loss_tol or at the cap
+    quasi = invert_images(model, seeds, targets, schedule="converge", iterations=cap,
+                          progress=False)  # fmt: skip
+    assert bool((quasi.loss <= 5e-4).all()) and int(quasi.iterations.max()) < cap
 
 
 def test_momentum_warm_up_makes_the_first_step_full_length():
