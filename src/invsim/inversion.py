@@ -257,10 +257,11 @@ def _curvature(s: _Slots, ev: _Evaluation) -> None:
 
 
 def _quasi_newton(s: _Slots, cfg: InversionConfig, ball_binds: bool) -> None:
-    """One L-BFGS step from each row's best iterate: ``x = best + lr d`` with ``d`` the
-    L-BFGS direction (:func:`invsim.lbfgs.direction`) of its gradient on the free pixels (a pixel at the [0, 1] box that
-    a descent step would push outward is held); a row with no curvature pair yet steps
-    ``step_size`` along its normalised gradient (the paper's first step)."""
+    """One L-BFGS step from each row's best iterate: ``x = best + lr d``, with ``d`` the
+    L-BFGS direction (:func:`invsim.lbfgs.direction`) of its gradient on the free pixels
+    (a pixel at the [0, 1] box that a descent step would push outward is held); a row
+    with no curvature pair yet steps ``step_size`` along its normalised gradient (the
+    paper's first step)."""
     grad = s.best_grad.view_as(s.x)
     free = free_pixels(s.best_x, grad)
     d = direction(grad * free, s.history) * free
