@@ -161,6 +161,7 @@ METHODS = {  # the converging schedule's steps compared on the zoo (--methods)
     "paper (2,000 iterations)": None,
     "converge (lbfgs, the default)": {},
     "converge (lbfgs, cap 500)": {"iterations": 500},
+    "converge (lbfgs, horizon 100, stop_tol 0.05)": {"horizon": 100, "stop_tol": 0.05},
     "converge (lbfgs, loss_tol 0.001)": {"loss_tol": 1e-3},
     "converge (lbfgs, loss_tol 0.001, horizon 100, stop_tol 0.05)": {
         "loss_tol": 1e-3, "horizon": 100, "stop_tol": 0.05},

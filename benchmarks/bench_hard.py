@@ -74,6 +74,7 @@ SCHEDULES = {
     "paper": PAPER,
     "converge (lbfgs, the default)": FAST,
     "converge (lbfgs, cap 500)": FAST.replace(iterations=500),
+    "converge (lbfgs, horizon 100, stop_tol 0.05)": FAST.replace(horizon=100, stop_tol=0.05),
     "converge (lbfgs, loss_tol 0.001)": FAST.replace(loss_tol=1e-3),
     "converge (lbfgs, loss_tol 0.001, horizon 100, stop_tol 0.05)": FAST.replace(
         loss_tol=1e-3, horizon=100, stop_tol=0.05
