@@ -194,6 +194,29 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def per_pass(models, pairs, repeats: int = 3) -> dict:
+    """Milliseconds per image pass at a full batch, no tail: 300 steps of every pair in
+    one batch, the paper's momentum steps against L-BFGS steps (stopping rules off); the
+    best of ``repeats``. Their ratio is what a step's own work costs on top of the model."""
+    seeds, targets, _ = pairs
+    steps = {"paper": {}, "lbfgs": {"schedule": "converge", "loss_tol": 1e-12, "horizon": 10**6}}
+    out = {}
+    for name, model in models.items():
+        row = {}
+        for label, kw in steps.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                r = invert_images(model, seeds, targets, PAPER.replace(iterations=300, **kw),
+                                  progress=False)  # fmt: skip
+                times.append((time.perf_counter() - t0) / r.passes * 1e3)
+            row[f"{label}_ms_per_pass"] = min(times)
+        row["ratio"] = row["lbfgs_ms_per_pass"] / row["paper_ms_per_pass"]
+        out[name] = row
+        print(name, row, flush=True)
+    return out
+
+
 def curve_table(results: dict) -> str:
     """The loss-for-passes curve: per schedule and model, the median loss that a cap of
     B passes returns (its snapshots), the paper's included."""
@@ -217,6 +240,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--models-dir", default=str(ROOT / "runs" / "hard-models"))
     ap.add_argument("--table", action="store_true", help="Print hard.json as a table.")
+    ap.add_argument("--per-pass", action="store_true",
+                    help="Only time a pass at a full batch (paper against L-BFGS steps) "
+                    "and add it to hard.json.")  # fmt: skip
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="Run only these schedules (exact names) and add them to hard.json, "
                     "against its stored paper row.")  # fmt: skip
@@ -230,6 +256,11 @@ def main() -> None:
     test = load_dataset("mnist5k", split="test")
     s, t = sample_pairs(test.labels.numpy(), args.pairs, rng_seed=0)
     pairs = (test.images[s], test.images[t], test.labels[t])
+    if args.per_pass:
+        results = json.loads(RESULTS.read_text())
+        results["per_pass"] = per_pass(models, pairs)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        return
     results = {
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
