@@ -138,8 +138,8 @@ class InversionConfig(_Settings):
         5e-4,
         gt=0,
         description="lbfgs: an example stops once its best loss is at most this (the relative "
-        "representation loss; CONVERGED_LOSS is 0.1; at 0.001 some easy models end above "
-        "the paper's 2,000-iteration loss: benchmarks/results/convergence-methods.json).",
+        "representation loss; CONVERGED_LOSS is 0.1; at 0.001 an easy model of the demo zoo "
+        "ends above the paper's 2,000-iteration loss: docs/guides/inversion.md).",
     )
     switch_tol: float = Field(
         0.1,
