@@ -100,22 +100,25 @@ class InversionConfig(_Settings):
     patience: int = Field(100, ge=1, description="Iterations between tol checks.")
     schedule: Literal["paper", "converge"] = Field(
         "paper",
-        description="paper: fixed step for `iterations`; converge: the step halves when the "
-        "loss stalls and the example stops once it has come to rest (iterations = cap).",
+        description="paper: fixed step for `iterations`; converge: each example sets its own "
+        "steps (method) and stops once its loss is small enough or stops falling (iterations = cap).",
     )
     decay_patience: int = Field(
-        10, ge=1, description="converge: steps without a relative gain of decay_tol before halving."
+        10,
+        ge=1,
+        description="converge, momentum steps: steps without a relative gain of decay_tol "
+        "before halving.",
     )
     decay_tol: float = Field(
         0.001,
         ge=0,
-        description="converge: relative loss gain that counts (at 0.005 momentum steps stop "
+        description="converge, momentum steps: relative loss gain that counts (at 0.005 they stop "
         "short of the paper's loss on strongly robust models: benchmarks/results/hard.json).",
     )
     min_step_size: float = Field(
         1 / 256,
         gt=0,
-        description="converge: the smallest step; at it, an example at the "
+        description="converge, momentum steps: the smallest step; at it, an example at the "
         "loss criterion has come to rest and stops.",
     )
     horizon: int | None = Field(

@@ -132,7 +132,7 @@ class _Slots:
     it: torch.Tensor  # steps taken so far
     limit: torch.Tensor  # steps this example will take (lowered by the stopping rule)
     checkpoint: torch.Tensor  # best loss at the last tol check (the seed's at first)
-    lr: torch.Tensor  # step size (constant for the paper's schedule)
+    lr: torch.Tensor  # step size (constant for the paper's); lbfgs: the step's scale (1: full)
     reference: torch.Tensor  # converge: the best loss when it last gained decay_tol
     stall: torch.Tensor  # converge: steps since then
     window: torch.Tensor  # converge: the best loss at the start of this horizon
