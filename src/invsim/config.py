@@ -101,7 +101,8 @@ class InversionConfig(_Settings):
     schedule: Literal["paper", "converge"] = Field(
         "paper",
         description="paper: fixed step for `iterations`; converge: each example sets its own "
-        "steps (method) and stops once its loss is small enough or stops falling (iterations = cap).",
+        "steps (method) and stops once its loss is small enough or stops falling "
+        "(iterations = cap).",
     )
     decay_patience: int = Field(
         10,
