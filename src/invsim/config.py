@@ -13,10 +13,10 @@ Examples:
     >>> from invsim.config import InversionConfig, validate
     >>> cfg = validate({"out": "runs/x", "data": {"dataset": "mnist5k"},
     ...                 "models": [{"name": "a", "spec": "mlp", "train": {"epochs": 1}}]})
-    >>> cfg.inversion.step_size, cfg.inversion.iterations
+    >>> cfg.inversion.steps.step_size, cfg.inversion.iterations
     (0.125, 2000)
-    >>> InversionConfig(iterations=50).replace(step_size=0.25).iterations
-    50
+    >>> InversionConfig(iterations=50).replace(step_size=0.25).steps.step_size
+    0.25
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = [
     "AdversarialConfig",
@@ -47,9 +54,6 @@ __all__ = [
 PENULTIMATE = "penultimate"
 LOGITS = "logits"  # the model's output, for functional measures
 REGIMES = ("natural", "inverted", "stir")
-# the momentum each schedule takes when ``InversionConfig.momentum`` is None: the paper's,
-# and the converging schedule's (chosen by measurement, docs/guides/inversion.md)
-MOMENTUM = {"paper": 0.9, "converge": 0.97}
 
 
 class ConfigError(ValueError):
@@ -75,88 +79,51 @@ class _Settings(BaseModel):
             raise ConfigError(_message(e, where, cls)) from None
 
 
-class InversionConfig(_Settings):
-    """Representation-inversion settings; the defaults are the paper's.
+class RuleSettings(_Settings):
+    """A step rule's own settings (:mod:`invsim.inversion.rules`); ``rule`` names the rule."""
 
-    Beyond the paper, off by default: ``tol``/``patience`` (early stopping),
-    ``fake_relu`` (the robustness library's gradient through the last ReLU), ``amp``
-    (bfloat16 autocast on CUDA).
+    rule: str
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the store's record and config hash see them."""
+        return self.model_dump()
+
+
+class InversionConfig(_Settings):
+    """Representation-inversion settings: the loop's own, and ``steps``, the settings of
+    the chosen step rule (:mod:`invsim.inversion`). The defaults are the paper's.
+
+    The schedule, the rule and its settings can be given by name: ``schedule="converge"``
+    (a named composition of a rule and its settings), ``rule="converging-momentum"``,
+    and any of the chosen rule's settings flat (``memory=5``); they are merged in one
+    place (:func:`invsim.inversion.rules.compose_steps`) into ``steps``, so a setting of
+    another rule is an error, not a field that does nothing.
+
+    Examples:
+        >>> from invsim.config import InversionConfig
+        >>> cfg = InversionConfig(schedule="converge", memory=5, iterations=500)
+        >>> cfg.steps.rule, cfg.steps.memory, cfg.iterations
+        ('lbfgs', 5, 500)
+        >>> InversionConfig().steps.record()
+        {'step_size': 0.125, 'momentum': 0.9}
     """
 
     layer: str = Field(PENULTIMATE, description="'penultimate' or a module name.")
-    step_size: float = Field(1 / 8, gt=0, description="Length of each normalised step.")
-    iterations: int = Field(2000, ge=0, description="Gradient steps per example.")
-    momentum: float | None = Field(
-        None,
+    iterations: int = Field(
+        2000,
         ge=0,
-        lt=1,
-        description="m = momentum m + (1 - momentum) g (None: 0.9 with the paper's schedule, "
-        "0.97 with converge).",
+        description="Steps per example (a cap on each example's passes where its rule stops "
+        "it earlier).",
     )
     eps: float = Field(1000.0, gt=0, description="Radius of the L2 ball around the seed.")
     use_best: bool = Field(True, description="Return each example's lowest-loss iterate.")
     batch_size: int = Field(32, ge=1, description="Examples inverted together.")
-    tol: float | None = Field(None, description="Early stopping (off: the paper).")
-    patience: int = Field(100, ge=1, description="Iterations between tol checks.")
-    schedule: Literal["paper", "converge"] = Field(
-        "paper",
-        description="paper: fixed step for `iterations`; converge: each example sets its own "
-        "steps (method) and stops once its loss is small enough or stops falling "
-        "(iterations = cap).",
+    tol: float | None = Field(
+        None,
+        description="Early stopping, for every rule: every `patience` passes, an example "
+        "whose best loss gained less than this stops (off: the paper).",
     )
-    decay_patience: int = Field(
-        10,
-        ge=1,
-        description="converge, momentum steps: steps without a relative gain of decay_tol "
-        "before halving.",
-    )
-    decay_tol: float = Field(
-        0.001,
-        ge=0,
-        description="converge, momentum steps: relative loss gain that counts (at 0.005 they stop "
-        "short of the paper's loss on strongly robust models: benchmarks/results/hard.json).",
-    )
-    min_step_size: float = Field(
-        1 / 256,
-        gt=0,
-        description="converge, momentum steps: the smallest step; at it, an example at the "
-        "loss criterion has come to rest and stops.",
-    )
-    horizon: int | None = Field(
-        250,
-        ge=1,
-        description="converge: an example also stops once its best loss gained "
-        "less than stop_tol over this many steps (None: stop when the step falls below "
-        "min_step_size, the older rule).",
-    )
-    stop_tol: float = Field(0.01, ge=0, description="converge: relative gain over a horizon.")
-    method: Literal["lbfgs", "momentum", "gauss-newton", "hybrid"] = Field(
-        "lbfgs",
-        description="converge: the steps. lbfgs: per-example L-BFGS quasi-Newton steps; "
-        "momentum: normalised momentum steps; gauss-newton: damped Gauss-Newton steps; "
-        "hybrid: Gauss-Newton steps, and an example whose Gauss-Newton steps stall goes on "
-        "with momentum steps.",
-    )
-    memory: int = Field(10, ge=1, description="lbfgs: curvature pairs kept per example.")
-    loss_tol: float = Field(
-        5e-4,
-        gt=0,
-        description="lbfgs: an example stops once its best loss is at most this (the relative "
-        "representation loss; CONVERGED_LOSS is 0.1; at 0.001 an easy model of the demo zoo "
-        "ends above the paper's 2,000-iteration loss: docs/guides/inversion.md).",
-    )
-    switch_tol: float = Field(
-        0.1,
-        ge=0,
-        description="hybrid: an example whose best loss gained less than this (relative) "
-        "over horizon/4 passes of Gauss-Newton steps goes on with momentum steps.",
-    )
-    cg_iterations: int = Field(
-        10, ge=1, description="Gauss-Newton: conjugate-gradient iterations per step."
-    )
-    damping: float = Field(
-        0.1, gt=0, description="Gauss-Newton: the first damping, relative to J J^T's scale."
-    )
+    patience: int = Field(100, ge=1, description="Passes between tol checks.")
     fake_relu: bool = Field(False, description="Gradient through the last ReLU (robustness).")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA.")
     channels_last: bool = Field(
@@ -167,30 +134,44 @@ class InversionConfig(_Settings):
         description="Fold each batch-norm into the convolution before it, in a copy of the "
         "model (eval mode: equal up to rounding, a faster forward).",
     )
+    steps: SerializeAsAny[RuleSettings] = Field(
+        default=None,
+        description="The step rule's settings, with its name as 'rule' (default: the paper's "
+        "normalised momentum). Set by schedule=, rule= or the rule's settings given flat.",
+    )
 
-    @model_validator(mode="after")
-    def _paper_is_first_order(self) -> InversionConfig:
-        if self.schedule == "paper" and self.method == "gauss-newton":
-            raise ValueError(
-                f"method={self.method!r} needs schedule='converge'; the paper's schedule is "
-                "its fixed momentum steps (leave method unset, or set schedule='converge')."
-            )
-        if self.schedule == "converge" and self.method != "momentum" and self.horizon is None:
-            raise ValueError(
-                f"method={self.method!r} needs a horizon (its switching and stopping "
-                "checks); horizon=None is the momentum-only rule before invsim 0.2."
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _compose(cls, raw: Any) -> Any:
+        from invsim.inversion.rules import compose_steps
+
+        if not isinstance(raw, dict):
+            return raw
+        loop = {k for k in cls.model_fields if k != "steps"}
+        return compose_steps(raw, loop)
+
+    @classmethod
+    def merged(cls, base: InversionConfig | None, changes: dict[str, Any], *, where: str = ""):
+        """``base`` (default: the paper's settings) with ``changes`` applied: loop fields,
+        ``schedule``, ``rule``, ``steps`` or the chosen rule's settings by name. A new
+        schedule, rule or ``steps`` replaces the base's step settings (a rule that stays
+        the same keeps them); flat rule settings refine them."""
+        base = base if base is not None else cls()
+        raw = base.model_dump()
+        same_rule = changes.get("rule") in (None, base.steps.rule)
+        if "schedule" in changes or "steps" in changes or not same_rule:
+            del raw["steps"]
+        return cls.checked({**raw, **changes}, where=where or cls.__name__)
+
+    def replace(self, **changes: Any):
+        return type(self).merged(self, changes)
 
     @property
-    def step_method(self) -> str:
-        """The steps that act: the paper's schedule takes momentum steps only."""
-        return "momentum" if self.schedule == "paper" else self.method
+    def schedule(self) -> str | None:
+        """The named schedule these step settings are (``paper``, ``converge``), if any."""
+        from invsim.inversion.rules import SCHEDULES
 
-    @property
-    def step_momentum(self) -> float:
-        """The momentum the steps use: ``momentum``, or the schedule's (:data:`MOMENTUM`)."""
-        return MOMENTUM[self.schedule] if self.momentum is None else self.momentum
+        return next((k for k, v in SCHEDULES.items() if v == self.steps), None)
 
 
 class AdversarialConfig(_Settings):

@@ -45,6 +45,7 @@ from invsim.experiment.matrices import (
     natural_similarity,
     stir_similarity,
 )
+from invsim.inversion import inversion_record
 from invsim.experiment.summary import (
     CONFOUND_MEASURES,
     claim_statistics,
@@ -453,20 +454,21 @@ def confound_stage(run: Run) -> dict[str, Any] | None:
     }
 
 
+def _result_settings(cfg: InversionConfig) -> dict[str, Any]:
+    """The inversion settings that change its results: the record, with the rule named,
+    less the batch size and the layouts."""
+    record = {"rule": cfg.steps.rule} | inversion_record(cfg)
+    return {k: v for k, v in record.items() if k not in ("batch_size", "channels_last", "fold_bn")}
+
+
 def provenance_stage(run: Run) -> dict[str, Any]:
     """Versions, the whole config and its hash, and where the run left the paper."""
     cfg = run.cfg
-    paper, used = InversionConfig(), cfg.inversion
-    acting = {
-        "iterations": "iterations",
-        "step_size": "step_size",
-        "momentum": "step_momentum",
-        "eps": "eps",
-    }
+    paper, used = _result_settings(InversionConfig()), _result_settings(cfg.inversion)
     reduced = {
-        k: {"used": getattr(used, a), "paper": getattr(paper, a)}
-        for k, a in acting.items()
-        if getattr(used, a) != getattr(paper, a)
+        k: {"used": used.get(k), "paper": paper.get(k)}
+        for k in sorted(paper.keys() | used.keys())
+        if used.get(k) != paper.get(k)
     }
     config = cfg.model_dump(mode="json")
     return {

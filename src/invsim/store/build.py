@@ -20,7 +20,7 @@ from invsim.config import InversionConfig
 from invsim.data.base import dataset_images, dataset_labels
 from invsim.data.pairs import check_pairs, sample_pairs
 from invsim.distributed import barrier, init_from_env
-from invsim.inversion import acting_settings, invert_images
+from invsim.inversion import invert_images, inversion_record
 from invsim.store import format as fmt
 from invsim.store.format import InvertedDataset, StoreError, merge_manifest
 
@@ -46,7 +46,8 @@ def invert_dataset(
     and store the result in ``out_dir``. Resumes a killed run; refuses a different one.
 
     ``inversion`` holds the settings (default: the paper's); keyword ``settings`` such as
-    ``iterations=50`` replace its fields (an unknown name is an error).
+    ``iterations=50`` or ``schedule="converge"`` are applied to it, as in
+    :func:`~invsim.inversion.invert_images` (an unknown name is an error).
     ``rng_seed`` draws the pairs and the noise (a *seed* is the image an inversion
     starts from). ``seed_images="noise"`` starts from
     noise (STIR). Under torchrun the shards are
@@ -65,7 +66,7 @@ def invert_dataset(
         >>> len(out), out.images.dtype
         (6, torch.float32)
     """
-    cfg = (inversion or InversionConfig()).replace(**settings)
+    cfg = InversionConfig.merged(inversion, settings, where="invert_dataset")
     if seed_images not in ("data", "noise"):
         raise ValueError(f"seed_images must be 'data' or 'noise'; got {seed_images!r}.")
     job = _Job(model, dataset, n_pairs, Path(out_dir), cfg, rng_seed, shard_size, seed_images)
@@ -117,10 +118,9 @@ class _Job:
     seed_images: str
 
     def record(self) -> dict[str, Any]:
-        """The ``inversion`` block of dataset.json: settings that act only (``patience``
-        with ``tol``; the decay settings with ``schedule="converge"``), so a store made
-        before a setting existed keeps its configuration hash."""
-        return acting_settings(self.inversion) | {"seed_images": self.seed_images}
+        """The ``inversion`` block of dataset.json (:func:`~invsim.inversion.inversion_record`)
+        and where the inversions start."""
+        return inversion_record(self.inversion) | {"seed_images": self.seed_images}
 
     def open(self) -> None:
         """Write dataset.json, or check that the one there has the same configuration."""

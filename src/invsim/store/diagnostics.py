@@ -57,17 +57,13 @@ def converged(diagnostics: Mapping[str, Any]) -> bool:
     return float(diagnostics["median_loss"]) <= CONVERGED_LOSS
 
 
-def stop_reasons(
-    loss: torch.Tensor, iterations: torch.Tensor, *, cap: int, last_step: int = 1
-) -> list[str]:
+def stop_reasons(loss: torch.Tensor, iterations: torch.Tensor, *, cap: int) -> list[str]:
     """Each example's :data:`STOP_REASONS` entry, from its final loss and the passes it
-    took. ``last_step``: the passes of its costliest step (a Gauss-Newton step's
-    ``cg_iterations + 1``): an example whose next such step would have passed the cap
-    was stopped by the cap."""
+    took (fewer than ``cap``: a stop test ended it)."""
     return [
         "reached"
         if float(q) <= CONVERGED_LOSS
-        else ("at_rest" if int(i) + last_step <= cap else "cap")
+        else ("at_rest" if int(i) < cap else "cap")
         for q, i in zip(loss.tolist(), iterations.tolist(), strict=True)
     ]
 
@@ -80,9 +76,7 @@ def loss_diagnostics(inverted: Any) -> dict[str, Any]:
     median = float(loss.median())
     settings = inverted.config.get("inversion") or {}
     cap = int(settings.get("iterations", 0))
-    second_order = settings.get("method", "momentum") in ("gauss-newton", "hybrid")
-    last_step = int(settings.get("cg_iterations", 0)) + 1 if second_order else 1
-    reasons = stop_reasons(inverted.loss, inverted.iterations, cap=cap, last_step=last_step)
+    reasons = stop_reasons(inverted.loss, inverted.iterations, cap=cap)
     return {
         "median_loss": median,
         "p90_loss": float(torch.quantile(loss, 0.9)),
