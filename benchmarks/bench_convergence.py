@@ -17,10 +17,11 @@ does, or read from ``--demo-dir``), 256 seed/target pairs of MNIST-5k per model.
     python benchmarks/bench_convergence.py --rules --channels-last   # the rules only
     python benchmarks/bench_convergence.py --methods --pairs 32 --channels-last
 
-``--rules``: the converging schedule's settings (``RULES``) side by side on the zoo, each
-capped at 4,000 with a snapshot at 2,000, into ``convergence-rules.json``. ``--methods``:
-its methods (``METHODS``: the L-BFGS default and a faster stop, the demo's momentum
-steps) beside the paper's 2,000 iterations, into ``convergence-methods.json``.
+``--rules``: the converging-momentum rule's settings (``RULES``) side by side on the
+zoo, each capped at 4,000 with a snapshot at 2,000, into ``convergence-rules.json``.
+``--methods``: the converging settings (``METHODS``: the converge schedule's L-BFGS
+steps, capped lower and stopping at a stall, and the demo's converging-momentum rule)
+beside the paper's 2,000 iterations, into ``convergence-methods.json``.
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def converge_run(models, seeds, targets, cap: int, channels_last: bool) -> dict:
             "max_iterations": int(it.max()), "median_loss": float(np.median(losses))}  # fmt: skip
 
 
-RULES = {  # converging-schedule settings compared on the zoo (--rules)
-    "previous default (momentum 0.9, decay_tol 0.02)": {"momentum": 0.9, "decay_tol": 0.02},
+RULES = {  # converging-momentum settings compared on the zoo (--rules)
+    "momentum 0.9, decay_tol 0.02": {"momentum": 0.9, "decay_tol": 0.02},
     "momentum 0.9, decay_tol 0.005": {"momentum": 0.9, "decay_tol": 0.005},
-    "default (momentum 0.97, decay_tol 0.005)": {},
+    "momentum 0.97, decay_tol 0.005 (the demo's)": {"decay_tol": 0.005},
     "momentum 0.97, decay_tol 0.01": {"decay_tol": 0.01},  # cheaper; above the paper on L2
 }
 RULES_RESULTS = ROOT / "benchmarks" / "results" / "convergence-rules.json"
@@ -134,7 +135,7 @@ def rules_run(models, seeds, targets, settings: dict, channels_last: bool) -> di
     t0 = time.perf_counter()
     for name, model in models.items():
         r = invert_images(model, seeds, targets, iterations=4000, batch_size=256,
-                          schedule="converge", snapshots=(2000,), progress=False,
+                          rule="converging-momentum", snapshots=(2000,), progress=False,
                           channels_last=channels_last, **settings)  # fmt: skip
         images[4000][name], (images[2000][name], loss) = r.images, r.snapshots[2000]
         stops.append(r.iterations)
@@ -157,18 +158,16 @@ def rules_run(models, seeds, targets, settings: dict, channels_last: bool) -> di
     }
 
 
-METHODS = {  # the converging schedule's steps compared on the zoo (--methods)
+METHODS = {  # the converging settings compared on the zoo (--methods)
     "paper (2,000 iterations)": None,
-    "converge (lbfgs, the default)": {},
+    "converge (lbfgs, paper steps after a stall: the default)": {},
     "converge (lbfgs, cap 500)": {"iterations": 500},
-    "converge (lbfgs, horizon 100, stop_tol 0.05)": {"horizon": 100, "stop_tol": 0.05},
-    "converge (lbfgs, loss_tol 0.001)": {"loss_tol": 1e-3},
-    "converge (lbfgs, loss_tol 0.001, horizon 100, stop_tol 0.05)": {
-        "loss_tol": 1e-3, "horizon": 100, "stop_tol": 0.05},
-    "converge (lbfgs, loss_tol 0.001, cap 500)": {"loss_tol": 1e-3, "iterations": 500},
-    "converge (momentum, decay_tol 0.005: the demo's)": {"method": "momentum",
-                                                         "decay_tol": 0.005},
-}  # fmt: skip
+    "converge (lbfgs, stop at a stall)": {"stall": "stop"},
+    "converging-momentum (decay_tol 0.005: the demo's)": {
+        "rule": "converging-momentum",
+        "decay_tol": 0.005,
+    },
+}
 METHODS_RESULTS = ROOT / "benchmarks" / "results" / "convergence-methods.json"
 
 

@@ -1,16 +1,15 @@
 """GPU check and ResNet-50 inversion timing (run on a CUDA machine; not a test).
 
 1. Correctness on CUDA: `invert_images` on the GPU agrees with the CPU run, bf16 autocast
-   (`amp=True`) runs and lowers the loss, Gauss-Newton steps (forward-mode JVPs) agree
-   with the CPU's and run under bf16 autocast, so do L-BFGS steps (the converging
-   schedule's default), `LinearCKA` on CUDA tensors equals the CPU value.
+   (`amp=True`) runs and lowers the loss, L-BFGS steps (the converging schedule's rule)
+   agree with the CPU's and run under bf16 autocast, `LinearCKA` on CUDA tensors equals
+   the CPU value.
 2. Speed: one ResNet-50 inversion batch at 224x224 (torchvision, 1000 classes): iterations
    per second in fp32, with bf16 autocast and in channels-last layout, at batch 32 (the
    paper's) and 128, against a bare forward+backward loop; peak memory per batch.
 3. Schedules: the same pairs inverted with the paper's schedule and with
-   `schedule="converge"` (its L-BFGS default, the hybrid Gauss-Newton/momentum steps, and
-   momentum steps only; continuous batching: finished examples leave the batch), all
-   capped at `--cap`:
+   `schedule="converge"` (L-BFGS steps) and the converging-momentum rule (continuous
+   batching: finished examples leave the batch), all capped at `--cap`:
    image evaluations, seconds, and evaluations per second,
    which shows whether refilling slots costs throughput on the device.
 
@@ -42,16 +41,11 @@ def correctness(device: str) -> dict:
     gpu = invert_images(model, seeds, targets, iterations=20, progress=False, device=device)
     amp = invert_images(model, seeds, targets, iterations=20, progress=False, device=device,
                         amp=True)  # fmt: skip
-    # Gauss-Newton steps (forward-mode JVPs) on the device, in fp32 and in bf16 autocast
-    gn = {"schedule": "converge", "method": "gauss-newton", "iterations": 44, "progress": False}
-    gn_gpu = invert_images(model, seeds, targets, device=device, **gn)
-    gn_amp = invert_images(model, seeds, targets, device=device, amp=True, **gn)
     # L-BFGS steps, the converging schedule's default, in fp32 and in bf16 autocast
     qn = {"schedule": "converge", "iterations": 60, "progress": False}
     qn_gpu = invert_images(model, seeds, targets, device=device, **qn)
     qn_amp = invert_images(model, seeds, targets, device=device, amp=True, **qn)
     model.to("cpu")
-    gn_cpu = invert_images(model, seeds, targets, **gn)
     qn_cpu = invert_images(model, seeds, targets, **qn)
     x = torch.randn(4000, 64, generator=g) + 100
     y = x[:, :32] @ torch.randn(32, 32, generator=g) + torch.randn(4000, 32, generator=g)
@@ -64,8 +58,6 @@ def correctness(device: str) -> dict:
         "amp_median_loss": float(amp.loss.median()),
         "amp_initial_loss": float(amp.initial_loss.median()),
         "linear_cka_cuda_minus_cpu": acc.compute() - linear_cka(x, y),
-        "gauss_newton_loss_gpu_vs_cpu": [float(gn_gpu.loss.median()), float(gn_cpu.loss.median())],
-        "gauss_newton_amp_loss": [float(gn_amp.loss.median()), float(gn_amp.initial_loss.median())],
         "lbfgs_loss_gpu_vs_cpu": [float(qn_gpu.loss.median()), float(qn_cpu.loss.median())],
         "lbfgs_amp_loss": [float(qn_amp.loss.median()), float(qn_amp.initial_loss.median())],
     }
@@ -141,9 +133,11 @@ def schedules(device: str, setup: dict) -> dict:
     model = load_model(setup["arch"], num_classes=1000).to(device)
     seeds, targets = _images(setup["pairs"], setup["size"], 2)
     out = {"pairs": setup["pairs"], "batch": setup["batch"], "cap": setup["cap"]}
-    runs = {"paper": {}, "converge": {"schedule": "converge"},
-            "converge-hybrid": {"schedule": "converge", "method": "hybrid"},
-            "converge-momentum": {"schedule": "converge", "method": "momentum"}}  # fmt: skip
+    runs = {
+        "paper": {},
+        "converge": {"schedule": "converge"},
+        "converging-momentum": {"rule": "converging-momentum"},
+    }
     for schedule, settings in runs.items():
         sync(device)
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from invsim.config import (
     validate,
 )
 from invsim.inversion import invert_images
+from invsim.store import invert_dataset
 from invsim.train import train_model
 
 MINIMAL = {"out": "x", "data": {"dataset": "mnist5k"},
@@ -29,29 +30,31 @@ def _cli_defaults(command) -> dict:
 
 def test_inversion_defaults_have_one_source():
     paper = InversionConfig()
-    assert (paper.step_size, paper.iterations, paper.step_momentum, paper.eps) == (
-        1 / 8,
-        2000,
-        0.9,
-        1000,
-    )
-    # the converging schedule takes its own momentum unless one is set
-    assert paper.momentum is None and paper.replace(schedule="converge").step_momentum == 0.97
-    assert paper.replace(schedule="converge", momentum=0.9).step_momentum == 0.9
+    steps = paper.steps
+    assert (steps.rule, steps.step_size, steps.momentum) == ("momentum", 1 / 8, 0.9)
+    assert (paper.iterations, paper.eps) == (2000, 1000)
+    # the converging-momentum rule has its own momentum
+    assert paper.replace(rule="converging-momentum").steps.momentum == 0.97
+    assert paper.replace(rule="converging-momentum", momentum=0.9).steps.momentum == 0.9
     assert (paper.batch_size, paper.use_best, paper.tol) == (32, True, None)
     cli = _cli_defaults(invert_command)
     yaml_defaults = validate(MINIMAL).inversion
     for name, field in InversionConfig.model_fields.items():
+        if name == "steps":  # by name: --schedule, --rule, --steps NAME=VALUE
+            assert (cli["schedule"], cli["rule"]) == (None, None) and "step_settings" in cli
+            assert yaml_defaults.steps == steps
+            continue
         assert cli[name] == field.default, name
         assert getattr(yaml_defaults, name) == field.default, name
-    # invert_images takes the settings as one config (default: the paper's), or any of
-    # its fields as keywords; nothing else travels as an inversion setting
-    signature = inspect.signature(invert_images).parameters
-    assert signature["config"].default is None
-    assert signature["settings"].kind is inspect.Parameter.VAR_KEYWORD
-    runtime = {"model", "seed_images", "target_images", "config", "device", "progress",
+    # invert_images and invert_dataset take the settings under one keyword, `inversion`
+    # (default: the paper's), and any setting by name; nothing else travels as one
+    for fn in (invert_images, invert_dataset):
+        signature = inspect.signature(fn).parameters
+        assert signature["inversion"].default is None
+        assert signature["settings"].kind is inspect.Parameter.VAR_KEYWORD
+    runtime = {"model", "seed_images", "target_images", "inversion", "device", "progress",
                "noise_seed", "snapshots", "callback", "settings"}  # fmt: skip
-    assert set(signature) == runtime
+    assert set(inspect.signature(invert_images).parameters) == runtime
 
 
 def test_training_defaults_have_one_source():
@@ -98,11 +101,11 @@ def digits_small():
 
 
 def test_settings_are_checked_where_they_enter():
-    with pytest.raises(ConfigError, match="unknown key 'InversionConfig.iteration'.*'iterations'"):
+    with pytest.raises(ConfigError, match="unknown inversion setting 'iteration'.*'iterations'"):
         InversionConfig().replace(iteration=3)
-    with pytest.raises(ConfigError, match="invert_images.momentum"):
+    with pytest.raises(ConfigError, match=r"invert_images: 'steps.momentum'.*got 1.5"):
         invert_images(None, "noise", __import__("torch").rand(1, 1, 4, 4), momentum=1.5)
-    with pytest.raises(ConfigError, match="'inversion.step_size'"):
+    with pytest.raises(ConfigError, match="inversion: 'steps.step_size'"):
         validate({**MINIMAL, "inversion": {"step_size": -1.0}})
     assert InversionConfig(iterations=5).replace(step_size=0.5).iterations == 5
 
@@ -120,10 +123,12 @@ def test_schedule_is_a_setting_everywhere():
 
     from invsim.cli import main
 
-    with pytest.raises(ConfigError, match="'inversion.schedule'.*'paper' or 'converge'"):
+    with pytest.raises(
+        ConfigError, match=r"inversion: .*'fast' is unknown.*\['converge', 'paper'\]"
+    ):
         validate({**MINIMAL, "inversion": {"schedule": "fast"}})
     assert validate({**MINIMAL, "inversion": {"schedule": "converge"}}).inversion.schedule == (
         "converge")  # fmt: skip
     result = CliRunner().invoke(main, ["invert", "x", "--out", "o", "--schedule", "fast"])
-    assert result.exit_code == 2 and "'paper', 'converge'" in result.output
+    assert result.exit_code == 2 and "['converge', 'paper']" in result.output
     assert "schedule" in json.dumps(ExperimentConfig.model_json_schema())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,16 @@ def test_python_blocks_of_a_page_run_in_order(page, tmp_path, capsys):
     from invsim.catalog import MODEL_SOURCES
     from invsim.data.datasets import DATASETS
     from invsim.experiment import STAGES
+    from invsim.inversion import RULES
     from invsim.similarity import MEASURES
 
-    registries = [MEASURES, MODEL_SOURCES, DATASETS]
+    registries = [MEASURES, MODEL_SOURCES, DATASETS, RULES]
     saved = [dict(r) for r in registries], list(STAGES)
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    # the page runs as a module of its own, as a user's script does (pydantic resolves a
+    # settings class's annotations in its module)
+    module = types.ModuleType(f"docs_{page.stem}")
+    sys.modules[module.__name__] = module
+    namespace: dict = module.__dict__
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -42,6 +49,7 @@ def test_python_blocks_of_a_page_run_in_order(page, tmp_path, capsys):
             registry.clear()
             registry.update(before)
         STAGES[:] = saved[1]
+        del sys.modules[module.__name__]
     assert capsys.readouterr().out.strip(), "a page's code shows its user something"
 
 

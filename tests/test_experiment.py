@@ -22,7 +22,7 @@ from invsim.experiment import (
     stir_similarity,
     summarize,
 )
-from invsim.inversion import acting_settings
+from invsim.inversion import inversion_record
 from invsim.models import load_model
 from invsim.representation import extract
 from invsim.results import Results
@@ -311,8 +311,8 @@ def test_reproduction_configs_are_ready_to_fill_in(name):
     text = (root / f"{name}.yaml").read_text()
     assert "Checkpoints:" in text  # each names where its checkpoints come from
     # the paper's settings, as they act (a config may pin the paper's momentum, 0.9)
-    paper = acting_settings(InversionConfig(batch_size=128))
-    assert acting_settings(cfg.inversion.settings()) == paper
+    paper = inversion_record(InversionConfig(batch_size=128))
+    assert inversion_record(cfg.inversion.settings()) == paper
     assert all(m.checkpoint and m.checkpoint.startswith("/path/to/") for m in cfg.models)
     eps = {m.eps for m in cfg.models}
     assert len(eps) >= 4 and 0 in eps and cfg.regimes == ["natural", "inverted"]

@@ -59,12 +59,13 @@ def test_writes_shards_provenance_and_manifest(tmp_path, model, small_data):
     assert InvertedDataset(tmp_path).seconds is None
 
 
+# normalised momentum with per-example decay: quick settings under which examples stop
+# at different steps
 CONVERGE = {
     **KW,
     "iterations": 80,
-    "schedule": "converge",
-    "method": "momentum",
-    "momentum": 0.9,  # quick settings under which examples stop at different steps
+    "rule": "converging-momentum",
+    "momentum": 0.9,
     "decay_patience": 3,
     "decay_tol": 0.1,
     "horizon": 10,
@@ -72,19 +73,33 @@ CONVERGE = {
 }
 
 
-# Gauss-Newton steps, then momentum steps, switching and stopping at different passes
-HYBRID = {**KW, "iterations": 60, "schedule": "converge", "method": "hybrid", "horizon": 48,
-          "switch_tol": 0.2, "stop_tol": 0.1, "cg_iterations": 3, "decay_tol": 0.1,
-          "decay_patience": 3}  # fmt: skip
+# L-BFGS steps, stopping at their loss_tol or by the horizon rule
+LBFGS = {
+    **KW,
+    "iterations": 60,
+    "schedule": "converge",
+    "loss_tol": 0.3,
+    "horizon": 10,
+    "stop_tol": 0.1,
+    "stall": "stop",
+}
 
 
-# L-BFGS steps (the default), stopping at their loss_tol or by the horizon rule
-LBFGS = {**KW, "iterations": 60, "schedule": "converge", "loss_tol": 0.3, "horizon": 10,
-         "stop_tol": 0.1}  # fmt: skip
+# the converging schedule as it is: a stalled example goes on with the paper's steps
+HANDOVER = {
+    **KW,
+    "iterations": 60,
+    "schedule": "converge",
+    "loss_tol": 0.1,
+    "horizon": 10,
+    "stop_tol": 0.1,
+}
 
 
 @pytest.mark.parametrize(
-    "settings", [KW, CONVERGE, HYBRID, LBFGS], ids=["paper", "converge", "hybrid", "lbfgs"]
+    "settings",
+    [KW, CONVERGE, LBFGS, HANDOVER],
+    ids=["paper", "converging-momentum", "lbfgs", "lbfgs-then-paper-steps"],
 )
 def test_resume_after_kill_is_byte_identical(
     tmp_path, model, small_data, monkeypatch, settings, store_files

@@ -105,7 +105,39 @@ def _field_options(
 CLI_DEFAULTS = {("DataConfig", "dataset"): "mnist5k", ("AdversarialConfig", "eps"): 0.0}
 
 
-INVERSION_FIELDS = [f for f in InversionConfig.model_fields]
+INVERSION_FIELDS = [f for f in InversionConfig.model_fields if f != "steps"]
+# the step rule and its settings: by name, so that a registered rule needs no new option
+rule_opts = _options(
+    click.option(
+        "--schedule",
+        default=None,
+        help="A named schedule: paper (the default: the paper's 2,000 momentum steps) or "
+        "converge (per-example L-BFGS steps that stop when done).",
+    ),
+    click.option("--rule", default=None, help="A step rule by name (invsim.inversion.RULES)."),
+    click.option(
+        "--steps",
+        "step_settings",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="A setting of the chosen rule, e.g. --steps memory=5 --steps stall=stop (repeat).",
+    ),
+)
+
+
+def _step_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--steps NAME=VALUE`` pairs as settings (each value read as a YAML scalar)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--steps takes NAME=VALUE (e.g. memory=5); got {pair!r}.")
+        out[name.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 select_opt = click.option(
     "--select",
     "selection",
@@ -234,6 +266,7 @@ def _load_cli_model(model: str, checkpoint: str | None, trust: bool, num_classes
 @pairs_opt
 @click.option("--out", required=True, help="Directory of the inverted data set.")
 @_field_options(InversionConfig, INVERSION_FIELDS)
+@rule_opts
 @shard_opt
 @click.option("--noise-seeds", is_flag=True, help="Start from noise (STIR).")
 @click.option("--num-shards", default=None, type=int, help="Split the work into K slices.")
@@ -270,7 +303,10 @@ def invert(
     if merge_only:
         return _merge(out)
     part = _part(model, num_shards, shard_index)
-    inversion = InversionConfig.checked(settings, where="invert")
+    named = {k: settings.pop(k) for k in ("schedule", "rule") if settings.get(k) is not None}
+    steps = _step_settings(settings.pop("step_settings") or ())
+    settings.pop("schedule", None), settings.pop("rule", None)
+    inversion = InversionConfig.checked(settings | named | steps, where="invert")
     net = _load_cli_model(model, checkpoint, trust_checkpoint, num_classes)
     ds = invert_dataset(
         net,

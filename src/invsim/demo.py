@@ -41,14 +41,12 @@ def _ladders(zoo: list, robust_steps: int, levels: tuple[float, ...]) -> list[di
     return models
 
 
-# The demo's inversion: the converging schedule with momentum steps and its 0.005 decay
-# threshold, the fastest setting measured that is stationary on the demo zoo (62% of the
-# paper's time); the default L-BFGS steps end lower but cost more wall time there on a CPU
-# (docs/guides/inversion.md, "L-BFGS steps"). Channels-last and folded batch-norms: the
-# same steps, faster.
+# The demo's inversion: the converging-momentum rule with its 0.005 decay threshold, the
+# fastest setting measured that is stationary on the demo zoo (62% of the paper's time);
+# the converge schedule's L-BFGS steps end lower but cost more wall time there on a CPU
+# (docs/guides/inversion.md). Channels-last and folded batch-norms: the same steps, faster.
 DEMO_SCHEDULE = {
-    "schedule": "converge",
-    "method": "momentum",
+    "rule": "converging-momentum",
     "decay_tol": 0.005,
     "channels_last": True,
     "fold_bn": True,

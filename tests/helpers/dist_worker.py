@@ -27,7 +27,7 @@ def small_set():
                               id="random-40")  # fmt: skip
 
 
-CONVERGE = {"iterations": 60, "schedule": "converge", "decay_patience": 3, "decay_tol": 0.1}
+CONVERGE = {"iterations": 60, "schedule": "converge", "horizon": 10, "stop_tol": 0.1}
 
 
 def others(rank: int, world: int) -> dict:

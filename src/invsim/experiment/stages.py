@@ -45,7 +45,6 @@ from invsim.experiment.matrices import (
     natural_similarity,
     stir_similarity,
 )
-from invsim.inversion import inversion_record
 from invsim.experiment.summary import (
     CONFOUND_MEASURES,
     claim_statistics,
@@ -56,6 +55,7 @@ from invsim.experiment.summary import (
     summarize,
     warnings_of,
 )
+from invsim.inversion import inversion_record
 from invsim.models import load_model
 from invsim.report import write_outputs
 from invsim.results import Results

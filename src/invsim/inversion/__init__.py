@@ -24,8 +24,8 @@ from invsim.config import InversionConfig
 from invsim.inversion import lbfgs, momentum  # noqa: F401  (registers the built-in rules)
 from invsim.inversion.loop import (
     InversionResult,
-    invert_images,
     inversion_record,
+    invert_images,
     relative_loss,
 )
 from invsim.inversion.rules import CONVERGED_LOSS, RULES, SCHEDULES, StepRule, register

@@ -53,5 +53,3 @@ def memory_format(model: nn.Module, channels_last: bool):
         yield
     finally:
         model.to(memory_format=torch.contiguous_format)
-
-

@@ -120,7 +120,9 @@ class _Batch:
         return _Batch(**{f.name: _take(getattr(self, f.name), keep) for f in fields(self)})
 
     def cat(self, other: _Batch) -> _Batch:
-        joined = {f.name: _join(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
+        joined = {
+            f.name: _join(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+        }
         return _Batch(**joined)
 
     def __len__(self) -> int:

@@ -57,6 +57,7 @@ __all__ = [
     "momentum_update",
 ]
 
+
 class MomentumSettings(RuleSettings):
     """The paper's normalised momentum steps."""
 
@@ -67,9 +68,12 @@ class MomentumSettings(RuleSettings):
     )
 
     def record(self) -> dict[str, Any]:
-        """``step_size`` and ``momentum``: the record every paper-schedule store has, so
-        its configuration hash is the same as it has always been."""
-        return {"step_size": self.step_size, "momentum": self.momentum}
+        """Without the rule's name, when it is this rule: the record every
+        paper-schedule store has, so its configuration hash stays the same."""
+        out = self.model_dump()
+        if out["rule"] == "momentum":
+            del out["rule"]
+        return out
 
 
 class ConvergingMomentumSettings(RuleSettings):

@@ -19,31 +19,35 @@ Examples:
     >>> from typing import Literal
     >>> from invsim.inversion import invert_images
     >>> from invsim.inversion.rules import RowState, RuleSettings, StepRule, register
-    >>> class PlainSettings(RuleSettings):
-    ...     rule: Literal["plain-gd"] = "plain-gd"
+    >>> from invsim.inversion.rules import RULES
+    >>> class GDSettings(RuleSettings):
+    ...     rule: Literal["gradient-descent"] = "gradient-descent"
     ...     lr: float = 0.1
-    >>> class PlainGD(StepRule):
-    ...     Settings = PlainSettings
+    >>> class GD(StepRule):
+    ...     Settings = GDSettings
     ...     def step(self, rows, state):
     ...         return rows.constrain(rows.x - self.settings.lr * rows.grad)
-    >>> _ = register(PlainGD)
+    >>> _ = register(GD)
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(),
     ...                             torch.nn.Linear(3, 2))
     >>> r = invert_images(model, torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2),
-    ...                   rule="plain-gd", lr=0.5, iterations=5, progress=False)
+    ...                   rule="gradient-descent", lr=0.5, iterations=5, progress=False)
     >>> r.config["rule"], r.config["lr"]
-    ('plain-gd', 0.5)
+    ('gradient-descent', 0.5)
+    >>> del RULES["gradient-descent"]
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 
-from invsim.config import ConfigError, RuleSettings
+from invsim._settings import ConfigError, RuleSettings, _message
 
 __all__ = [
     "CONVERGED_LOSS",
@@ -176,7 +180,9 @@ def compose_steps(raw: dict[str, Any], loop_fields: set[str]) -> dict[str, Any]:
         named = steps.get("rule", base["rule"])
         base = (base if named == base["rule"] else {"rule": named}) | steps
     elif steps is not None:
-        raise ConfigError(f"inversion 'steps' must be a mapping of a rule's settings; got {steps!r}.")
+        raise ConfigError(
+            f"inversion 'steps' must be a mapping of a rule's settings; got {steps!r}."
+        )
     if rule is not None and rule != base["rule"]:
         base = {"rule": rule}
     name = base["rule"]
@@ -185,16 +191,27 @@ def compose_steps(raw: dict[str, Any], loop_fields: set[str]) -> dict[str, Any]:
     settings_cls = RULES[name].Settings
     for key in flat:
         if key not in settings_cls.model_fields:
-            owners = sorted(r for r, c in RULES.items() if key in c.Settings.model_fields)
-            why = (
-                f"it is a setting of the step rule(s) {owners}, and this inversion's rule is "
-                f"{name!r} (choose the rule with rule=... or schedule=...)"
-                if owners
-                else "no inversion setting or step rule has that name"
-            )
-            raise ConfigError(f"inversion setting {key!r}: {why}.")
-    out["steps"] = settings_cls.checked(base | flat, where=f"inversion rule {name!r}")
+            raise ConfigError(_unknown(key, name, loop_fields))
+    try:
+        out["steps"] = settings_cls.model_validate(base | flat)
+    except ValidationError as e:
+        raise ConfigError(_message(e, "steps", settings_cls)) from None
     return out
+
+
+def _unknown(key: str, rule: str, loop_fields: set[str]) -> str:
+    """Why ``key`` is not a setting of this inversion: another rule's, or a typo."""
+    owners = sorted(r for r, c in RULES.items() if key in c.Settings.model_fields)
+    if owners:
+        return (
+            f"inversion setting {key!r} is a setting of the step rule(s) {owners}, and this "
+            f"inversion's rule is {rule!r} (choose the rule with rule=... or schedule=...)."
+        )
+    known = loop_fields | {"schedule", "rule", "steps"}
+    known |= {f for c in RULES.values() for f in c.Settings.model_fields}
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown inversion setting {key!r}{hint}: no loop setting or step rule has it."
 
 
 def rows_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from invsim.config import InversionConfig
 from invsim.data.base import dataset_images, dataset_labels
 from invsim.data.pairs import check_pairs, sample_pairs
 from invsim.distributed import barrier, init_from_env
-from invsim.inversion import invert_images, inversion_record
+from invsim.inversion import inversion_record, invert_images
 from invsim.store import format as fmt
 from invsim.store.format import InvertedDataset, StoreError, merge_manifest
 

@@ -15,8 +15,6 @@ Examples:
     (True, False)
     >>> stop_reasons(torch.tensor([0.05, 0.3, 0.3]), torch.tensor([40, 90, 100]), cap=100)
     ['reached', 'at_rest', 'cap']
-    >>> stop_reasons(torch.tensor([0.3, 0.3]), torch.tensor([85, 95]), cap=100, last_step=11)
-    ['at_rest', 'cap']
 """
 
 from __future__ import annotations
@@ -61,9 +59,7 @@ def stop_reasons(loss: torch.Tensor, iterations: torch.Tensor, *, cap: int) -> l
     """Each example's :data:`STOP_REASONS` entry, from its final loss and the passes it
     took (fewer than ``cap``: a stop test ended it)."""
     return [
-        "reached"
-        if float(q) <= CONVERGED_LOSS
-        else ("at_rest" if int(i) < cap else "cap")
+        "reached" if float(q) <= CONVERGED_LOSS else ("at_rest" if int(i) < cap else "cap")
         for q, i in zip(loss.tolist(), iterations.tolist(), strict=True)
     ]
 

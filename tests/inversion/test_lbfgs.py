@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from invsim.config import InversionConfig
-from invsim.inversion import acting_settings, invert_images
-from invsim.lbfgs import History, curvature_ok, direction
+from invsim.inversion import inversion_record, invert_images
+from invsim.inversion.lbfgs import History, curvature_ok, direction
 
 
 def _two_loop(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -96,7 +96,8 @@ def test_lbfgs_solves_a_quadratic_loss_where_momentum_crawls():
     targets = 0.45 + 0.1 * torch.rand(3, 1, 1, d, generator=gen, dtype=torch.float64)
     kw = {"schedule": "converge", "iterations": 60, "horizon": 1000, "progress": False}
     quasi = invert_images(model, seeds, targets, loss_tol=1e-9, **kw)
-    first = invert_images(model, seeds, targets, method="momentum", **kw)
+    kw.pop("schedule")
+    first = invert_images(model, seeds, targets, rule="converging-momentum", **kw)
     assert bool((quasi.loss <= 1e-9).all()) and int(quasi.iterations.max()) < 60
     assert float(first.loss.min()) > 1e3 * float(quasi.loss.max())
     inside = (quasi.images.double() > 0) & (quasi.images.double() < 1)
@@ -119,10 +120,10 @@ def test_an_example_stops_once_its_loss_is_at_most_loss_tol():
 
 def test_the_lbfgs_record_holds_its_settings_only():
     fast = InversionConfig(schedule="converge")
-    assert fast.method == "lbfgs"  # the converging schedule's default
-    rec = acting_settings(fast)
-    assert rec["method"] == "lbfgs" and rec["memory"] == 10 and rec["loss_tol"] == 5e-4
-    for unused in ("momentum", "decay_tol", "decay_patience", "min_step_size", "cg_iterations"):
+    assert fast.steps.rule == "lbfgs"  # the converging schedule's rule
+    rec = inversion_record(fast)
+    assert rec["rule"] == "lbfgs" and rec["memory"] == 10 and rec["loss_tol"] == 5e-4
+    for unused in ("momentum", "decay_tol", "decay_patience", "min_step_size"):
         assert unused not in rec
-    assert "memory" not in acting_settings(InversionConfig())  # the paper's record unchanged
-    assert acting_settings(fast.replace(memory=5)) != rec  # so the store's hash changes
+    assert "memory" not in inversion_record(InversionConfig())  # the paper's record unchanged
+    assert inversion_record(fast.replace(memory=5)) != rec  # so the store's hash changes
