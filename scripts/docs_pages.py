@@ -61,7 +61,12 @@ BENCHMARKS = {
         "bench_convergence.py --methods",
         "L-BFGS and momentum steps against the paper's on the demo zoo.",
     ),
-    "hard": ("bench_hard.py", "Every schedule on standard and strongly robust models."),
+    "hard": ("bench_hard.py", "Every schedule on standard, strongly robust and kinked models."),
+    "hard-second-order": (
+        "bench_hard.py at commit bad3460",
+        "Gauss-Newton, hybrid, L-BFGS and momentum steps on the earlier hard models: the "
+        "measurement that retired the second-order steps.",
+    ),
 }
 MAX_ROWS = 40
 
@@ -84,7 +89,8 @@ def config_page() -> str:
     """One table per config section, from the pydantic models (the one source)."""
     from pydantic import BaseModel
 
-    from invsim.config import ExperimentConfig
+    from invsim.config import ExperimentConfig, RuleSettings
+    from invsim.inversion import RULES
 
     lines = [
         "Every key of an experiment's YAML file, from the config models themselves "
@@ -106,7 +112,9 @@ def config_page() -> str:
             lines.append(f"| `{name}` | {kind} | {_default(field)} | {desc} |")
             for arg in (field.annotation, *typing.get_args(field.annotation)):
                 for inner in (arg, *typing.get_args(arg)):
-                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    if isinstance(inner, type) and issubclass(inner, RuleSettings):
+                        todo += [(f"{name}, rule {r!r}", c.Settings) for r, c in RULES.items()]
+                    elif isinstance(inner, type) and issubclass(inner, BaseModel):
                         todo.append((f"{name}", inner))
         lines.append("")
     return "\n".join(lines)

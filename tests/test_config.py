@@ -40,7 +40,7 @@ def test_inversion_defaults_have_one_source():
     cli = _cli_defaults(invert_command)
     yaml_defaults = validate(MINIMAL).inversion
     for name, field in InversionConfig.model_fields.items():
-        if name == "steps":  # by name: --schedule, --rule, --steps NAME=VALUE
+        if name == "steps":  # by name: --schedule, --rule, --rule-setting NAME=VALUE
             assert (cli["schedule"], cli["rule"]) == (None, None) and "step_settings" in cli
             assert yaml_defaults.steps == steps
             continue

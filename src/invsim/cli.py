@@ -116,24 +116,24 @@ rule_opts = _options(
     ),
     click.option("--rule", default=None, help="A step rule by name (invsim.inversion.RULES)."),
     click.option(
-        "--steps",
+        "--rule-setting",
         "step_settings",
         multiple=True,
         metavar="NAME=VALUE",
-        help="A setting of the chosen rule, e.g. --steps memory=5 --steps stall=stop (repeat).",
+        help="A setting of the chosen rule, e.g. --rule-setting memory=5 (repeat).",
     ),
 )
 
 
 def _step_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``--steps NAME=VALUE`` pairs as settings (each value read as a YAML scalar)."""
+    """``--rule-setting NAME=VALUE`` pairs as settings (each value read as a YAML scalar)."""
     import yaml
 
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"--steps takes NAME=VALUE (e.g. memory=5); got {pair!r}.")
+            raise ValueError(f"--rule-setting takes NAME=VALUE (e.g. memory=5); got {pair!r}.")
         out[name.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, model_validator
+from pydantic import ConfigDict, Field, SerializeAsAny, model_validator
 
 from invsim._settings import ConfigError, RuleSettings, _Settings
 
@@ -61,6 +61,25 @@ def _step_rules() -> Any:
     return invsim.inversion.rules
 
 
+def _inversion_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema's view of the inversion group, for editors: the loop's fields, the
+    schedule and rule by name, ``steps`` as any rule's settings, and each rule's settings
+    given flat."""
+    rules = _step_rules()
+    props = schema.setdefault("properties", {})
+    props["schedule"] = {"enum": sorted(rules.SCHEDULES), "description": "A named schedule."}
+    props["rule"] = {"enum": sorted(rules.RULES), "description": "A step rule by name."}
+    settings = {name: rule.Settings.model_json_schema() for name, rule in rules.RULES.items()}
+    props["steps"] = {
+        "description": props.get("steps", {}).get("description", ""),
+        "anyOf": list(settings.values()),
+    }
+    for name, sub in settings.items():
+        for key, field in sub.get("properties", {}).items():
+            if key != "rule" and key not in props:
+                props[key] = {**field, "description": f"{name}: {field.get('description', '')}"}
+
+
 class InversionConfig(_Settings):
     """Representation-inversion settings: the loop's own, and ``steps``, the settings of
     the chosen step rule (:mod:`invsim.inversion`). The defaults are the paper's.
@@ -79,6 +98,8 @@ class InversionConfig(_Settings):
         >>> InversionConfig().steps.record()
         {'step_size': 0.125, 'momentum': 0.9}
     """
+
+    model_config = ConfigDict(json_schema_extra=_inversion_schema)
 
     layer: str = Field(PENULTIMATE, description="'penultimate' or a module name.")
     iterations: int = Field(

@@ -473,7 +473,7 @@ def stir_similarity(
     default: the inversion's layer) is where m1 is inverted and m2 is read. ``rng_seed``
     draws the pairs, the noise and the calibration."""
     cache = cache or RepresentationCache()
-    cfg = (inversion or InversionConfig()).replace(**settings)
+    cfg = InversionConfig.merged(inversion, settings, where="stir_similarity")
     layer = cfg.layer if layer is None else layer
     names, wanted = list(models), _resolve(measures)
     refused = [m.name for m in wanted if m.deconfounds]

@@ -140,7 +140,7 @@ def _join(a: Any, b: Any) -> Any:
 @dataclass
 class _Job:
     """The pairs to invert (seed and target images) and how: the settings, the rule, the
-    representation, the device and the dtype the model computes in."""
+    constraints, the device and the dtype the model computes in."""
 
     seeds: torch.Tensor
     targets: torch.Tensor

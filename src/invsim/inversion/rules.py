@@ -16,12 +16,11 @@ name), a :class:`StepRule` subclass, and ``register(Rule)``. The loop does not c
 
 Examples:
     >>> import torch
-    >>> from typing import Literal
     >>> from invsim.inversion import invert_images
     >>> from invsim.inversion.rules import RowState, RuleSettings, StepRule, register
     >>> from invsim.inversion.rules import RULES
     >>> class GDSettings(RuleSettings):
-    ...     rule: Literal["gradient-descent"] = "gradient-descent"
+    ...     rule: str = "gradient-descent"  # in a module: Literal["gradient-descent"]
     ...     lr: float = 0.1
     >>> class GD(StepRule):
     ...     Settings = GDSettings
