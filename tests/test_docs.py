@@ -29,9 +29,10 @@ def test_python_blocks_of_a_page_run_in_order(page, tmp_path, capsys):
     from invsim.data.datasets import DATASETS
     from invsim.experiment import STAGES
     from invsim.inversion import RULES
+    from invsim.inversion.settings import STEP_SETTINGS
     from invsim.similarity import MEASURES
 
-    registries = [MEASURES, MODEL_SOURCES, DATASETS, RULES]
+    registries = [MEASURES, MODEL_SOURCES, DATASETS, RULES, STEP_SETTINGS]
     saved = [dict(r) for r in registries], list(STAGES)
     # the page runs as a module of its own, as a user's script does (pydantic resolves a
     # settings class's annotations in its module)

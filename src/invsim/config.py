@@ -52,13 +52,11 @@ REGIMES = ("natural", "inverted", "stir")
 
 
 def _step_rules() -> Any:
-    """:mod:`invsim.inversion.rules`, with the built-in rules registered (each registers
-    itself when its module is imported)."""
-    import invsim.inversion.lbfgs
-    import invsim.inversion.momentum
-    import invsim.inversion.rules
+    """:mod:`invsim.inversion.settings`: the step rules' settings and the schedules
+    (torch-free)."""
+    import invsim.inversion.settings
 
-    return invsim.inversion.rules
+    return invsim.inversion.settings
 
 
 def _inversion_schema(schema: dict[str, Any]) -> None:
@@ -68,8 +66,8 @@ def _inversion_schema(schema: dict[str, Any]) -> None:
     rules = _step_rules()
     props = schema.setdefault("properties", {})
     props["schedule"] = {"enum": sorted(rules.SCHEDULES), "description": "A named schedule."}
-    props["rule"] = {"enum": sorted(rules.RULES), "description": "A step rule by name."}
-    settings = {name: rule.Settings.model_json_schema() for name, rule in rules.RULES.items()}
+    props["rule"] = {"enum": sorted(rules.STEP_SETTINGS), "description": "A step rule by name."}
+    settings = {name: cls.model_json_schema() for name, cls in rules.STEP_SETTINGS.items()}
     props["steps"] = {
         "description": props.get("steps", {}).get("description", ""),
         "anyOf": list(settings.values()),

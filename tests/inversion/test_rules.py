@@ -19,7 +19,7 @@ from torch import nn
 from invsim._io import json_bytes
 from invsim.config import ConfigError, InversionConfig
 from invsim.inversion import RULES, SCHEDULES, inversion_record, invert_images
-from invsim.inversion.rules import RowState, RuleSettings, StepRule, register
+from invsim.inversion.rules import RowState, RuleSettings, StepRule, register, unregister
 
 
 class PlainSettings(RuleSettings):
@@ -42,7 +42,7 @@ def plain_gd():
     try:
         yield PlainGD
     finally:
-        del RULES["plain-gd"]
+        unregister("plain-gd")
 
 
 class _Linear(nn.Module):
@@ -282,3 +282,15 @@ def test_on_a_kinked_cnn_the_converge_schedule_reaches_the_papers_loss(mnist_tes
     assert fast.passes < paper.passes
     # the hand-over only adds steps from each example's best iterate: never worse
     assert bool((fast.loss <= stopped.loss).all())
+
+
+def test_the_settings_and_schedules_load_without_torch():
+    code = (
+        "import sys\n"
+        "from invsim.config import InversionConfig, validate\n"
+        "cfg = InversionConfig(schedule='converge', memory=5)\n"
+        "assert cfg.steps.rule == 'lbfgs' and cfg.schedule is None\n"
+        "assert 'torch' not in sys.modules, 'the settings imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

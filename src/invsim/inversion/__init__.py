@@ -10,7 +10,9 @@ One loop (:mod:`invsim.inversion.loop`) over step rules (:mod:`invsim.inversion.
 - ``converging-momentum``: normalised momentum with a per-example decaying step and stop
   test.
 
-A new rule is one module and one :func:`~invsim.inversion.rules.register` call.
+The rules' settings and the schedules are :mod:`invsim.inversion.settings` (torch-free).
+A new rule is one module and one :func:`~invsim.inversion.rules.register` call. The
+names below are imported on first use, so that the settings load without torch.
 
 Examples:
     >>> from invsim.inversion import RULES, SCHEDULES
@@ -20,25 +22,37 @@ Examples:
 
 from __future__ import annotations
 
-from invsim.config import InversionConfig
-from invsim.inversion import lbfgs, momentum  # noqa: F401  (registers the built-in rules)
-from invsim.inversion.loop import (
-    InversionResult,
-    inversion_record,
-    invert_images,
-    relative_loss,
-)
-from invsim.inversion.rules import CONVERGED_LOSS, RULES, SCHEDULES, StepRule, register
+import importlib
+from typing import Any
 
-__all__ = [
-    "CONVERGED_LOSS",
-    "InversionConfig",
-    "InversionResult",
-    "RULES",
-    "SCHEDULES",
-    "StepRule",
-    "invert_images",
-    "inversion_record",
-    "register",
-    "relative_loss",
-]
+# public name -> the module that defines it (imported on first access, after the loop,
+# which registers the built-in rules)
+_LAZY: dict[str, str] = {
+    "CONVERGED_LOSS": "invsim.inversion.settings",
+    "SCHEDULES": "invsim.inversion.settings",
+    "InversionConfig": "invsim.config",
+    "InversionResult": "invsim.inversion.loop",
+    "invert_images": "invsim.inversion.loop",
+    "inversion_record": "invsim.inversion.loop",
+    "relative_loss": "invsim.inversion.loop",
+    "RULES": "invsim.inversion.rules",
+    "StepRule": "invsim.inversion.rules",
+    "register": "invsim.inversion.rules",
+    "unregister": "invsim.inversion.rules",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'invsim.inversion' has no attribute {name!r}")
+    importlib.import_module("invsim.inversion.loop")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -48,22 +48,20 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from invsim.inversion.momentum import MomentumSettings, momentum_update
+from invsim.inversion.momentum import momentum_update
 from invsim.inversion.rules import (
-    SCHEDULES,
     Rows,
     RowState,
-    RuleSettings,
     StepRule,
     horizon_stalled,
     register,
     rows_like,
 )
+from invsim.inversion.settings import LbfgsSettings, MomentumSettings
 from invsim.steps import l2_norm
 
 __all__ = [
@@ -176,28 +174,6 @@ def free_pixels(x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return (~held).to(x.dtype)
 
 
-class LbfgsSettings(RuleSettings):
-    """Per-example L-BFGS steps (the ``converge`` schedule)."""
-
-    rule: Literal["lbfgs"] = "lbfgs"
-    memory: int = Field(10, ge=1, description="Curvature pairs kept per example.")
-    loss_tol: float = Field(
-        5e-4, gt=0, description="An example stops once its best loss is at most this."
-    )
-    horizon: int = Field(250, ge=1, description="Passes over which stop_tol is checked.")
-    stop_tol: float = Field(
-        0.01, ge=0, description="Relative gain of the best loss over a horizon that counts."
-    )
-    stall: Literal["paper-steps", "stop"] = Field(
-        "paper-steps",
-        description="What a stalled example does: go on with the paper's normalised "
-        "momentum steps from its best iterate (until they stall too), or stop.",
-    )
-    step_size: float = Field(
-        1 / 8, gt=0, description="The first step's length, and the paper's steps' after a stall."
-    )
-
-
 @dataclass
 class LbfgsState(RowState):
     best_grad: torch.Tensor  # the gradient of loss^2 / 2 at the best iterate, flat
@@ -278,6 +254,3 @@ class Lbfgs(StepRule):
         hand = stalled & ~state.handed  # from its best iterate, from zero momentum
         state.handed, state.restart = state.handed | hand, hand
         return reached | (stalled & ~hand)
-
-
-SCHEDULES["converge"] = LbfgsSettings()

@@ -34,6 +34,7 @@ from torch import nn
 
 from invsim._io import progress_bar
 from invsim.config import InversionConfig
+from invsim.inversion import lbfgs, momentum  # noqa: F401  (the built-in rules register)
 from invsim.inversion.layout import folded, memory_format
 from invsim.inversion.rules import RULES, Rows, RowState, StepRule, crossed, rows_like
 from invsim.representation import eval_mode, reader, resolve_layer

@@ -31,21 +31,21 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
 from invsim.inversion.rules import (
-    CONVERGED_LOSS,
-    SCHEDULES,
     Rows,
     RowState,
-    RuleSettings,
     StepRule,
     horizon_stalled,
     register,
     rows_like,
+)
+from invsim.inversion.settings import (
+    CONVERGED_LOSS,
+    ConvergingMomentumSettings,
+    MomentumSettings,
 )
 from invsim.steps import _TINY, l2_norm
 
@@ -56,43 +56,6 @@ __all__ = [
     "MomentumSettings",
     "momentum_update",
 ]
-
-
-class MomentumSettings(RuleSettings):
-    """The paper's normalised momentum steps."""
-
-    rule: Literal["momentum"] = "momentum"
-    step_size: float = Field(1 / 8, gt=0, description="Length of each normalised step.")
-    momentum: float = Field(
-        0.9, ge=0, lt=1, description="m = momentum m + (1 - momentum) g / ||g||."
-    )
-
-    def record(self) -> dict[str, Any]:
-        """Without the rule's name, when it is this rule: the record every
-        paper-schedule store has, so its configuration hash stays the same."""
-        out = self.model_dump()
-        if out["rule"] == "momentum":
-            del out["rule"]
-        return out
-
-
-class ConvergingMomentumSettings(RuleSettings):
-    """Normalised momentum steps with a per-example step size and stop test."""
-
-    rule: Literal["converging-momentum"] = "converging-momentum"
-    step_size: float = Field(
-        1 / 8, gt=0, description="The first step, and the smallest above the criterion."
-    )
-    momentum: float = Field(0.97, ge=0, lt=1, description="As the paper's, with warm-up.")
-    decay_patience: int = Field(
-        10, ge=1, description="Steps without a relative gain of decay_tol before halving."
-    )
-    decay_tol: float = Field(0.001, ge=0, description="The relative loss gain that counts.")
-    min_step_size: float = Field(
-        1 / 256, gt=0, description="The floor; at it, an example at the criterion stops."
-    )
-    horizon: int = Field(250, ge=1, description="Passes over which stop_tol is checked.")
-    stop_tol: float = Field(0.01, ge=0, description="Relative gain over a horizon that counts.")
 
 
 def momentum_update(m: torch.Tensor, grad: torch.Tensor, momentum: float) -> None:
@@ -170,6 +133,3 @@ class ConvergingMomentum(StepRule):
         state.lr = torch.maximum(state.lr, torch.where(above, cfg.step_size, cfg.min_step_size))
         at_rest = (state.lr <= cfg.min_step_size) & ~above
         return at_rest | horizon_stalled(rows.it, best, state.window, cfg, torch.zeros_like(above))
-
-
-SCHEDULES["paper"] = MomentumSettings()

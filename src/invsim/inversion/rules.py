@@ -18,7 +18,7 @@ Examples:
     >>> import torch
     >>> from invsim.inversion import invert_images
     >>> from invsim.inversion.rules import RowState, RuleSettings, StepRule, register
-    >>> from invsim.inversion.rules import RULES
+    >>> from invsim.inversion.rules import unregister
     >>> class GDSettings(RuleSettings):
     ...     rule: str = "gradient-descent"  # in a module: Literal["gradient-descent"]
     ...     lr: float = 0.1
@@ -33,24 +33,30 @@ Examples:
     ...                   rule="gradient-descent", lr=0.5, iterations=5, progress=False)
     >>> r.config["rule"], r.config["lr"]
     ('gradient-descent', 0.5)
-    >>> del RULES["gradient-descent"]
+    >>> unregister("gradient-descent")
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ValidationError
 
-from invsim._settings import ConfigError, RuleSettings, _message
+from invsim._settings import RuleSettings
+from invsim.inversion.settings import (
+    CONVERGED_LOSS,
+    SCHEDULES,
+    STEP_SETTINGS,
+    compose_steps,
+    register_settings,
+)
 
 __all__ = [
     "CONVERGED_LOSS",
     "RULES",
+    "STEP_SETTINGS",
     "SCHEDULES",
     "Rows",
     "RowState",
@@ -61,13 +67,8 @@ __all__ = [
     "horizon_stalled",
     "register",
     "rows_like",
+    "unregister",
 ]
-
-
-# the convergence criterion: an example (and, by its median, a data set) whose relative
-# representation loss is at most this has reached its target
-# (docs/guides/intervals-and-nulls.md)
-CONVERGED_LOSS = 0.1
 
 
 @dataclass
@@ -141,76 +142,22 @@ RULES: dict[str, type[StepRule]] = {}
 
 
 def register(rule: type[StepRule]) -> type[StepRule]:
-    """Add ``rule`` to :data:`RULES` under its settings' ``rule`` name (usable as a
-    decorator). A name taken by another rule is an error."""
+    """Add ``rule`` to :data:`RULES`, and its settings to
+    :data:`~invsim.inversion.settings.STEP_SETTINGS`, under its settings' ``rule`` name
+    (usable as a decorator). A name taken by another rule is an error."""
     name = rule.Settings.model_fields["rule"].default
-    if not isinstance(name, str):
-        raise TypeError(f"{rule.__name__}.Settings needs a default rule name (a Literal str).")
     if name in RULES and RULES[name] is not rule:
         known = RULES[name].__name__
         raise ValueError(f"step rule {name!r} is already registered ({known}); pick another name.")
+    register_settings(rule.Settings)
     RULES[name] = rule
     return rule
 
 
-# the named schedules: a rule and its settings (filled by the rules' modules)
-SCHEDULES: dict[str, RuleSettings] = {}
-
-
-def compose_steps(raw: dict[str, Any], loop_fields: set[str]) -> dict[str, Any]:
-    """The one place where inversion settings are merged: ``raw`` (a dict of
-    :class:`~invsim.config.InversionConfig` keys) with ``schedule`` (a name of
-    :data:`SCHEDULES`), ``steps`` (a rule's settings, or a dict of them), ``rule`` (a
-    name of :data:`RULES`) and any of the chosen rule's setting names given flat, becomes
-    the loop's fields plus ``steps``, the chosen rule's settings. Later wins: the
-    schedule, then ``steps``, then ``rule`` (a different rule starts from its defaults),
-    then the flat settings. A setting of another rule is an error naming it."""
-    out = {k: v for k, v in raw.items() if k in loop_fields}
-    schedule, steps, rule = raw.get("schedule"), raw.get("steps"), raw.get("rule")
-    flat = {k: v for k, v in raw.items() if k not in loop_fields | {"schedule", "steps", "rule"}}
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ConfigError(
-            f"inversion schedule {schedule!r} is unknown; choose one of {sorted(SCHEDULES)}."
-        )
-    base = SCHEDULES[schedule or "paper"].model_dump()
-    if isinstance(steps, RuleSettings):
-        steps = steps.model_dump()
-    if isinstance(steps, dict):
-        named = steps.get("rule", base["rule"])
-        base = (base if named == base["rule"] else {"rule": named}) | steps
-    elif steps is not None:
-        raise ConfigError(
-            f"inversion 'steps' must be a mapping of a rule's settings; got {steps!r}."
-        )
-    if rule is not None and rule != base["rule"]:
-        base = {"rule": rule}
-    name = base["rule"]
-    if name not in RULES:
-        raise ConfigError(f"inversion rule {name!r} is unknown; choose one of {sorted(RULES)}.")
-    settings_cls = RULES[name].Settings
-    for key in flat:
-        if key not in settings_cls.model_fields:
-            raise ConfigError(_unknown(key, name, loop_fields))
-    try:
-        out["steps"] = settings_cls.model_validate(base | flat)
-    except ValidationError as e:
-        raise ConfigError(_message(e, "steps", settings_cls)) from None
-    return out
-
-
-def _unknown(key: str, rule: str, loop_fields: set[str]) -> str:
-    """Why ``key`` is not a setting of this inversion: another rule's, or a typo."""
-    owners = sorted(r for r, c in RULES.items() if key in c.Settings.model_fields)
-    if owners:
-        return (
-            f"inversion setting {key!r} is a setting of the step rule(s) {owners}, and this "
-            f"inversion's rule is {rule!r} (choose the rule with rule=... or schedule=...)."
-        )
-    known = loop_fields | {"schedule", "rule", "steps"}
-    known |= {f for c in RULES.values() for f in c.Settings.model_fields}
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown inversion setting {key!r}{hint}: no loop setting or step rule has it."
+def unregister(name: str) -> None:
+    """Remove the rule ``name`` and its settings (a rule defined for one script or test)."""
+    RULES.pop(name, None)
+    STEP_SETTINGS.pop(name, None)
 
 
 def rows_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
