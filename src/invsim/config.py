@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, SerializeAsAny, model_validator
+from pydantic import ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from invsim._settings import ConfigError, RuleSettings, _Settings
 
@@ -125,6 +125,12 @@ class InversionConfig(_Settings):
         description="Fold each batch-norm into the convolution before it, in a copy of the "
         "model (eval mode: equal up to rounding, a faster forward).",
     )
+    snapshot_losses: list[float] = Field(
+        default_factory=list,
+        description="Loss levels (descending) at which each example's first iterate at or "
+        "below the level is kept, beside the final one: the inversion's path (empty: none; "
+        "each level costs one more image per example in memory and on disk).",
+    )
     steps: SerializeAsAny[RuleSettings] = Field(
         default=None,
         description="The step rule's settings, with its name as 'rule' (default: the paper's "
@@ -154,6 +160,13 @@ class InversionConfig(_Settings):
 
     def replace(self, **changes: Any):
         return type(self).merged(self, changes)
+
+    @field_validator("snapshot_losses")
+    @classmethod
+    def _levels(cls, levels: list[float]) -> list[float]:
+        if any(not 0 < v < float("inf") for v in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"snapshot_losses must be distinct positive losses; got {levels}.")
+        return sorted(levels, reverse=True)
 
     @property
     def schedule(self) -> str | None:

@@ -197,12 +197,13 @@ RULE_SETTINGS = {
         "decay_tol": 0.1,
         "stop_tol": 0.1,
     },
-    "lbfgs": {
+    "lbfgs": {  # with the inversion path kept, which the shards store
         "iterations": 150,
         "schedule": "converge",
         "horizon": 20,
         "stop_tol": 0.1,
         "loss_tol": 0.05,
+        "snapshot_losses": [0.5, 0.2],
     },
 }
 
@@ -246,6 +247,9 @@ def test_kill_9_then_resume_is_byte_identical_for_every_rule(
     whole = invert_dataset(again, mnist_test, 12, tmp_path / "whole", **kw)
     assert store_files(killed) == store_files(tmp_path / "whole")
     assert torch.equal(resumed.images, whole.images)
+    if "snapshot_losses" in settings:  # the path is in the shards, resumed with them
+        assert torch.equal(resumed.path.passes, whole.path.passes)
+        assert int((resumed.path.passes >= 0).sum()) > 0
 
 
 def load_lenet():

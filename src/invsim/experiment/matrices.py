@@ -22,6 +22,7 @@ per data set (:class:`~invsim.StreamingPanel`); the others are computed pairwise
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from invsim.similarity.calibration import (
 from invsim.similarity.matrix import each_cell
 from invsim.similarity.registry import Measure, MeasureLike
 from invsim.store import InvertedDataset, dataset_images, invert_dataset, model_fingerprint
-from invsim.store.diagnostics import warn_unconverged
+from invsim.store.diagnostics import InversionWarning, warn_unconverged
 
 __all__ = [
     "RepresentationCache",
@@ -331,6 +332,7 @@ def inverted_similarity(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     calibration: CalibrationConfig | None = None,
+    at_loss: float | None = None,
 ) -> Similarities:
     """measure name -> asymmetric matrix: row r, column c = measure(Rep_r(X_r),
     Rep_c(X_r)) on the first ``n`` images (None: all) of row model r's inverted data set
@@ -338,7 +340,14 @@ def inverted_similarity(
     the natural matrix's keeps the two comparable (CKA's small-sample bias depends on n).
     A row whose inversions did not converge (its set's ``diagnostics``) is warned about
     (:class:`~invsim.store.diagnostics.InversionWarning`, naming the model, its median
-    loss and the criterion) and listed in each matrix's ``flags["not_converged"]``."""
+    loss and the criterion) and listed in each matrix's ``flags["not_converged"]``.
+
+    ``at_loss`` (one of the sets' ``snapshot_losses``) computes each row on its
+    examples' first iterates at or below that loss instead of their end points: the rows
+    at matched convergence. Examples that never reached it are left out; each matrix's
+    ``flags["at_loss"]`` holds the level, and per row the examples used and left out. A
+    row with fewer than :data:`MIN_AT_LOSS` examples there is not computed (NaN), with a
+    warning, and listed in ``flags["at_loss"]["not_reached"]``."""
     cache = cache or RepresentationCache()
     cols = list(models)
     rows = [r for r in models if r in inverted]
@@ -348,9 +357,12 @@ def inverted_similarity(
     wanted = _resolve(measures)
     cells = _Cells.empty(wanted, (len(rows), len(cols)))
     kw = {"batch_size": batch_size, "device": device}
+    path = _PathRows(at_loss)
     for i, r in enumerate(rows):
         _check_layer(inverted[r], r, layer_of(layer, r))
-        images, data_id = _first(inverted[r], n)
+        images, data_id = path.images(r, inverted[r], n)
+        if images is None:
+            continue
         reps = {
             c: cache.get(models[c], images, data_id, layer=layer_of(layer, c), **kw) for c in cols
         }
@@ -369,7 +381,61 @@ def inverted_similarity(
         cells.put(found, i, slice(None), slice(None))
     result = cells.matrices(rows, cols, wanted)
     _flag_unconverged(result, inverted, rows)
+    path.flag(result)
     return result
+
+
+# the fewest examples a row at matched loss is computed on
+MIN_AT_LOSS = 10
+
+
+@dataclass
+class _PathRows:
+    """The rows' images at a loss level of their inversion paths (``at_loss``), or their
+    end points (None), and what was used and left out per row."""
+
+    at_loss: float | None
+    used: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)
+    not_reached: dict[str, int] = field(default_factory=dict)
+
+    def images(self, row: str, inv: Any, n: int | None) -> tuple[torch.Tensor | None, str]:
+        if self.at_loss is None:
+            return _first(inv, n)
+        if getattr(inv, "path", None) is None:
+            raise ValueError(
+                f"the inverted data set of {row!r} kept no inversion path; invert it with "
+                f"snapshot_losses including {self.at_loss} to compare rows at that loss."
+            )
+        images, _ = inv.path.at(self.at_loss)
+        self.left_out[row] = len(inv) - len(images)
+        if len(images) < MIN_AT_LOSS:
+            self.not_reached[row] = len(images)
+            warnings.warn(
+                f"{row}: only {len(images)} of {len(inv)} inversions reached loss "
+                f"{self.at_loss} (at least {MIN_AT_LOSS} are needed); its row at that loss "
+                "is not computed.",
+                InversionWarning,
+                stacklevel=3,
+            )
+            return None, ""
+        data_id = f"{inv.id}@loss={self.at_loss}"
+        if n is not None and n < len(images):
+            images, data_id = images[:n], f"{data_id}[:{n}]"
+        self.used[row] = len(images)
+        return images, data_id
+
+    def flag(self, result: Mapping[str, SimilarityMatrix]) -> None:
+        if self.at_loss is None:
+            return
+        about = {
+            "level": self.at_loss,
+            "examples": self.used,
+            "left_out": self.left_out,
+            "not_reached": self.not_reached,
+        }
+        for m in result.values():
+            m.flags["at_loss"] = about
 
 
 def _flag_unconverged(result: Mapping[str, SimilarityMatrix], inverted, rows) -> None:
@@ -416,7 +482,7 @@ class _Cells:
 
     @classmethod
     def empty(cls, measures: Sequence[Measure], shape: tuple[int, int]) -> _Cells:
-        return cls({m.name: np.empty(shape) for m in measures})
+        return cls({m.name: np.full(shape, np.nan) for m in measures})
 
     def put(self, found: Mapping[str, SimilarityMatrix], i: int, j: Any, col: Any) -> None:
         """Copy row 0, column(s) ``col`` of each found matrix into row ``i``, column(s)
@@ -425,7 +491,8 @@ class _Cells:
             self.about.setdefault(m, []).append(mat.interval)
             self.values[m][i, j] = mat.values[0, col]
             for k, v in mat.stats.items():
-                store = self.stats.setdefault(m, {}).setdefault(k, np.empty(self.values[m].shape))
+                shape = self.values[m].shape
+                store = self.stats.setdefault(m, {}).setdefault(k, np.full(shape, np.nan))
                 store[i, j] = v[0, col]
 
     def matrices(

@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "CONVERGED_LOSS": "invsim.inversion.settings",
     "SCHEDULES": "invsim.inversion.settings",
     "InversionConfig": "invsim.config",
+    "InversionPath": "invsim.inversion.loop",
     "InversionResult": "invsim.inversion.loop",
     "invert_images": "invsim.inversion.loop",
     "inversion_record": "invsim.inversion.loop",

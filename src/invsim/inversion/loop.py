@@ -40,7 +40,13 @@ from invsim.inversion.rules import RULES, Rows, RowState, StepRule, crossed, row
 from invsim.representation import eval_mode, reader, resolve_layer
 from invsim.steps import project
 
-__all__ = ["InversionResult", "invert_images", "inversion_record", "relative_loss"]
+__all__ = [
+    "InversionPath",
+    "InversionResult",
+    "invert_images",
+    "inversion_record",
+    "relative_loss",
+]
 
 
 @dataclass
@@ -51,7 +57,8 @@ class InversionResult:
     ``passes``: the forward+backward image evaluations spent in all (the cost).
     ``config``: the record of the settings (:func:`inversion_record`).
     ``snapshots[B]``: (images, loss) as they would be with ``iterations=B`` (each
-    example's best iterate up to pass B), for the budgets asked."""
+    example's best iterate up to pass B), for the budgets asked. ``path``: the inversion
+    path at the settings' ``snapshot_losses`` (None without them)."""
 
     images: torch.Tensor
     loss: torch.Tensor
@@ -60,6 +67,38 @@ class InversionResult:
     config: dict[str, Any] = field(default_factory=dict)
     passes: int = 0
     snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    path: InversionPath | None = None
+
+
+@dataclass
+class InversionPath:
+    """Each example's first iterate whose loss is at or below each level: ``levels`` (L,
+    descending), ``images`` (N, L, ...) float32, ``loss`` (N, L) and ``passes`` (N, L),
+    the pass at which the example reached the level. An example that never reached a
+    level has NaN images and loss there, and ``passes`` -1."""
+
+    levels: list[float]
+    images: torch.Tensor
+    loss: torch.Tensor
+    passes: torch.Tensor
+
+    @classmethod
+    def empty(cls, levels: Sequence[float], shape: torch.Size) -> InversionPath:
+        n, k = shape[0], len(levels)
+        return cls(
+            list(levels),
+            torch.full((n, k, *shape[1:]), math.nan),
+            torch.full((n, k), math.nan),
+            torch.full((n, k), -1, dtype=torch.int64),
+        )
+
+    def at(self, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images of the examples that reached ``level``, their indices)."""
+        if level not in self.levels:
+            raise ValueError(f"no snapshots at loss {level}; this path has {self.levels}.")
+        j = self.levels.index(level)
+        reached = (self.passes[:, j] >= 0).nonzero().squeeze(1)
+        return self.images[reached, j], reached
 
 
 def relative_loss(rep: torch.Tensor, target_rep: torch.Tensor) -> torch.Tensor:
@@ -115,6 +154,7 @@ class _Batch:
     it: torch.Tensor  # passes spent so far
     limit: torch.Tensor  # passes this example will take (lowered by the stop tests)
     checkpoint: torch.Tensor  # tol: the best loss at the last check (the seed's at first)
+    reached: torch.Tensor  # (k, levels): the path's levels this example has reached
     state: RowState
 
     def select(self, keep: torch.Tensor) -> _Batch:
@@ -172,6 +212,7 @@ def _admit(idx: range, job: _Job, rep: Callable[[torch.Tensor], torch.Tensor]) -
         it=torch.zeros(k, dtype=torch.int64, device=job.dev),
         limit=torch.full((k,), job.cfg.iterations, dtype=torch.int64, device=job.dev),
         checkpoint=inf.clone(),
+        reached=torch.zeros(k, len(job.cfg.snapshot_losses), dtype=torch.bool, device=job.dev),
         state=job.rule.start(seed),
     )
 
@@ -232,8 +273,9 @@ def _loss_and_grad(
 class _Outputs:
     """Per-pair results, filled as examples finish (in any order), and the snapshots."""
 
-    def __init__(self, shape: torch.Size, snapshots: Sequence[int]) -> None:
+    def __init__(self, shape: torch.Size, snapshots: Sequence[int], levels: list[float]) -> None:
         n = shape[0]
+        self.path = InversionPath.empty(levels, shape) if levels else None
         self.images = torch.empty(shape, dtype=torch.float32)
         self.loss, self.initial = torch.empty(n), torch.empty(n)
         self.iterations = torch.empty(n, dtype=torch.int64)
@@ -251,6 +293,22 @@ class _Outputs:
                 images[b.index[rows.cpu()]] = b.best_x[rows].detach().float().cpu()
                 loss[b.index[rows.cpu()]] = b.best_loss[rows].float().cpu()
 
+    def crossings(self, b: _Batch, loss: torch.Tensor) -> None:
+        """Keep the iterate of each row whose loss is at or below a level of the path for
+        the first time."""
+        if self.path is None:
+            return
+        levels = torch.tensor(self.path.levels, device=loss.device, dtype=loss.dtype)
+        new = (loss[:, None] <= levels[None]) & ~b.reached
+        if not bool(new.any()):
+            return
+        b.reached |= new
+        for r, j in new.nonzero().tolist():
+            i = int(b.index[r])
+            self.path.images[i, j] = b.x[r].detach().float().cpu()
+            self.path.loss[i, j] = float(loss[r])
+            self.path.passes[i, j] = int(b.it[r])
+
     def finish(self, b: _Batch, last_loss: torch.Tensor, use_best: bool) -> None:
         i = b.index
         self.images[i] = (b.best_x if use_best else b.x).detach().float().cpu()
@@ -264,7 +322,8 @@ def _run(model: nn.Module, ref: Any, job: _Job, bar: Any, hooks: tuple) -> tuple
     """The continuously batched loop; returns (outputs, image passes)."""
     cfg, n = job.cfg, len(job.seeds)
     callback, snapshots = hooks
-    out, passes, next_pair = _Outputs(job.seeds.shape, snapshots), 0, 0
+    out = _Outputs(job.seeds.shape, snapshots, cfg.snapshot_losses)
+    passes, next_pair = 0, 0
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if cfg.amp and job.dev.type == "cuda"
@@ -288,6 +347,7 @@ def _run(model: nn.Module, ref: Any, job: _Job, bar: Any, hooks: tuple) -> tuple
             loss, grad = _loss_and_grad(rep, b.x, b.target_rep, running)
             passes += len(b)
             job.rule.observe(_view(b, job, loss, grad), b.state)
+            out.crossings(b, loss)
             _keep_best(b, loss)
             if snapshots:
                 out.snapshot(b)
@@ -396,18 +456,19 @@ def invert_images(
         inversion_record(cfg),
         passes,
         out.snapshots,
+        out.path,
     )
 
 
 def inversion_record(cfg: InversionConfig) -> dict[str, Any]:
-    """The settings as a store's record and configuration hash see them: the loop's (with
-    ``patience`` only beside ``tol``, and the layouts ``channels_last`` and ``fold_bn``
-    only when on: they change no result) and the rule's (:meth:`RuleSettings.record
-    <invsim.config.RuleSettings.record>`)."""
+    """The settings as a store's record and configuration hash see them: the loop's
+    (``patience`` only beside ``tol``; the layouts ``channels_last`` and ``fold_bn``, which
+    change no result, and ``snapshot_losses`` only when on) and the rule's
+    (:meth:`RuleSettings.record <invsim.config.RuleSettings.record>`)."""
     out = cfg.model_dump(exclude={"steps"})
     if cfg.tol is None:
         del out["patience"]
-    for layout in ("channels_last", "fold_bn"):
-        if not out[layout]:
-            del out[layout]
+    for off in ("channels_last", "fold_bn", "snapshot_losses"):  # absent when off
+        if not out[off]:
+            del out[off]
     return out | cfg.steps.record()

@@ -180,5 +180,11 @@ class _Job:
                 # the images a run with half the budget returns: the drift check
                 "half_images": result.snapshots[half][0].float().contiguous(),
             }
+            if result.path is not None:  # the inversion path at the snapshot losses
+                tensors |= {
+                    "path_images": result.path.images.contiguous(),
+                    "path_loss": result.path.loss.contiguous(),
+                    "path_passes": result.path.passes.contiguous(),
+                }
             seconds = time.perf_counter() - started
             fmt.write_shard(self.out, s, tensors, self.config_hash, result.passes, seconds)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from invsim._io import atomic_write, json_bytes
+from invsim.inversion.loop import InversionPath
 from invsim.models.checkpoints import model_fingerprint, sha256_file
 
 __all__ = [
@@ -236,7 +237,9 @@ class InvertedDataset(Dataset):
     naming any corrupt or missing shard. Whole tensors: ``images`` (float32),
     ``target_labels``, ``seed_labels``, ``seed_index``, ``target_index``, ``loss``,
     ``initial_loss``, ``iterations``, ``half_images`` (the images half the budget gave,
-    for the drift check); ``passes`` is the image evaluations spent and ``seconds`` the
+    for the drift check), ``path`` (each example's first iterate at or below each of the
+    inversion's ``snapshot_losses``, an :class:`~invsim.inversion.InversionPath`; None
+    without them); ``passes`` is the image evaluations spent and ``seconds`` the
     time they took (None for older stores); ``config`` is the
     provenance and ``id`` identifies the set.
     """
@@ -281,6 +284,12 @@ class InvertedDataset(Dataset):
         self.iterations: torch.Tensor = cat["iterations"]
         # what half the budget returned (None for sets stored before invsim kept it)
         self.half_images: torch.Tensor | None = cat.get("half_images")
+        # the inversion path, where the inversion kept one (snapshot_losses)
+        self.path: InversionPath | None = None
+        if "path_images" in cat:
+            levels = list(self.config["inversion"]["snapshot_losses"])
+            paths = (cat["path_images"], cat["path_loss"], cat["path_passes"])
+            self.path = InversionPath(levels, *paths)
         self.passes: int = int(manifest.get("passes", 0))
         self.seconds: float | None = shard_seconds(self.root, len(manifest["shards"]))
         self.labels = self.target_labels
