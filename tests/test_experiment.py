@@ -238,8 +238,17 @@ def test_pipeline_with_stir_writes_every_output(tmp_path):
     cfg = _small_config(tmp_path / "run").replace(
         regimes=["natural", "inverted", "stir"],
         stir={"n": 12, "iterations": 10, "seed_images": "noise"},
-    )
+        inversion={"iterations": 20, "batch_size": 12, "shard_size": 4,
+                   "snapshot_losses": [0.95, 1e-6]},
+    )  # fmt: skip
     results = run_experiment(cfg, quiet=True)
+    # the claims at matched convergence: every level all rows reached, beside the end point
+    matched = results["matched"]
+    assert set(matched["levels"]) == {"0.95"} and set(matched["not_reached"]) == {"1e-06"}
+    assert (
+        matched["levels"]["0.95"]["statistics"].keys() == matched["end_point"]["statistics"].keys()
+    )
+    assert "The claims at matched convergence" in (tmp_path / "run" / "report.html").read_text()
     stir_m = np.array(results["matrices"]["stir"]["values"])
     assert stir_m.shape == (2, 2)
     _check_orientation(tmp_path / "run", results, cfg)

@@ -3,6 +3,8 @@ the loop for every rule, stored with the data set, and rows compared at matched 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,45 @@ def test_rows_at_matched_loss_use_each_examples_snapshot(tmp_path, mnist_test):
     assert bool(torch.isnan(torch.as_tensor(low.values)).all())
     with pytest.raises(ValueError, match="no snapshots at loss 0.3"):
         inverted_similarity(models, inverted, n=None, at_loss=0.3, cache=cache)
+
+
+def test_the_claims_at_matched_loss_and_where_they_disagree(tmp_path, mnist_test):
+    from invsim.data import TensorImageDataset
+    from invsim.experiment import RepresentationCache, inverted_similarity
+    from invsim.experiment.matched import claims_at_matched_loss, disagreements
+    from invsim.report.figures import matched_plot
+    from invsim.store import invert_dataset
+
+    torch.manual_seed(0)
+    models = {"lenet": load_model("lenet"), "mlp": load_model("mlp")}
+    data = TensorImageDataset(mnist_test.images[:300], mnist_test.labels[:300], id="m300")
+    kw = {"iterations": 40, "rng_seed": 1, "shard_size": 12, "progress": False}
+    inverted = {
+        name: invert_dataset(model, data, 24, tmp_path / name, snapshot_losses=[0.5, 1e-4], **kw)
+        for name, model in models.items()
+    }
+    cache = RepresentationCache()
+    end = inverted_similarity(models, inverted, n=None, cache=cache)["linear_cka"]
+    eps, arch = {"lenet": 0.0, "mlp": 1.0}, {"lenet": "lenet", "mlp": "mlp"}
+    with warnings.catch_warnings():  # the untrained rows did not converge: warned about
+        warnings.simplefilter("ignore")
+        found = claims_at_matched_loss(
+            models, inverted, end, eps, arch, measure="linear_cka", cache=cache
+        )
+    assert list(found["levels"]) == ["0.5"] and set(found["not_reached"]["0.0001"]) == set(models)
+    at = found["levels"]["0.5"]
+    n = min(at["examples_reached"].values())
+    assert at["n"] == n  # the same number of examples in every row
+    mat = inverted_similarity(models, inverted, n=n, at_loss=0.5, cache=cache)["linear_cka"]
+    assert at["similarity"]["lenet"] == pytest.approx(mat["lenet", "mlp"])
+    assert set(at["statistics"]) == set(found["end_point"]["statistics"]) == {"robustness_spearman"}
+    assert matched_plot(found, eps, tmp_path / "m.png").exists()
+    # a claim whose sign flips at a level is reported, with both values
+    flipped = {
+        "end_point": {"statistics": {"robustness_within": {"value": 0.5, "p_value": 0.01}}},
+        "levels": {"0.1": {"statistics": {"robustness_within": {"value": -0.2, "p_value": 0.4}}}},
+    }
+    (d,) = disagreements(flipped)
+    assert d["claim"] == "robustness_within" and d["level"] == 0.1 and "sign" in d["message"]
+    same = {**flipped, "levels": {"0.1": {"statistics": flipped["end_point"]["statistics"]}}}
+    assert disagreements(same) == []

@@ -39,6 +39,7 @@ from invsim.config import ExperimentConfig, InversionConfig, ModelConfig, valida
 from invsim.data import load_dataset
 from invsim.data.datasets import load_configured
 from invsim.distributed import barrier, init_from_env, is_main
+from invsim.experiment.matched import claims_at_matched_loss
 from invsim.experiment.matrices import (
     RepresentationCache,
     inverted_similarity,
@@ -348,7 +349,11 @@ def results_stage(run: Run) -> Results:
     for key in ("layers", "drift", "statistics", "confound", "provenance"):
         if run.artefacts.get(key) is not None:
             setattr(r, key, run.artefacts[key])
-    r.extra = {s.name: run.artefacts[s.name] for s in run.stages if s.in_results}
+    r.extra = {
+        s.name: run.artefacts[s.name]
+        for s in run.stages
+        if s.in_results and run.artefacts.get(s.name) is not None
+    }
     r.warnings = warnings_of(r)
     for w in r.warnings:
         run.log(w["message"])
@@ -434,6 +439,31 @@ def statistics_stage(run: Run) -> dict[str, Any]:
     }
 
 
+def matched_stage(run: Run) -> dict[str, Any] | None:
+    """The robustness claims at matched convergence (:mod:`invsim.experiment.matched`),
+    when the inversion keeps a path (``inversion.snapshot_losses``)."""
+    full, cfg = _primary(run, "inverted"), run.cfg
+    if full is None or not cfg.inversion.snapshot_losses:
+        return None
+    zoo = run["models"]
+    run.log("the claims at matched convergence")
+    found = claims_at_matched_loss(
+        zoo.models,
+        run["inverted"],
+        full,
+        zoo.eps,
+        zoo.arch,
+        measure=cfg.measures[0],
+        rng_seed=cfg.rng_seed,
+        layer=layers_of(cfg),
+        cache=run.cache,
+        device=cfg.device,
+    )
+    for d in (found or {}).get("disagreements", []):
+        run.log(d["message"])
+    return found
+
+
 def confound_stage(run: Run) -> dict[str, Any] | None:
     """The confound experiment (only-A, only-B models), when the config asks for it."""
     cfg = run.cfg
@@ -517,6 +547,7 @@ STAGES: list[Stage] = [
     Stage("layers", layers_stage, "layer-by-layer matrices, natural and inverted"),
     Stage("drift", drift_stage, "entries that moved in the second half of the budget"),
     Stage("statistics", statistics_stage, "the claims' statistics"),
+    Stage("matched", matched_stage, "the claims at matched convergence", in_results=True),
     Stage("confound", confound_stage, "the confound experiment"),
     Stage("provenance", provenance_stage, "versions, config and its hash"),
     Stage("results", results_stage, "the typed results, their summaries and warnings"),

@@ -19,6 +19,7 @@ from invsim.report.figures import (
     confound_examples,
     heatmaps,
     image_grid,
+    matched_plot,
     measure_panel,
     robustness_plot,
 )
@@ -474,11 +475,52 @@ def _layers(out: Path, results: Results) -> list[str]:
     return parts
 
 
+def _matched(out: Path, results: Results) -> list[str]:
+    """The robustness claims at matched convergence: each row against the loss level, and
+    the statistics at each level beside the end point's."""
+    matched = results.extra.get("matched")
+    if not matched or not matched.get("levels"):
+        return []
+    eps = {m: float(v.get("eps", 0.0)) for m, v in (results.models or {}).items()}
+    p = matched_plot(matched, eps, out / "figures" / "matched.png")
+    rows = []
+    stages = [("end point", matched["end_point"])]
+    stages += [(f"loss {k} (n = {v['n']})", v) for k, v in matched["levels"].items()]
+    for where, found in stages:
+        for claim, s in found["statistics"].items():
+            lo, hi = s.get("ci_low"), s.get("ci_high")
+            interval = "" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+            rows.append([where, claim, s["value"], interval, s["p_value"]])
+    table = _table(rows, ["at", "claim", "value", "95% interval", "p-value"])
+    warn = "".join(
+        f'<p class="warn">{html.escape(d["message"])}</p>' for d in matched["disagreements"]
+    )
+    skipped = matched.get("not_reached") or {}
+    note = (
+        f"<p>Levels some row did not reach with enough examples: "
+        f"{html.escape(json.dumps(skipped))}.</p>"
+        if skipped
+        else ""
+    )
+    return [
+        "<h2>The claims at matched convergence</h2><p>Each row recomputed on its examples' "
+        "first iterates at or below each loss level of the inversion path (the same number "
+        "of examples in every row), against its end point: a row that rises as its "
+        "inversions get further measured partly how far they got.</p>"
+        + warn
+        + _img(p)
+        + table
+        + note
+    ]
+
+
 def _extras(results: Results) -> list[str]:
     """The artefacts of stages added to the run (:func:`invsim.experiment.add_stage`),
     each under its stage's name."""
     parts = []
     for name, value in results.extra.items():
+        if name == "matched":  # its own section
+            continue
         body = html.escape(json.dumps(value, indent=2, default=str))
         parts.append(
             f'<h3 id="stage-{html.escape(name)}">{html.escape(name)}</h3><pre>{body}</pre>'
@@ -494,7 +536,8 @@ def write_report(out_dir: str | Path, *, results: Results | None = None) -> Path
     (out / "figures").mkdir(parents=True, exist_ok=True)
     parts = _header(typed) + _matrices(out, typed) + _measures(out, typed)
     parts += _inversion(out, typed)
-    parts += _layers(out, typed) + _confound(out, typed) + _models(typed) + _extras(typed)
+    parts += _matched(out, typed) + _layers(out, typed) + _confound(out, typed)
+    parts += _models(typed) + _extras(typed)
     prov = json.dumps(typed.provenance, indent=2, default=float)
     parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
     path = out / "report.html"

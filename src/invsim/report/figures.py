@@ -177,6 +177,31 @@ def robustness_plot(robustness: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def matched_plot(matched: Mapping[str, Any], eps: Mapping[str, float], path: Path) -> Path:
+    """Each row model's similarity to the other architectures against the loss level of
+    its inversion path (the end point last), one line per model, coloured by its eps."""
+    levels = sorted(matched["levels"], key=float, reverse=True)
+    xs = [*range(len(levels)), len(levels)]
+    labels = [*levels, "end point"]
+    rows = list(matched["end_point"]["similarity"])
+    values = [eps.get(r, 0.0) for r in rows]
+    lo, hi = min(values, default=0.0), max(values, default=1.0)
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
+    for r in rows:
+        ys = [matched["levels"][lv]["similarity"].get(r, np.nan) for lv in levels]
+        ys.append(matched["end_point"]["similarity"][r])
+        shade = (eps.get(r, 0.0) - lo) / (hi - lo) if hi > lo else 0.0
+        ax.plot(xs, ys, marker="o", color=cmap(shade), label=f"{r} (eps {eps.get(r, 0):g})")
+    ax.set_xticks(xs, labels)
+    ax.set_xlabel("inversion loss level (first iterate at or below it)")
+    ax.set_ylabel(f"mean {matched['measure']} to other architectures")
+    ax.legend(fontsize=6, ncol=2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def image_grid(
     rows: Sequence[tuple[str, torch.Tensor]],
     path: Path,
