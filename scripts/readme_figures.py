@@ -32,8 +32,9 @@ def _settings_line(results: dict, dev: dict) -> str:
         )
     else:
         how = "The paper's settings"
-    if inv.get("schedule") == "converge":
-        how += f", on the converging schedule capped at {inv['iterations']} iterations"
+    rule = (inv.get("steps") or {}).get("rule", "momentum")
+    if rule != "momentum":
+        how += f", with the {rule} step rule capped at {inv['iterations']} passes"
     drift = results.get("drift") or {}
     moved = len(drift.get("moved", []))
     settled = (

@@ -208,9 +208,10 @@ def test_train_invert_similarity_commands(tmp_path):
         assert p.read_bytes() == (tmp_path / "sliced" / "shards" / p.name).read_bytes()
     # the step rule and its settings by name reach the store's record
     invsim(*base, str(tmp_path / "fast"), "--schedule", "converge", "--rule-setting", "memory=4",
-           "--rule-setting", "stall=stop")  # fmt: skip
+           "--rule-setting", "stall=stop", "--snapshot-loss", "0.5")  # fmt: skip
     record = json.loads((tmp_path / "fast" / "dataset.json").read_text())["inversion"]
     assert (record["rule"], record["memory"], record["stall"]) == ("lbfgs", 4, "stop")
+    assert record["snapshot_losses"] == [0.5]
     proc = invsim(*base, str(tmp_path / "bad"), "--rule-setting", "memory=4", check=False)
     assert proc.returncode == 2 and "'memory' is a setting of the step rule(s)" in proc.stderr
     # a second, adversarially trained model: the training options reach the checkpoint

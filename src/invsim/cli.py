@@ -105,7 +105,9 @@ def _field_options(
 CLI_DEFAULTS = {("DataConfig", "dataset"): "mnist5k", ("AdversarialConfig", "eps"): 0.0}
 
 
-INVERSION_FIELDS = [f for f in InversionConfig.model_fields if f != "steps"]
+INVERSION_FIELDS = [
+    f for f in InversionConfig.model_fields if f not in ("steps", "snapshot_losses")
+]
 # the step rule and its settings: by name, so that a registered rule needs no new option
 rule_opts = _options(
     click.option(
@@ -115,6 +117,14 @@ rule_opts = _options(
         "converge (per-example L-BFGS steps that stop when done).",
     ),
     click.option("--rule", default=None, help="A step rule by name (invsim.inversion.RULES)."),
+    click.option(
+        "--snapshot-loss",
+        "snapshot_losses",
+        multiple=True,
+        type=float,
+        help="Keep each example's first iterate at or below this loss (repeat): the "
+        "inversion path.",
+    ),
     click.option(
         "--rule-setting",
         "step_settings",
@@ -304,6 +314,7 @@ def invert(
         return _merge(out)
     part = _part(model, num_shards, shard_index)
     named = {k: settings.pop(k) for k in ("schedule", "rule") if settings.get(k) is not None}
+    named["snapshot_losses"] = list(settings.pop("snapshot_losses") or ())
     steps = _step_settings(settings.pop("step_settings") or ())
     settings.pop("schedule", None), settings.pop("rule", None)
     inversion = InversionConfig.checked(settings | named | steps, where="invert")

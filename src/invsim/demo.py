@@ -48,6 +48,8 @@ def _ladders(zoo: list, robust_steps: int, levels: tuple[float, ...]) -> list[di
 DEMO_SCHEDULE = {
     "rule": "converging-momentum",
     "decay_tol": 0.005,
+    # the inversion path, for the claims at matched convergence
+    "snapshot_losses": [0.5, 0.2, 0.1, 0.05, 0.02],
     "channels_last": True,
     "fold_bn": True,
 }

@@ -161,3 +161,21 @@ def test_the_claims_at_matched_loss_and_where_they_disagree(tmp_path, mnist_test
     assert d["claim"] == "robustness_within" and d["level"] == 0.1 and "sign" in d["message"]
     same = {**flipped, "levels": {"0.1": {"statistics": flipped["end_point"]["statistics"]}}}
     assert disagreements(same) == []
+
+
+def test_the_headline_shows_the_within_architecture_claim_at_matched_loss():
+    from invsim.experiment import headline
+    from invsim.results import Results
+
+    within = {"value": 0.5, "ci_low": -0.5, "ci_high": 1.0, "p_value": 0.3}
+    matched = {
+        "levels": {
+            "0.1": {"n": 40, "statistics": {"robustness_within": within}},
+            "0.02": {"n": 30, "statistics": {"robustness_within": {**within, "value": -0.25}}},
+        },
+        "disagreements": [{"claim": "robustness_within", "level": 0.02}],
+    }
+    text = headline(Results(extra={"matched": matched}))
+    assert "at matched inversion loss 0.02 (30 examples per row): mean Spearman -0.25" in text
+    assert "differs from the end point" in text
+    assert "matched" not in headline(Results())

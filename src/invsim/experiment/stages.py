@@ -495,11 +495,14 @@ def provenance_stage(run: Run) -> dict[str, Any]:
     """Versions, the whole config and its hash, and where the run left the paper."""
     cfg = run.cfg
     paper, used = _result_settings(InversionConfig()), _result_settings(cfg.inversion)
+    # the rule, and the settings both records hold that differ (a rule's own settings are
+    # in the config)
     reduced = {
-        k: {"used": used.get(k), "paper": paper.get(k)}
-        for k in sorted(paper.keys() | used.keys())
-        if used.get(k) != paper.get(k)
+        k: {"used": used[k], "paper": paper[k]}
+        for k in paper.keys() & used.keys()
+        if used[k] != paper[k]
     }
+    reduced = dict(sorted(reduced.items(), key=lambda kv: (kv[0] != "rule", kv[0])))
     config = cfg.model_dump(mode="json")
     return {
         "invsim": invsim.__version__,

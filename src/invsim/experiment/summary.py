@@ -223,6 +223,7 @@ def headline(results: Results) -> str:
             f"{within['p_value']:.3f}; the robust model is higher in {len(within['rising'])} of "
             f"{within['architectures']} architectures"
         )
+    lines += _matched_line(results.extra.get("matched"))
     c = (results.confound or {}).get("headline")
     if c:
         lines += confound_lines(c)
@@ -230,6 +231,25 @@ def headline(results: Results) -> str:
     if losses:
         lines.append(f"median inversion loss reached: {min(losses):.3f} to {max(losses):.3f}")
     return "\n".join(lines)
+
+
+def _matched_line(matched: Mapping[str, Any] | None) -> list[str]:
+    """The within-architecture claim at the lowest loss level every row reached (the
+    claims at matched convergence), beside the end point's line above."""
+    levels = (matched or {}).get("levels") or {}
+    if not levels:
+        return []
+    level = min(levels, key=float)
+    within = levels[level]["statistics"].get("robustness_within")
+    if not within:
+        return []
+    flipped = any(d["claim"] == "robustness_within" for d in matched.get("disagreements", []))
+    return [
+        f"  at matched inversion loss {level} ({levels[level]['n']} examples per row): mean "
+        f"Spearman {within['value']:.2f} [{within['ci_low']:.2f}, {within['ci_high']:.2f}], "
+        f"stratified p={within['p_value']:.3f}"
+        + ("; differs from the end point" if flipped else "")
+    ]
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:

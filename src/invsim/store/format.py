@@ -175,6 +175,10 @@ def merge_manifest(out_dir: str | Path) -> InvertedDataset | None:
         if not rec_path.exists():
             return None
         records.append(json.loads(rec_path.read_text()))
+    # every shard and its record is written (a record comes last), so a temporary file
+    # left in shards/ is a killed writer's: remove it (a resumed store equals a whole one)
+    for stale in (out / "shards").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     passes = sum(r.get("passes", 0) for r in records)
     manifest = {
         "config_hash": cfg["config_hash"],
