@@ -481,8 +481,10 @@ def _matched(out: Path, results: Results) -> list[str]:
     matched = results.extra.get("matched")
     if not matched or not matched.get("levels"):
         return []
-    eps = {m: float(v.get("eps", 0.0)) for m, v in (results.models or {}).items()}
-    p = matched_plot(matched, eps, out / "figures" / "matched.png")
+    models = results.models or {}
+    eps = {m: float(v.get("eps", 0.0)) for m, v in models.items()}
+    arch = {m: str(v.get("arch", m)) for m, v in models.items()}
+    p = matched_plot(matched, eps, out / "figures" / "matched.png", arch)
     rows = []
     stages = [("end point", matched["end_point"])]
     stages += [(f"loss {k} (n = {v['n']})", v) for k, v in matched["levels"].items()]

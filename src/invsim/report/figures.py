@@ -177,9 +177,15 @@ def robustness_plot(robustness: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def matched_plot(matched: Mapping[str, Any], eps: Mapping[str, float], path: Path) -> Path:
+def matched_plot(
+    matched: Mapping[str, Any],
+    eps: Mapping[str, float],
+    path: Path,
+    arch: Mapping[str, str] | None = None,
+) -> Path:
     """Each row model's similarity to the other architectures against the loss level of
-    its inversion path (the end point last), one line per model, coloured by its eps."""
+    its inversion path (the end point last), one line per model, coloured by its eps, one
+    marker per architecture."""
     levels = sorted(matched["levels"], key=float, reverse=True)
     xs = [*range(len(levels)), len(levels)]
     labels = [*levels, "end point"]
@@ -187,12 +193,15 @@ def matched_plot(matched: Mapping[str, Any], eps: Mapping[str, float], path: Pat
     values = [eps.get(r, 0.0) for r in rows]
     lo, hi = min(values, default=0.0), max(values, default=1.0)
     cmap = plt.get_cmap("viridis")
+    kinds = sorted({(arch or {}).get(r, r) for r in rows})
+    markers = dict(zip(kinds, "osD^v<>ph*", strict=False))
     fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
     for r in rows:
         ys = [matched["levels"][lv]["similarity"].get(r, np.nan) for lv in levels]
         ys.append(matched["end_point"]["similarity"][r])
         shade = (eps.get(r, 0.0) - lo) / (hi - lo) if hi > lo else 0.0
-        ax.plot(xs, ys, marker="o", color=cmap(shade), label=f"{r} (eps {eps.get(r, 0):g})")
+        marker = markers.get((arch or {}).get(r, r), "o")
+        ax.plot(xs, ys, marker=marker, color=cmap(shade), label=f"{r} (eps {eps.get(r, 0):g})")
     ax.set_xticks(xs, labels)
     ax.set_xlabel("inversion loss level (first iterate at or below it)")
     ax.set_ylabel(f"mean {matched['measure']} to other architectures")
