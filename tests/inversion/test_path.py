@@ -82,22 +82,32 @@ def test_snapshot_losses_are_checked_and_recorded_only_when_on():
         InversionConfig.checked({"snapshot_losses": [0.1, -1.0]})
 
 
-def test_rows_at_matched_loss_use_each_examples_snapshot(tmp_path, mnist_test):
+@pytest.fixture(scope="module")
+def path_stores(tmp_path_factory, mnist_test):
+    """Two untrained models' inverted sets with a path at 0.5 (reached) and 1e-4 (not)."""
     from invsim.data import TensorImageDataset
-    from invsim.experiment import RepresentationCache, inverted_similarity
-    from invsim.representation import extract
-    from invsim.similarity import linear_cka
-    from invsim.store import InvertedDataset, invert_dataset
+    from invsim.store import invert_dataset
 
+    root = tmp_path_factory.mktemp("path-stores")
     torch.manual_seed(0)
     models = {"lenet": load_model("lenet"), "mlp": load_model("mlp")}
     data = TensorImageDataset(mnist_test.images[:300], mnist_test.labels[:300], id="m300")
     kw = {"iterations": 40, "rng_seed": 1, "shard_size": 8, "progress": False}
     inverted = {
-        name: invert_dataset(model, data, 24, tmp_path / name, snapshot_losses=[0.5, 1e-4], **kw)
+        name: invert_dataset(model, data, 24, root / name, snapshot_losses=[0.5, 1e-4], **kw)
         for name, model in models.items()
     }
-    reopened = InvertedDataset(tmp_path / "lenet")  # the path is stored with the data set
+    return models, inverted, root
+
+
+def test_rows_at_matched_loss_use_each_examples_snapshot(path_stores):
+    from invsim.experiment import RepresentationCache, inverted_similarity
+    from invsim.representation import extract
+    from invsim.similarity import linear_cka
+    from invsim.store import InvertedDataset
+
+    models, inverted, root = path_stores
+    reopened = InvertedDataset(root / "lenet")  # the path is stored with the data set
     assert reopened.path.levels == [0.5, 1e-4]
     assert torch.equal(reopened.path.passes, inverted["lenet"].path.passes)
     cache = RepresentationCache()
@@ -121,21 +131,12 @@ def test_rows_at_matched_loss_use_each_examples_snapshot(tmp_path, mnist_test):
         inverted_similarity(models, inverted, n=None, at_loss=0.3, cache=cache)
 
 
-def test_the_claims_at_matched_loss_and_where_they_disagree(tmp_path, mnist_test):
-    from invsim.data import TensorImageDataset
+def test_the_claims_at_matched_loss_and_where_they_disagree(path_stores, tmp_path):
     from invsim.experiment import RepresentationCache, inverted_similarity
     from invsim.experiment.matched import claims_at_matched_loss, disagreements
     from invsim.report.figures import matched_plot
-    from invsim.store import invert_dataset
 
-    torch.manual_seed(0)
-    models = {"lenet": load_model("lenet"), "mlp": load_model("mlp")}
-    data = TensorImageDataset(mnist_test.images[:300], mnist_test.labels[:300], id="m300")
-    kw = {"iterations": 40, "rng_seed": 1, "shard_size": 12, "progress": False}
-    inverted = {
-        name: invert_dataset(model, data, 24, tmp_path / name, snapshot_losses=[0.5, 1e-4], **kw)
-        for name, model in models.items()
-    }
+    models, inverted, _ = path_stores
     cache = RepresentationCache()
     end = inverted_similarity(models, inverted, n=None, cache=cache)["linear_cka"]
     eps, arch = {"lenet": 0.0, "mlp": 1.0}, {"lenet": "lenet", "mlp": "mlp"}

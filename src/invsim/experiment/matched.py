@@ -60,9 +60,7 @@ def claims_at_matched_loss(
         "not_reached": {},
     }
     for level in levels:
-        reached = {
-            r: int((p.passes[:, p.levels.index(level)] >= 0).sum()) for r, p in paths.items()
-        }
+        reached = {r: int(p.reached(level).sum()) for r, p in paths.items()}
         n = min(reached.values())
         if n < MIN_AT_LOSS:
             out["not_reached"][str(level)] = {r: k for r, k in reached.items() if k < MIN_AT_LOSS}

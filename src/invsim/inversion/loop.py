@@ -92,13 +92,16 @@ class InversionPath:
             torch.full((n, k), -1, dtype=torch.int64),
         )
 
-    def at(self, level: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images of the examples that reached ``level``, their indices)."""
+    def reached(self, level: float) -> torch.Tensor:
+        """Per example, whether it reached ``level`` (N,) bool."""
         if level not in self.levels:
             raise ValueError(f"no snapshots at loss {level}; this path has {self.levels}.")
-        j = self.levels.index(level)
-        reached = (self.passes[:, j] >= 0).nonzero().squeeze(1)
-        return self.images[reached, j], reached
+        return self.passes[:, self.levels.index(level)] >= 0
+
+    def at(self, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images of the examples that reached ``level``, their indices)."""
+        index = self.reached(level).nonzero().squeeze(1)
+        return self.images[index, self.levels.index(level)], index
 
 
 def relative_loss(rep: torch.Tensor, target_rep: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from invsim.inversion.settings import (
     CONVERGED_LOSS,
     SCHEDULES,
     STEP_SETTINGS,
+    HorizonSettings,
     compose_steps,
     register_settings,
 )
@@ -174,7 +175,7 @@ def horizon_stalled(
     it: torch.Tensor,
     best_loss: torch.Tensor,
     window: torch.Tensor,
-    settings: Any,
+    settings: HorizonSettings,
     skip: torch.Tensor,
 ) -> torch.Tensor:
     """The horizon stop test, shared by the converging rules: the rows (not ``skip``) whose

@@ -24,6 +24,7 @@ from invsim._settings import ConfigError, RuleSettings, _message
 __all__ = [
     "CONVERGED_LOSS",
     "ConvergingMomentumSettings",
+    "HorizonSettings",
     "LbfgsSettings",
     "MomentumSettings",
     "SCHEDULES",
@@ -76,8 +77,18 @@ class MomentumSettings(RuleSettings):
         return out
 
 
+class HorizonSettings(RuleSettings):
+    """The stall test the converging rules share
+    (:func:`~invsim.inversion.rules.horizon_stalled`)."""
+
+    horizon: int = Field(250, ge=1, description="Passes over which stop_tol is checked.")
+    stop_tol: float = Field(
+        0.01, ge=0, description="Relative gain of the best loss over a horizon that counts."
+    )
+
+
 @register_settings
-class ConvergingMomentumSettings(RuleSettings):
+class ConvergingMomentumSettings(HorizonSettings):
     """Normalised momentum steps with a per-example step size and stop test."""
 
     rule: Literal["converging-momentum"] = "converging-momentum"
@@ -92,22 +103,16 @@ class ConvergingMomentumSettings(RuleSettings):
     min_step_size: float = Field(
         1 / 256, gt=0, description="The floor; at it, an example at the criterion stops."
     )
-    horizon: int = Field(250, ge=1, description="Passes over which stop_tol is checked.")
-    stop_tol: float = Field(0.01, ge=0, description="Relative gain over a horizon that counts.")
 
 
 @register_settings
-class LbfgsSettings(RuleSettings):
+class LbfgsSettings(HorizonSettings):
     """Per-example L-BFGS steps (the ``converge`` schedule)."""
 
     rule: Literal["lbfgs"] = "lbfgs"
     memory: int = Field(10, ge=1, description="Curvature pairs kept per example.")
     loss_tol: float = Field(
         5e-4, gt=0, description="An example stops once its best loss is at most this."
-    )
-    horizon: int = Field(250, ge=1, description="Passes over which stop_tol is checked.")
-    stop_tol: float = Field(
-        0.01, ge=0, description="Relative gain of the best loss over a horizon that counts."
     )
     stall: Literal["paper-steps", "stop"] = Field(
         "paper-steps",
